@@ -1,0 +1,1 @@
+"""hpctrain launcher: run specs, CLI, executors. Imports no torch at module level."""

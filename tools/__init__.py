@@ -1,0 +1,1 @@
+"""Corpus preparation and inspection tools behind `hpctrain prepare` / `hpctrain corpus`."""

@@ -1,0 +1,1 @@
+"""hpctrain trainers: everything that runs inside a training process."""

@@ -1,0 +1,1 @@
+"""Token corpora (Megatron indexed format), packed sampling, blending, loaders."""
