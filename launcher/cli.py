@@ -50,6 +50,47 @@ def _cmd_corpus_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from launcher.spec import load_spec
+
+    return load_spec(args.spec, args.set)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from launcher.validate import check_files
+
+    spec = _load(args)
+    notes = check_files(spec, args.spec)
+    t = spec.training
+    print(f"{args.spec}: OK")
+    print(f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.data.seq_len} tokens "
+          f"= {spec.total_steps * t.global_batch * spec.data.seq_len:,} tokens")
+    print(f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}")
+    for n in notes:
+        print(f"  {n}")
+    print(f"  run dir: {spec.run_path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from launcher.local import run_local
+    from launcher.rundir import freeze_run_dir, latest_checkpoint
+    from launcher.validate import check_files
+
+    spec = _load(args)
+    check_files(spec, args.spec)
+    spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
+    ckpt = latest_checkpoint(run_dir)
+    print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
+    return run_local(spec, run_dir)
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="run spec (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set training.lr=3e-4 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hpctrain",
@@ -72,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace a different corpus already at --out")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_prepare)
+
+    va = sub.add_parser("validate", help="check a spec and everything it points at, without running")
+    _spec_args(va)
+    va.set_defaults(func=_cmd_validate)
+
+    ru = sub.add_parser("run", help="train on this machine (torchrun with the spec's process count)")
+    _spec_args(ru)
+    ru.add_argument("--no-resume", action="store_true",
+                    help="ignore checkpoints in the run dir and start over in a new run dir")
+    ru.set_defaults(func=_cmd_run)
 
     co = sub.add_parser("corpus", help="look at a token corpus")
     co_sub = co.add_subparsers(dest="corpus_verb", metavar="ACTION", required=True)

@@ -27,3 +27,28 @@ def resolve_path(value: str, *, field: str | None = None, file: str | None = Non
             expected="an installed package (e.g. pip install -e '.[examples]')",
         )
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """sha256 over a tokenizer's files: a corpus records it, a run checks it."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    for n in TOKENIZER_FILES:
+        if (p / n).is_file():
+            h.update(n.encode())
+            h.update((p / n).read_bytes())
+    return h.hexdigest()

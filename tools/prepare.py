@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -27,20 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from launcher.errors import UserError
+from launcher.paths import TOKENIZER_FILES, tokenizer_fingerprint
 from trainers.data.corpus import MANIFEST, MANIFEST_FORMAT
 from trainers.data.indexed import IndexedWriter, token_dtype
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
 BATCH_DOCS = 256
 
 
@@ -202,17 +192,6 @@ def progress_total(files: list[Path], fmt: str) -> tuple[int, str]:
 # ---------------------------------------------------------------- tokenizer
 
 
-def tokenizer_fingerprint(path: str) -> str:
-    """sha256 over the tokenizer's files, so a corpus knows exactly what made it."""
-    p = Path(path)
-    h = hashlib.sha256()
-    names = [n for n in TOKENIZER_FILES if (p / n).is_file()]
-    for n in names:
-        h.update(n.encode())
-        h.update((p / n).read_bytes())
-    return h.hexdigest()
-
-
 def load_tokenizer(path: str):
     p = Path(path)
     if not p.is_dir() or not any((p / n).is_file() for n in TOKENIZER_FILES):
@@ -294,15 +273,23 @@ class _SplitWriter:
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         if not len(lengths):
             return
-        if self._w is None or self._w.num_tokens >= self.shard_tokens:
-            self._close()
-            name = f"{self.split}-{len(self.stats.shards):05d}"
-            self._w = IndexedWriter(self.root / name, self.dtype)
-            self.stats.shards.append(name)
-        self._w.add_documents(tokens, lengths)
         self.stats.documents += len(lengths)
         self.stats.tokens += int(tokens.size)
         self.stats.max_token_id = max(self.stats.max_token_id, int(tokens.max()))
+        ends = np.cumsum(lengths)
+        done_docs, done_tok = 0, 0
+        while done_docs < len(lengths):
+            if self._w is None or self._w.num_tokens >= self.shard_tokens:
+                self._close()
+                name = f"{self.split}-{len(self.stats.shards):05d}"
+                self._w = IndexedWriter(self.root / name, self.dtype)
+                self.stats.shards.append(name)
+            # whole documents that fit the shard (at least one: a shard never splits a document)
+            room = self.shard_tokens - self._w.num_tokens
+            k = int(np.searchsorted(ends, done_tok + room, side="right"))
+            k = max(k, done_docs + 1)
+            self._w.add_documents(tokens[done_tok : int(ends[k - 1])], lengths[done_docs:k])
+            done_docs, done_tok = k, int(ends[k - 1])
 
     def _close(self) -> None:
         if self._w is not None:

@@ -28,20 +28,31 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return sum(s.num_samples for s in self.sources)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        src, idx = key
-        tokens = self.sources[src].sample(idx).astype(np.int64)
-        item = {"tokens": torch.from_numpy(tokens)}
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([key]).items()}
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict[str, torch.Tensor | list]:
+        """A whole micro-batch at once: one int64 array filled in place (no per-sample tensors).
+
+        A key is (source id, sample index in that source, global position); the
+        position lets per-sample randomness (MLM masks) ignore world size and resume.
+        """
+        seq = self.sources[keys[0][0]].seq_len + 1
+        tokens = np.empty((len(keys), seq), dtype=np.int64)
+        for row, (src, idx, _) in enumerate(keys):
+            tokens[row] = self.sources[src].sample(idx)
+        out: dict[str, torch.Tensor | list] = {
+            "tokens": torch.from_numpy(tokens),
+            "positions": torch.tensor([k[2] for k in keys], dtype=torch.int64),
+        }
         if self.with_boundaries:
-            item["doc_starts"] = torch.from_numpy(self.sources[src].document_starts(idx))
-        return item
+            out["doc_starts"] = [torch.from_numpy(self.sources[s].document_starts(i)) for s, i, _ in keys]
+        return out
 
 
-def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list]:
-    out: dict[str, torch.Tensor | list] = {"tokens": torch.stack([it["tokens"] for it in items])}
-    if "doc_starts" in items[0]:
-        out["doc_starts"] = [it["doc_starts"] for it in items]
-    return out
+def collate(batch: dict) -> dict:
+    """The dataset already returns a collated micro-batch (see `__getitems__`)."""
+    return batch
 
 
 class _RankMicroBatches:
@@ -51,12 +62,18 @@ class _RankMicroBatches:
         self.order, self.global_batch, self.micro_batch = order, global_batch, micro_batch
         self.mine = rank_slice(global_batch, rank, world)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        ahead = max(1, 4096 // self.global_batch)  # draw many steps at once: numpy work is per call
         while True:
-            src, idx = self.order.take(self.global_batch)
-            src, idx = src[self.mine], idx[self.mine]
-            for i in range(0, len(src), self.micro_batch):
-                yield list(zip(src[i : i + self.micro_batch].tolist(), idx[i : i + self.micro_batch].tolist(), strict=True))
+            start = self.order.position
+            src, idx = self.order.take(self.global_batch * ahead)
+            for step in range(ahead):
+                lo, hi = step * self.global_batch + self.mine.start, step * self.global_batch + self.mine.stop
+                s, i = src[lo:hi].tolist(), idx[lo:hi].tolist()
+                pos = list(range(start + lo, start + hi))
+                for k in range(0, len(s), self.micro_batch):
+                    sl = slice(k, k + self.micro_batch)
+                    yield list(zip(s[sl], i[sl], pos[sl], strict=True))
 
 
 class TrainBatches:
@@ -102,7 +119,7 @@ class TrainBatches:
             self.order.clone(), self.global_batch, self.micro_batch, self.rank, self.world_size
         )
         if self.num_workers == 0:
-            return (collate([self.dataset[k] for k in keys]) for keys in sampler)
+            return (self.dataset.__getitems__(keys) for keys in sampler)
         return iter(
             DataLoader(
                 self.dataset,

@@ -19,6 +19,7 @@ Pure numpy, no torch: the order every rank agrees on is a function of
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,11 @@ def _key(*parts: int) -> np.uint64:
     return k
 
 
+@functools.lru_cache(maxsize=1024)
+def _round_keys(key: int, rounds: int) -> tuple[np.uint64, ...]:
+    return tuple(_key(key, r) for r in range(rounds))
+
+
 def feistel_permute(x: np.ndarray, n: int, key: np.uint64, rounds: int = 6) -> np.ndarray:
     """Map positions `x` (each < n) through a keyed pseudo-random permutation of range(n).
 
@@ -58,7 +64,7 @@ def feistel_permute(x: np.ndarray, n: int, key: np.uint64, rounds: int = 6) -> n
     bits = max(int(n - 1).bit_length(), 2)
     half = (bits + 1) // 2
     mask = np.uint64((1 << half) - 1)
-    round_keys = [_key(int(key), r) for r in range(rounds)]
+    round_keys = _round_keys(int(key), rounds)
 
     def once(v: np.ndarray) -> np.ndarray:
         left, right = v >> np.uint64(half), v & mask

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Peers for bench/bench_loader.py, installed into the project venv.
+# litdata declares torchvision, whose PyPI build wants a CUDA torch: install it
+# without dependencies plus the few it really imports, so the CPU torch stays.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh dev,examples
+.venv/bin/python -m pip install -q --no-deps "litdata==0.2.76"
+.venv/bin/python -m pip install -q lightning-utilities filelock boto3 requests tifffile obstore

@@ -1,0 +1,90 @@
+"""Starting torchrun on one node and carrying a stop request to its workers.
+
+The launcher side of the preemption protocol (the trainer side is in
+trainers/preemption.py):
+- torchrun starts in its own session with SIGUSR2 ignored: it would otherwise
+  die of it (it forwards only INT/TERM/HUP/QUIT), taking unsaved workers along;
+- it dies with this process (PR_SET_PDEATHSIG), and its workers die with it;
+- when this process receives SIGUSR2, SIGTERM or SIGINT it writes the run's stop
+  file; the ranks see it at the next step boundary, agree, save and exit. A second
+  SIGINT (Ctrl-C twice) ends torchrun at once; the last complete checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.rundir import stop_file
+
+PR_SET_PDEATHSIG = 1
+FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
+def build_torchrun_command(
+    run_dir: str, nproc_per_node: int, module: str = "trainers.pretrain", nnodes: int = 1,
+    node_rank: int = 0, rdzv_endpoint: str | None = None, run_id: str | None = None,
+    deadline: float | None = None, python: str | None = None,
+) -> list[str]:
+    """The torchrun argv for one node (pure: unit-testable, quoted with shlex when shown)."""
+    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        cmd += ["--standalone"]
+    else:
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id or 'hpctrain'}"]
+    cmd += [f"--nproc-per-node={nproc_per_node}", "--max-restarts=0", "-m", module, "--run-dir", str(run_dir)]
+    if deadline is not None:
+        cmd += ["--deadline", f"{deadline:.0f}"]
+    return cmd
+
+
+def show_command(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def _child_setup() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # inherited through exec by torchrun
+    try:
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, log=print) -> int:
+    """Run torchrun to completion, turning signals into a stop request; returns its exit code."""
+    stop = stop_file(run_dir)
+    stop.unlink(missing_ok=True)  # a stop request belongs to one launch only
+    requests = {"n": 0}
+    proc: subprocess.Popen | None = None
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        requests["n"] += 1
+        name = signal.Signals(signum).name
+        if requests["n"] == 1:
+            stop.parent.mkdir(parents=True, exist_ok=True)
+            stop.write_text(name + "\n")
+            log(f"hpctrain: {name}: asking the trainers to checkpoint and stop (again to abort)")
+        elif signum == signal.SIGINT and proc is not None:
+            log("hpctrain: aborting; the last complete checkpoint is kept")
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    old = {s: signal.signal(s, on_signal) for s in FORWARDED}
+    try:
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
+        while True:
+            try:
+                return proc.wait()
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,119 @@
+"""The run directory: frozen spec, checkpoint discovery, status. No torch here.
+
+    RUN_DIR/spec.yaml              resolved spec, frozen at the first launch
+    RUN_DIR/checkpoints/step_N/    complete checkpoints (meta.json inside = complete)
+    RUN_DIR/checkpoints/latest     name of the newest one (a derived view, written last)
+    RUN_DIR/metrics.jsonl          one JSON line per logged step / evaluation
+    RUN_DIR/status.json            what the trainer last reported: running | preempted | finished | failed
+    RUN_DIR/control/stop           a stop request from the launcher (deleted at each launch)
+    RUN_DIR/export/                the final model in HF format
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.spec import RunSpec, forbidden_changes, load_spec_dict, spec_from_dict, spec_to_yaml
+
+CHECKPOINTS = "checkpoints"
+META = "meta.json"
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same directory, fsync, rename: complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first. Incomplete ones are invisible."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and (p / META).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, found by scanning (never trusting a stored path)."""
+    ckpts = complete_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def read_status(run_dir: str | Path) -> dict:
+    p = Path(run_dir) / "status.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_status(run_dir: str | Path, **fields) -> None:
+    atomic_write_text(Path(run_dir) / "status.json", json.dumps(fields, sort_keys=True) + "\n")
+
+
+def stop_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "control" / "stop"
+
+
+def _next_free(run: Path) -> Path:
+    k = 1
+    while Path(f"{run}.{k}").exists():
+        k += 1
+    return Path(f"{run}.{k}")
+
+
+def freeze_run_dir(spec: RunSpec, resume: bool = True, log=print) -> tuple[RunSpec, Path]:
+    """Create or re-open the run dir for `spec`; returns the spec as frozen there.
+
+    Re-launching the same run dir must not silently change what the checkpoints
+    mean: only the changes that resuming allows pass; anything else is refused.
+    With resume=False a run dir holding checkpoints is left alone and the run
+    starts over in `<run_dir>.N`.
+    """
+    run = Path(spec.run_path)
+    frozen = run / "spec.yaml"
+    if frozen.is_file() and complete_checkpoints(run):
+        if not resume:
+            new = _next_free(run)
+            log(f"--no-resume: {run} holds checkpoints; starting over in {new}")
+            spec = spec.model_copy(update={"run_dir": str(new)})
+            run, frozen = new, new / "spec.yaml"
+        else:
+            old = spec_from_dict(load_spec_dict(frozen), str(frozen))
+            bad = forbidden_changes(old, spec.model_copy(update={"run_dir": old.run_dir}))
+            if bad:
+                raise UserError(
+                    f"this run dir was started with a different spec: {', '.join(bad)} changed",
+                    file=str(frozen), field=bad[0],
+                    expected="the same spec (only the budget, checkpoint cadence, cluster size and loader "
+                    "workers may change on resume)",
+                    hint="use --no-resume to start over in a new run dir, or another run_dir",
+                )
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(frozen, spec_to_yaml(spec))
+    except OSError as e:
+        raise UserError(f"cannot write the run dir: {e.strerror}", file=str(run), field="run_dir") from None
+    return spec, run

@@ -1,0 +1,292 @@
+"""The run spec: typed, validated once at the edge, frozen into the run directory.
+
+Pydantic models with `extra="forbid"`: an unknown key is an error with a
+"did you mean" hint, and every error names the file, the dotted field path and
+what was expected. Each field's description feeds `hpctrain spec --help`-style
+docs and the error messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from launcher.errors import UserError, UserErrors
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSpec(_Strict):
+    path: str | None = Field(None, description="local Hugging Face model directory (or pkg:PACKAGE/dir) to start from")
+    config: dict[str, Any] | None = Field(
+        None, description="architecture config to start from scratch, e.g. {model_type: llama, hidden_size: 64, ...}"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer directory; defaults to model.path")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype the weights are kept in")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of model.path or model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs model_type (e.g. llama, gpt2, bert)")
+        if self.path is None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required when starting from model.config")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path  # type: ignore[return-value]
+
+
+class ObjectiveSpec(_Strict):
+    type: Literal["clm", "mlm"] = Field("clm", description="clm: causal LM (decoders); mlm: masked LM (encoders)")
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked")
+
+
+class CorpusRef(_Strict):
+    path: str = Field(description="corpus directory from `hpctrain prepare` (or a Megatron .bin/.idx prefix)")
+    weight: float = Field(1.0, ge=0, description="blend weight (normalized over all corpora)")
+    split: str = Field("train", description="split of the corpus to train on")
+
+
+class ValidationRef(_Strict):
+    path: str = Field(description="corpus directory holding the validation split")
+    split: str = Field("valid", description="split name")
+
+
+class DataSpec(_Strict):
+    corpora: list[CorpusRef] = Field(min_length=1, description="training corpora, blended by weight")
+    seq_len: int = Field(gt=1, description="tokens per training sequence")
+    validation: ValidationRef | None = Field(None, description="validation corpus (optional)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (0: read in the trainer)")
+
+
+class TrainingSpec(_Strict):
+    global_batch: int = Field(gt=0, description="sequences per optimizer step over all ranks")
+    micro_batch: int = Field(gt=0, description="sequences per forward/backward on one rank")
+    steps: int | None = Field(None, gt=0, description="optimizer steps to train (or give tokens)")
+    tokens: int | None = Field(None, gt=0, description="token budget; steps = ceil(tokens / (global_batch * seq_len))")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak (cosine/linear)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm (null: no clipping)")
+    seed: int = Field(1234, ge=0, description="seed for init, data order and masking")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast precision of forward/backward")
+    eval_every: int | None = Field(None, gt=0, description="steps between validation passes")
+    eval_batches: int = Field(4, gt=0, description="micro-batches per rank in a validation pass")
+    log_every: int = Field(1, gt=0, description="steps between progress lines")
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainingSpec:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of training.steps or training.tokens")
+        return self
+
+
+class CheckpointSpec(_Strict):
+    every_steps: int | None = Field(None, gt=0, description="save every N steps")
+    every_minutes: float | None = Field(None, gt=0, description="save every M minutes of training")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept (older ones are deleted)")
+
+
+class ClusterSpec(_Strict):
+    executor: Literal["local", "slurm"] = Field("local", description="where `hpctrain run` starts the job")
+    nodes: int = Field(1, ge=1, description="nodes")
+    procs_per_node: int = Field(1, ge=1, description="trainer processes (GPUs) per node")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+class ExportSpec(_Strict):
+    enabled: bool = Field(True, description="save the final model in HF format under RUN_DIR/export")
+
+
+class RunSpec(_Strict):
+    name: str = Field(min_length=1, description="run name")
+    run_dir: str | None = Field(None, description="run directory (default: runs/<name>)")
+    model: ModelSpec
+    objective: ObjectiveSpec = ObjectiveSpec()
+    data: DataSpec
+    training: TrainingSpec
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    export: ExportSpec = ExportSpec()
+
+    @property
+    def run_path(self) -> str:
+        return self.run_dir or str(Path("runs") / self.name)
+
+    @property
+    def total_steps(self) -> int:
+        if self.training.steps is not None:
+            return self.training.steps
+        return math.ceil(self.training.tokens / (self.training.global_batch * self.data.seq_len))  # type: ignore[operator]
+
+    @property
+    def grad_accum(self) -> int:
+        return self.training.global_batch // (self.training.micro_batch * self.cluster.world_size)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for did-you-mean hints)."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return None
+        field = cur.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        cur = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cur is None and getattr(ann, "__args__", None):  # list[CorpusRef]
+            inner = ann.__args__[0]
+            cur = next((a for a in getattr(inner, "__args__", (inner,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _errors_from(exc: ValidationError, file: str | None) -> UserErrors:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            owner = _model_at(RunSpec, loc[:-1])
+            names = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            out.append(UserError(
+                "unknown key", file=file, field=dotted,
+                hint=f"did you mean '{close[0]}'?" if close else (f"known keys: {', '.join(names)}" if names else None),
+            ))
+        elif kind == "missing":
+            owner = _model_at(RunSpec, loc[:-1])
+            desc = owner.model_fields[str(loc[-1])].description if owner and str(loc[-1]) in owner.model_fields else None
+            out.append(UserError("missing", file=file, field=dotted, expected=desc))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            out.append(UserError(f"{msg}{shown}", file=file, field=dotted))
+    return UserErrors(out)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.lr=3e-4` -> (['training', 'lr'], 0.0003); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"bad override '{text}'", field="--set", expected="dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"value of '{key}' is not valid YAML: {e}", field="--set") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        cur = data
+        for part in path[:-1]:
+            if not isinstance(cur.get(part, {}), dict):
+                raise UserError(f"'{part}' is not a section", field="--set " + ".".join(path))
+            cur = cur.setdefault(part, {})
+        cur[path[-1]] = value
+    return data
+
+
+def load_spec_dict(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("spec file not found", file=str(p), expected="a YAML run spec")
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML: {e}", file=str(p)) from None
+    if not isinstance(data, dict):
+        raise UserError("the spec must be a mapping at the top level", file=str(p))
+    return data
+
+
+def spec_from_dict(data: dict, file: str | None = None) -> RunSpec:
+    try:
+        spec = RunSpec.model_validate(data)
+    except ValidationError as e:
+        raise _errors_from(e, file) from None
+    problems = batch_problems(spec, file)
+    if problems:
+        raise UserErrors(problems)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
+    """Read a YAML spec safely, apply `--set` overrides, validate; raises UserError(s)."""
+    data = apply_overrides(load_spec_dict(path), overrides or [])
+    return spec_from_dict(data, str(path))
+
+
+def batch_problems(spec: RunSpec, file: str | None) -> list[UserError]:
+    """Batch-size arithmetic that must hold before anything starts."""
+    t, world = spec.training, spec.cluster.world_size
+    out = []
+    if t.global_batch % world:
+        out.append(UserError(
+            f"{t.global_batch} does not divide among {world} ranks ({spec.cluster.nodes} node(s) x "
+            f"{spec.cluster.procs_per_node})", file=file, field="training.global_batch",
+            expected=f"a multiple of {world}",
+        ))
+    elif (t.global_batch // world) % t.micro_batch:
+        out.append(UserError(
+            f"{t.micro_batch} does not divide the per-rank batch {t.global_batch // world}",
+            file=file, field="training.micro_batch", expected=f"a divisor of {t.global_batch // world}",
+        ))
+    return out
+
+
+def spec_to_yaml(spec: RunSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields a resumed run may change: the budget, checkpoint cadence, the number of
+# ranks (the sampler resumes by global position) and loader workers.
+RESUMABLE_CHANGES = (
+    "training.steps", "training.tokens", "training.micro_batch", "training.eval_every",
+    "training.eval_batches", "training.log_every", "checkpoint.", "cluster.", "data.num_workers", "run_dir",
+)
+
+
+def spec_differences(old: RunSpec, new: RunSpec) -> list[str]:
+    """Dotted paths whose values differ between two specs."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def forbidden_changes(old: RunSpec, new: RunSpec) -> list[str]:
+    return [k for k in spec_differences(old, new) if not any(k == r or k.startswith(r) for r in RESUMABLE_CHANGES)]

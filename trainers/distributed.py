@@ -1,0 +1,62 @@
+"""Process-group setup and the few collectives the loops need."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str = "auto") -> Dist:
+    """Join the torchrun process group (gloo on CPU, nccl on GPU); single process works too."""
+    env = os.environ
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        # ranks share the cores: oversubscribed BLAS threads make every rank slower
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        chosen = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+        dist.init_process_group(chosen, device_id=device if chosen == "nccl" else None)
+    return Dist(rank, world, local_rank, local_world, device)
+
+
+def agree_any(flags: list[bool]) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).tolist()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
