@@ -150,7 +150,9 @@ def evaluate(spec: RunSpec, engine: DDPEngine, objective: Objective, source: Pac
     return mean
 
 
-def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None, fault_pause_s: float) -> str:
+def train(
+    spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None, fault_pause: tuple[int, float] | None = None
+) -> str:
     mon = Monitor(run_dir, enabled=d.is_main)
     seed_everything(spec.training.seed)
     tokenizer = load_tokenizer(spec)
@@ -238,7 +240,8 @@ def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None, fault_p
                 run_dir, step, engine,
                 {"tokens_seen": step * tokens_per_step, "sampler": batches.state_dict(),
                  "world_size": d.world_size, "spec_name": spec.name},
-                d.rank, c.keep_last, pause_before_commit_s=fault_pause_s,
+                d.rank, c.keep_last,
+                pause_before_commit_s=fault_pause[1] if fault_pause and fault_pause[0] == step else 0.0,
             )
             last_save, save_seconds = time.time(), time.time() - s0
             mon.print(f"  checkpoint: {path} ({save_seconds:.1f}s)")
@@ -266,14 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     die_with_parent()
     # environment is read here, at the entry point, and passed down as values
-    fault_pause_s = float(os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", "0"))
+    fault = os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", "")  # "STEP:SECONDS": tests kill a rank mid-save
+    fault_step, _, fault_s = fault.partition(":")
+    fault_pause = (int(fault_step), float(fault_s)) if fault else None
     run_dir = Path(args.run_dir)
     frozen = run_dir / "spec.yaml"
     try:
         spec = spec_from_dict(load_spec_dict(frozen), str(frozen))
         torch.use_deterministic_algorithms(True, warn_only=True)
         d = init_distributed(spec.cluster.backend)
-        train(spec, run_dir, d, args.deadline, fault_pause_s)
+        train(spec, run_dir, d, args.deadline, fault_pause)
     except UserError as e:
         print(f"hpctrain: error: {e}", file=sys.stderr)
         return 2

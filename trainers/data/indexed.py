@@ -103,8 +103,9 @@ class IndexedFile:
             if end > size:
                 raise FormatError(f"{bin_path}: shorter than its index says ({size} < {end} bytes)")
             self.num_tokens = end // self.dtype.itemsize
+        # a plain ndarray view of the map: slicing an np.memmap subclass costs microseconds each
         self.tokens = (
-            np.memmap(bin_path, mode="r", dtype=self.dtype, shape=(self.num_tokens,))
+            np.memmap(bin_path, mode="r", dtype=self.dtype, shape=(self.num_tokens,)).view(np.ndarray)
             if self.num_tokens
             else np.zeros(0, self.dtype)
         )

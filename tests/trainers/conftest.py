@@ -1,0 +1,119 @@
+"""Fixtures for training tests: a prepared corpus, specs, and real `hpctrain run` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLE_TEXT, REPO, run_cli
+
+TINY_LLAMA = {
+    "model_type": "llama", "vocab_size": 600, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+}
+
+
+@pytest.fixture(scope="session")
+def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
+    out = tmp_path_factory.mktemp("corpus") / "domain"
+    r = run_cli("prepare", str(EXAMPLE_TEXT), "--tokenizer", bpe_tokenizer, "--out", str(out),
+                "--valid-fraction", "0.1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
+def clm_spec(run_dir: Path, tokenizer: str, corpus: str, **over) -> dict:
+    spec = {
+        "name": "tiny-clm",
+        "run_dir": str(run_dir),
+        "model": {"config": dict(TINY_LLAMA), "tokenizer": tokenizer},
+        "objective": {"type": "clm"},
+        "data": {"corpora": [{"path": corpus}], "seq_len": 32, "validation": {"path": corpus}},
+        "training": {"global_batch": 8, "micro_batch": 2, "steps": 30, "lr": 1e-3, "warmup_steps": 3,
+                     "eval_every": 15, "seed": 7},
+        "checkpoint": {"every_steps": 10, "keep_last": 2},
+        "cluster": {"procs_per_node": 2},
+    }
+    for dotted, value in over.items():
+        cur = spec
+        *parents, last = dotted.split("__")
+        for p in parents:
+            cur = cur.setdefault(p, {})
+        cur[last] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss from metrics.jsonl (a re-logged step keeps its last value)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def start_run(spec_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(spec_path), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for(pred, timeout: float = 120, what: str = "condition") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def last_step(run_dir: Path) -> int:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return 0
+    steps = [json.loads(x).get("step", 0) for x in f.read_text().splitlines() if x.strip()]
+    return max(steps, default=0)
+
+
+def trainer_pids(run_dir: Path) -> list[int]:
+    """PIDs of live trainer ranks of this run (to check nothing outlives its job)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"trainers.pretrain" in cmd and str(run_dir).encode() in cmd and b"torch.distributed.run" not in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=")[1])
+
+
+def send(pids: list[int], sig=signal.SIGUSR2) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,168 @@
+"""Continued pretraining through `hpctrain run`: real torchrun, 2 gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launcher.rundir import complete_checkpoints
+from tests.conftest import run_cli
+from tests.trainers.conftest import (
+    clm_spec, last_step, losses, rank_of, send, start_run, trainer_pids, wait_for, write_spec,
+)
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, bpe_tokenizer, bpe_corpus):
+    """An uninterrupted 2-rank run of 30 steps: the losses every resume must reproduce."""
+    d = tmp_path_factory.mktemp("ref")
+    spec = write_spec(d / "spec.yaml", clm_spec(d / "run", bpe_tokenizer, bpe_corpus))
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return d / "run", r
+
+
+def test_run_trains_checkpoints_and_exports(reference):
+    run, r = reference
+    assert "step 30/30" in r.stdout and "validation: loss" in r.stdout
+    assert "export:" in r.stdout
+    ref = losses(run)
+    assert sorted(ref) == list(range(1, 31))
+    assert ref[30] < ref[1] - 0.3  # it learns
+    # keep_last 2: only the two newest complete checkpoints remain
+    assert [s for s, _ in complete_checkpoints(run)] == [20, 30]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def _interrupt_and_resume(tmp_path, bpe_tokenizer, bpe_corpus, how: str, resume_procs: int = 2):
+    spec = write_spec(tmp_path / "spec.yaml", clm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus))
+    run = tmp_path / "run"
+    proc = start_run(spec)
+    wait_for(lambda: last_step(run) >= 4, what="step 4")
+    if how == "launcher-signal":  # what Ctrl-C or a node task receiving USR2 does
+        proc.send_signal(signal.SIGINT)
+    else:  # "everyone": Slurm with proctrack/linuxproc signals torchrun and every worker
+        torchrun = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                    and b"torch.distributed.run" in (p / "cmdline").read_bytes()
+                    and str(run).encode() in (p / "cmdline").read_bytes()]
+        send(torchrun + trainer_pids(run), signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "preempted" in out and "resumable" in out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "preempted"
+    stopped = status["step"]
+    assert 4 <= stopped < 30
+    assert trainer_pids(run) == []  # nothing outlives the run
+    extra = ["--set", f"cluster.procs_per_node={resume_procs}"] if resume_procs != 2 else []
+    r = run_cli("run", str(spec), *extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming from {run / 'checkpoints' / f'step_{stopped:08d}'}" in r.stdout
+    return run, stopped
+
+
+@pytest.mark.parametrize("how", ["launcher-signal", "signal-to-everyone"])
+def test_resume_after_a_stop_signal_reproduces_the_losses_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, reference, how):
+    ref = losses(reference[0])
+    run, stopped = _interrupt_and_resume(tmp_path, bpe_tokenizer, bpe_corpus, how)
+    got = losses(run)
+    assert sorted(got) == list(range(1, 31))
+    for step in range(stopped + 1, 31):
+        assert got[step] == ref[step], (step, got[step], ref[step])  # bitwise: same floats
+
+
+def test_resume_on_fewer_ranks_continues_the_same_samples(tmp_path, bpe_tokenizer, bpe_corpus, reference):
+    ref = losses(reference[0])
+    run, stopped = _interrupt_and_resume(tmp_path, bpe_tokenizer, bpe_corpus, "launcher-signal", resume_procs=1)
+    got = losses(run)
+    for step in range(stopped + 1, 31):
+        assert math.isclose(got[step], ref[step], rel_tol=1e-4), (step, got[step], ref[step])
+
+
+def test_kill_9_during_a_checkpoint_keeps_the_previous_one(tmp_path, bpe_tokenizer, bpe_corpus, reference):
+    spec = write_spec(tmp_path / "spec.yaml", clm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus))
+    run = tmp_path / "run"
+    proc = start_run(spec, env={"HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S": "20:20"})
+    wait_for(lambda: (run / "checkpoints" / ".step_00000020.tmp").exists(), what="the step-20 save")
+    # rank 0 is the one that commits (rename + `latest`): kill it inside the save
+    victim = next(p for p in trainer_pids(run) if rank_of(p) == 0)
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    wait_for(lambda: trainer_pids(run) == [], timeout=30, what="all ranks gone")
+    assert [s for s, _ in complete_checkpoints(run)] == [10]
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from" in r.stdout and "step_00000010" in r.stdout
+    ref, got = losses(reference[0]), losses(run)
+    for step in range(11, 31):
+        assert got[step] == ref[step]
+
+
+def test_exported_model_gives_the_trainers_validation_loss(reference, bpe_corpus):
+    """Load the export with plain transformers; its loss on the validation samples equals the trainer's."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.data.corpus import open_corpus
+    from trainers.data.sampler import PackedSource
+
+    run, _ = reference
+    model = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+    src = PackedSource(open_corpus(bpe_corpus).split("valid"), 32)
+    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    trainer_loss = val[-1]["val_loss"]
+    # the trainer's eval: eval_batches (4) micro-batches of 2 per rank, samples strided over 2 ranks
+    per_rank = []
+    for rank in range(2):
+        idx = list(range(rank, min(src.num_samples, 4 * 2 * 2), 2))
+        ls = []
+        for i in range(0, len(idx), 2):
+            toks = torch.from_numpy(np.stack([src.sample(k) for k in idx[i : i + 2]]).astype(np.int64))
+            with torch.no_grad():
+                logits = model(input_ids=toks[:, :-1]).logits
+            ls.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), toks[:, 1:].reshape(-1))))
+        per_rank.append(sum(ls) / len(ls))
+    assert math.isclose(sum(per_rank) / 2, trainer_loss, rel_tol=1e-5)
+
+
+def test_relaunch_with_a_changed_spec_is_refused_and_no_resume_starts_elsewhere(reference, tmp_path, bpe_tokenizer, bpe_corpus):
+    run, _ = reference
+    spec = write_spec(tmp_path / "s.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus))
+    r = run_cli("run", str(spec), "--set", "training.lr=0.5")
+    assert r.returncode == 2
+    assert "training.lr changed" in r.stderr and "--no-resume" in r.stderr
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    r = run_cli("run", str(spec), "--set", "training.steps=2", "--set", "training.lr=0.5", "--no-resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"starting over in {run}.1" in r.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing lost
+    assert sorted(losses(Path(f"{run}.1"))) == [1, 2]
+
+
+def test_more_steps_on_a_finished_run_continue_from_its_checkpoint(reference, tmp_path, bpe_tokenizer, bpe_corpus):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    spec = write_spec(tmp_path / "s.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus))
+    r = run_cli("run", str(spec), "--set", "training.steps=32", "--set", "cluster.procs_per_node=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from" in r.stdout and "step_00000030" in r.stdout and "step 32/32" in r.stdout
+
+
+def test_direct_trainer_invocation_documents_itself():
+    r = subprocess.run([sys.executable, "-m", "trainers.pretrain", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "torchrun" in r.stdout
