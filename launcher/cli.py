@@ -51,9 +51,9 @@ def _cmd_corpus_inspect(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from launcher.spec import load_spec
+    from launcher.spec import load_spec, with_absolute_paths
 
-    return load_spec(args.spec, args.set)
+    return with_absolute_paths(load_spec(args.spec, args.set))
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

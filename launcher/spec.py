@@ -144,6 +144,28 @@ class RunSpec(_Strict):
 # ------------------------------------------------------------------ loading
 
 
+def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
+    """Relative paths resolved against `base` (the launch directory), so the frozen spec
+    means the same thing from any working directory (a Slurm job's, a later resume's)."""
+    base = base or Path.cwd()
+
+    def fix(p: str | None) -> str | None:
+        if p is None or p.startswith("pkg:"):
+            return p
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    data = spec.model_dump()
+    data["run_dir"] = fix(spec.run_path)
+    data["model"]["path"] = fix(data["model"]["path"])
+    data["model"]["tokenizer"] = fix(data["model"]["tokenizer"])
+    for c in data["data"]["corpora"]:
+        c["path"] = fix(c["path"])
+    if data["data"]["validation"]:
+        data["data"]["validation"]["path"] = fix(data["data"]["validation"]["path"])
+    return RunSpec.model_validate(data)
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at `loc` (for did-you-mean hints)."""
     cur: Any = model
@@ -172,7 +194,7 @@ def _errors_from(exc: ValidationError, file: str | None) -> UserErrors:
         if kind == "extra_forbidden":
             owner = _model_at(RunSpec, loc[:-1])
             names = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
             out.append(UserError(
                 "unknown key", file=file, field=dotted,
                 hint=f"did you mean '{close[0]}'?" if close else (f"known keys: {', '.join(names)}" if names else None),

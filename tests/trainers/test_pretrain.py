@@ -16,8 +16,16 @@ import torch
 
 from launcher.rundir import complete_checkpoints
 from tests.conftest import run_cli
-from tests.trainers.conftest import (
-    clm_spec, last_step, losses, rank_of, send, start_run, trainer_pids, wait_for, write_spec,
+from tests.trainers.helpers import (
+    clm_spec,
+    last_step,
+    losses,
+    rank_of,
+    send,
+    start_run,
+    trainer_pids,
+    wait_for,
+    write_spec,
 )
 
 pytestmark = pytest.mark.multiproc

@@ -1,4 +1,4 @@
-"""Fixtures for training tests: a prepared corpus, specs, and real `hpctrain run` processes."""
+"""Helpers for training tests: a prepared corpus, specs, and real `hpctrain run` processes."""
 
 from __future__ import annotations
 
@@ -10,24 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import EXAMPLE_TEXT, REPO, run_cli
+from tests.conftest import REPO
 
 TINY_LLAMA = {
     "model_type": "llama", "vocab_size": 600, "hidden_size": 32, "intermediate_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
 }
-
-
-@pytest.fixture(scope="session")
-def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
-    out = tmp_path_factory.mktemp("corpus") / "domain"
-    r = run_cli("prepare", str(EXAMPLE_TEXT), "--tokenizer", bpe_tokenizer, "--out", str(out),
-                "--valid-fraction", "0.1", "--quiet")
-    assert r.returncode == 0, r.stderr
-    return str(out)
 
 
 def clm_spec(run_dir: Path, tokenizer: str, corpus: str, **over) -> dict:
