@@ -57,9 +57,12 @@ def make_corpus(root: Path, tokens: int) -> Path:
         written += int(lengths.sum())
     w.close()
     manifest = {
-        "format": "hpctrain-corpus", "version": 1, "dtype": "uint16", "tokens": written,
-        "tokenizer": {"vocab_size": VOCAB}, "splits": {"train": {"shards": shards, "tokens": written,
-                                                                  "max_token_id": VOCAB - 1}},
+        "format": "hpctrain-corpus",
+        "version": 1,
+        "dtype": "uint16",
+        "tokens": written,
+        "tokenizer": {"vocab_size": VOCAB},
+        "splits": {"train": {"shards": shards, "tokens": written, "max_token_id": VOCAB - 1}},
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
@@ -73,9 +76,18 @@ def make_tiny(root: Path) -> Path:
     w = IndexedWriter(out / "train-00000", np.uint16)
     w.add_documents(np.arange(500_000, dtype=np.uint16) % VOCAB, np.full(500, 1000))
     w.close()
-    (out / "manifest.json").write_text(json.dumps({
-        "format": "hpctrain-corpus", "version": 1, "dtype": "uint16", "tokens": 500_000,
-        "tokenizer": {"vocab_size": VOCAB}, "splits": {"train": {"shards": ["train-00000"], "tokens": 500_000}}}))
+    (out / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "hpctrain-corpus",
+                "version": 1,
+                "dtype": "uint16",
+                "tokens": 500_000,
+                "tokenizer": {"vocab_size": VOCAB},
+                "splits": {"train": {"shards": ["train-00000"], "tokens": 500_000}},
+            }
+        )
+    )
     return out
 
 
@@ -118,8 +130,15 @@ def make_litdata(root: Path, corpus: Path) -> Path | None:
         return out
     stream = stream_tokens(corpus)
     starts = list(range(0, stream.num_tokens, 10_000_000))
-    optimize(fn=functools.partial(_litdata_piece, str(corpus)), inputs=starts, output_dir=str(out), chunk_bytes="64MB", item_loader=TokensLoader(),
-             num_workers=1, mode="overwrite")
+    optimize(
+        fn=functools.partial(_litdata_piece, str(corpus)),
+        inputs=starts,
+        output_dir=str(out),
+        chunk_bytes="64MB",
+        item_loader=TokensLoader(),
+        num_workers=1,
+        mode="overwrite",
+    )
     return out
 
 
@@ -128,7 +147,9 @@ def _litdata_piece(corpus: str, start: int):
     import torch
 
     stream = stream_tokens(Path(corpus))
-    yield torch.from_numpy(stream.read(start, min(10_000_000, stream.num_tokens - start)).astype(np.int32))
+    yield torch.from_numpy(
+        stream.read(start, min(10_000_000, stream.num_tokens - start)).astype(np.int32)
+    )
 
 
 def bench_ours(corpus: Path, batches: int) -> tuple[float, float]:
@@ -168,7 +189,9 @@ def bench_litdata(lit: Path, batches: int) -> tuple[float, float]:
     from litdata.streaming.item_loader import TokensLoader
 
     t0 = time.perf_counter()
-    ds = StreamingDataset(str(lit), item_loader=TokensLoader(block_size=SEQ + 1), shuffle=True, seed=0)
+    ds = StreamingDataset(
+        str(lit), item_loader=TokensLoader(block_size=SEQ + 1), shuffle=True, seed=0
+    )
     dl = StreamingDataLoader(ds, batch_size=BATCH, num_workers=0)
     it = iter(dl)
     next(it)
@@ -193,22 +216,37 @@ def bench_prepare(root: Path, tokenizer: str, mb: int) -> dict:
         for _ in range(max(1, mb * 1_000_000 // len(base))):
             f.write(base)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+    def tokenize(b):
+        return {"ids": [x + [eos] for x in tok(b["text"], add_special_tokens=False)["input_ids"]]}
+
     res = {}
     for rnd in range(2):
         t0 = time.perf_counter()
-        m = prepare_corpus(PrepareOptions([str(text)], tokenizer, str(root / "prep"), workers=1,
-                                          overwrite=True, progress=False), log=lambda *_: None)
-        res.setdefault("hpctrain_prepare_tok_s", []).append(m["tokens"] / (time.perf_counter() - t0))
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        m = prepare_corpus(
+            PrepareOptions(
+                [str(text)],
+                tokenizer,
+                str(root / "prep"),
+                workers=1,
+                overwrite=True,
+                progress=False,
+            ),
+            log=lambda *_: None,
+        )
+        res.setdefault("hpctrain_prepare_tok_s", []).append(
+            m["tokens"] / (time.perf_counter() - t0)
+        )
         t0 = time.perf_counter()
-        ds = datasets.load_dataset("text", data_files=str(text), split="train",
-                                   cache_dir=str(root / f"hfcache{rnd}"))
+        ds = datasets.load_dataset(
+            "text", data_files=str(text), split="train", cache_dir=str(root / f"hfcache{rnd}")
+        )
         ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
-        ids = ds.map(lambda b: {"ids": [x + [tok.eos_token_id or tok.sep_token_id] for x in
-                                        tok(b["text"], add_special_tokens=False)["input_ids"]]},
-                     batched=True, remove_columns=["text"], num_proc=1)
+        ids = ds.map(tokenize, batched=True, remove_columns=["text"], num_proc=1)
         ntok = sum(len(x) for x in ids.with_format("numpy")["ids"])
         res.setdefault("datasets_map_tok_s", []).append(ntok / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in res.items()}
@@ -242,7 +280,10 @@ def main() -> None:
             fn, path = contenders[n]
             warm(path)
             results[n].append(fn(path, args.batches))
-            print(f"round {rnd} {n}: startup {results[n][-1][0]:.3f}s, {results[n][-1][1]:,.0f} tokens/s", flush=True)
+            print(
+                f"round {rnd} {n}: startup {results[n][-1][0]:.3f}s, {results[n][-1][1]:,.0f} tokens/s",
+                flush=True,
+            )
     startups_tiny = []
     for _ in range(3):
         warm(tiny)
@@ -253,8 +294,13 @@ def main() -> None:
     summary = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "corpus_tokens": stream_tokens(corpus).num_tokens,
-        "loader": {n: {"startup_s": statistics.median(r[0] for r in v),
-                       "tokens_per_s": statistics.median(r[1] for r in v)} for n, v in results.items()},
+        "loader": {
+            n: {
+                "startup_s": statistics.median(r[0] for r in v),
+                "tokens_per_s": statistics.median(r[1] for r in v),
+            }
+            for n, v in results.items()
+        },
         "hpctrain_startup_tiny_corpus_s": statistics.median(startups_tiny),
         "prepare": prep,
     }

@@ -38,7 +38,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     )
     manifest = prepare_corpus(opts)
     for name, split in manifest["splits"].items():
-        print(f"  {name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {len(split['shards'])} shard(s)")
+        print(
+            f"  {name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {len(split['shards'])} shard(s)"
+        )
     print(f"corpus written to {args.out}  (inspect: hpctrain corpus inspect {args.out})")
     return 0
 
@@ -63,9 +65,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     notes = check_files(spec, args.spec)
     t = spec.training
     print(f"{args.spec}: OK")
-    print(f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.data.seq_len} tokens "
-          f"= {spec.total_steps * t.global_batch * spec.data.seq_len:,} tokens")
-    print(f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}")
+    print(
+        f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.data.seq_len} tokens "
+        f"= {spec.total_steps * t.global_batch * spec.data.seq_len:,} tokens"
+    )
+    print(
+        f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}"
+    )
     for n in notes:
         print(f"  {n}")
     print(f"  run dir: {spec.run_path}")
@@ -87,8 +93,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="run spec (YAML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set training.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set training.lr=3e-4 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,29 +110,60 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     pr = sub.add_parser("prepare", help="tokenize raw text into a Megatron-format token corpus")
-    pr.add_argument("inputs", nargs="+", help="input files or globs (text, jsonl, csv, parquet, datasets dir)")
-    pr.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory (or pkg:PACKAGE/dir)")
+    pr.add_argument(
+        "inputs", nargs="+", help="input files or globs (text, jsonl, csv, parquet, datasets dir)"
+    )
+    pr.add_argument(
+        "--tokenizer",
+        required=True,
+        help="local Hugging Face tokenizer directory (or pkg:PACKAGE/dir)",
+    )
     pr.add_argument("--out", required=True, help="output corpus directory")
-    pr.add_argument("--format", default="auto", help="auto | text | jsonl | csv | parquet | datasets")
-    pr.add_argument("--field", default="text", help="JSON field / column holding the text (default: text)")
-    pr.add_argument("--text-mode", default="line", help="plain text: 'line' (a document per line) or 'file'")
-    pr.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any N)")
-    pr.add_argument("--shard-tokens", type=int, default=1_000_000_000, help="tokens per shard (default 1e9)")
-    pr.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents for validation")
+    pr.add_argument(
+        "--format", default="auto", help="auto | text | jsonl | csv | parquet | datasets"
+    )
+    pr.add_argument(
+        "--field", default="text", help="JSON field / column holding the text (default: text)"
+    )
+    pr.add_argument(
+        "--text-mode", default="line", help="plain text: 'line' (a document per line) or 'file'"
+    )
+    pr.add_argument(
+        "--workers", type=int, default=1, help="tokenizer processes (output is identical for any N)"
+    )
+    pr.add_argument(
+        "--shard-tokens", type=int, default=1_000_000_000, help="tokens per shard (default 1e9)"
+    )
+    pr.add_argument(
+        "--valid-fraction", type=float, default=0.0, help="share of documents for validation"
+    )
     pr.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
-    pr.add_argument("--eos-token", default=None, help="token appended after each document (default: EOS, else SEP)")
-    pr.add_argument("--overwrite", action="store_true", help="replace a different corpus already at --out")
+    pr.add_argument(
+        "--eos-token",
+        default=None,
+        help="token appended after each document (default: EOS, else SEP)",
+    )
+    pr.add_argument(
+        "--overwrite", action="store_true", help="replace a different corpus already at --out"
+    )
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_prepare)
 
-    va = sub.add_parser("validate", help="check a spec and everything it points at, without running")
+    va = sub.add_parser(
+        "validate", help="check a spec and everything it points at, without running"
+    )
     _spec_args(va)
     va.set_defaults(func=_cmd_validate)
 
-    ru = sub.add_parser("run", help="train on this machine (torchrun with the spec's process count)")
+    ru = sub.add_parser(
+        "run", help="train on this machine (torchrun with the spec's process count)"
+    )
     _spec_args(ru)
-    ru.add_argument("--no-resume", action="store_true",
-                    help="ignore checkpoints in the run dir and start over in a new run dir")
+    ru.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="ignore checkpoints in the run dir and start over in a new run dir",
+    )
     ru.set_defaults(func=_cmd_run)
 
     co = sub.add_parser("corpus", help="look at a token corpus")
@@ -129,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins = co_sub.add_parser("inspect", help="counts, dtype, tokenizer, samples, length histogram")
     ins.add_argument("path", help="corpus directory or Megatron .bin/.idx prefix")
     ins.add_argument("--samples", type=int, default=3, help="documents to decode and show")
-    ins.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: the manifest's)")
+    ins.add_argument(
+        "--tokenizer", default=None, help="tokenizer to decode with (default: the manifest's)"
+    )
     ins.set_defaults(func=_cmd_corpus_inspect)
     return p
 

@@ -21,8 +21,10 @@ def torch_env(nproc: int) -> dict:
 
 def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
     if spec.cluster.nodes != 1:
-        log(f"note: cluster.nodes={spec.cluster.nodes}; a local run uses this machine only "
-            f"({spec.cluster.procs_per_node} process(es))")
+        log(
+            f"note: cluster.nodes={spec.cluster.nodes}; a local run uses this machine only "
+            f"({spec.cluster.procs_per_node} process(es))"
+        )
     cmd = build_torchrun_command(str(run_dir), spec.cluster.procs_per_node)
     rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log)
     status = read_status(run_dir)
@@ -34,7 +36,9 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
             log(f"  export:      {run_dir / 'export'}")
         return 0
     if rc == 0 and state == "preempted":
-        log(f"stopped at step {status.get('step')} with a checkpoint; run the same command to resume")
+        log(
+            f"stopped at step {status.get('step')} with a checkpoint; run the same command to resume"
+        )
         return 0
     if rc == 2:
         return 2

@@ -27,18 +27,36 @@ FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 def build_torchrun_command(
-    run_dir: str, nproc_per_node: int, module: str = "trainers.pretrain", nnodes: int = 1,
-    node_rank: int = 0, rdzv_endpoint: str | None = None, run_id: str | None = None,
-    deadline: float | None = None, python: str | None = None,
+    run_dir: str,
+    nproc_per_node: int,
+    module: str = "trainers.pretrain",
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    run_id: str | None = None,
+    deadline: float | None = None,
+    python: str | None = None,
 ) -> list[str]:
     """The torchrun argv for one node (pure: unit-testable, quoted with shlex when shown)."""
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1 and rdzv_endpoint is None:
         cmd += ["--standalone"]
     else:
-        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id or 'hpctrain'}"]
-    cmd += [f"--nproc-per-node={nproc_per_node}", "--max-restarts=0", "-m", module, "--run-dir", str(run_dir)]
+        cmd += [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={run_id or 'hpctrain'}",
+        ]
+    cmd += [
+        f"--nproc-per-node={nproc_per_node}",
+        "--max-restarts=0",
+        "-m",
+        module,
+        "--run-dir",
+        str(run_dir),
+    ]
     if deadline is not None:
         cmd += ["--deadline", f"{deadline:.0f}"]
     return cmd

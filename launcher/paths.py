@@ -23,7 +23,9 @@ def resolve_path(value: str, *, field: str | None = None, file: str | None = Non
     spec = importlib.util.find_spec(package) if package else None
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"package '{package}' is not installed", file=file, field=field,
+            f"package '{package}' is not installed",
+            file=file,
+            field=field,
             expected="an installed package (e.g. pip install -e '.[examples]')",
         )
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)

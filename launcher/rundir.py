@@ -1,12 +1,12 @@
 """The run directory: frozen spec, checkpoint discovery, status. No torch here.
 
-    RUN_DIR/spec.yaml              resolved spec, frozen at the first launch
-    RUN_DIR/checkpoints/step_N/    complete checkpoints (meta.json inside = complete)
-    RUN_DIR/checkpoints/latest     name of the newest one (a derived view, written last)
-    RUN_DIR/metrics.jsonl          one JSON line per logged step / evaluation
-    RUN_DIR/status.json            what the trainer last reported: running | preempted | finished | failed
-    RUN_DIR/control/stop           a stop request from the launcher (deleted at each launch)
-    RUN_DIR/export/                the final model in HF format
+RUN_DIR/spec.yaml              resolved spec, frozen at the first launch
+RUN_DIR/checkpoints/step_N/    complete checkpoints (meta.json inside = complete)
+RUN_DIR/checkpoints/latest     name of the newest one (a derived view, written last)
+RUN_DIR/metrics.jsonl          one JSON line per logged step / evaluation
+RUN_DIR/status.json            what the trainer last reported: running | preempted | finished | failed
+RUN_DIR/control/stop           a stop request from the launcher (deleted at each launch)
+RUN_DIR/export/                the final model in HF format
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def freeze_run_dir(spec: RunSpec, resume: bool = True, log=print) -> tuple[RunSp
             if bad:
                 raise UserError(
                     f"this run dir was started with a different spec: {', '.join(bad)} changed",
-                    file=str(frozen), field=bad[0],
+                    file=str(frozen),
+                    field=bad[0],
                     expected="the same spec (only the budget, checkpoint cadence, cluster size and loader "
                     "workers may change on resume)",
                     hint="use --no-resume to start over in a new run dir, or another run_dir",
@@ -115,5 +116,7 @@ def freeze_run_dir(spec: RunSpec, resume: bool = True, log=print) -> tuple[RunSp
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(frozen, spec_to_yaml(spec))
     except OSError as e:
-        raise UserError(f"cannot write the run dir: {e.strerror}", file=str(run), field="run_dir") from None
+        raise UserError(
+            f"cannot write the run dir: {e.strerror}", file=str(run), field="run_dir"
+        ) from None
     return spec, run

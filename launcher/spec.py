@@ -24,9 +24,12 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    path: str | None = Field(None, description="local Hugging Face model directory (or pkg:PACKAGE/dir) to start from")
+    path: str | None = Field(
+        None, description="local Hugging Face model directory (or pkg:PACKAGE/dir) to start from"
+    )
     config: dict[str, Any] | None = Field(
-        None, description="architecture config to start from scratch, e.g. {model_type: llama, hidden_size: 64, ...}"
+        None,
+        description="architecture config to start from scratch, e.g. {model_type: llama, hidden_size: 64, ...}",
     )
     tokenizer: str | None = Field(None, description="tokenizer directory; defaults to model.path")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype the weights are kept in")
@@ -47,12 +50,16 @@ class ModelSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    type: Literal["clm", "mlm"] = Field("clm", description="clm: causal LM (decoders); mlm: masked LM (encoders)")
+    type: Literal["clm", "mlm"] = Field(
+        "clm", description="clm: causal LM (decoders); mlm: masked LM (encoders)"
+    )
     mask_prob: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked")
 
 
 class CorpusRef(_Strict):
-    path: str = Field(description="corpus directory from `hpctrain prepare` (or a Megatron .bin/.idx prefix)")
+    path: str = Field(
+        description="corpus directory from `hpctrain prepare` (or a Megatron .bin/.idx prefix)"
+    )
     weight: float = Field(1.0, ge=0, description="blend weight (normalized over all corpora)")
     split: str = Field("train", description="split of the corpus to train on")
 
@@ -63,26 +70,40 @@ class ValidationRef(_Strict):
 
 
 class DataSpec(_Strict):
-    corpora: list[CorpusRef] = Field(min_length=1, description="training corpora, blended by weight")
+    corpora: list[CorpusRef] = Field(
+        min_length=1, description="training corpora, blended by weight"
+    )
     seq_len: int = Field(gt=1, description="tokens per training sequence")
     validation: ValidationRef | None = Field(None, description="validation corpus (optional)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (0: read in the trainer)")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes per rank (0: read in the trainer)"
+    )
 
 
 class TrainingSpec(_Strict):
     global_batch: int = Field(gt=0, description="sequences per optimizer step over all ranks")
     micro_batch: int = Field(gt=0, description="sequences per forward/backward on one rank")
     steps: int | None = Field(None, gt=0, description="optimizer steps to train (or give tokens)")
-    tokens: int | None = Field(None, gt=0, description="token budget; steps = ceil(tokens / (global_batch * seq_len))")
+    tokens: int | None = Field(
+        None, gt=0, description="token budget; steps = ceil(tokens / (global_batch * seq_len))"
+    )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak (cosine/linear)")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="final LR as a share of the peak (cosine/linear)"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="LR decay after warmup"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
-    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm (null: no clipping)")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="max global grad norm (null: no clipping)"
+    )
     seed: int = Field(1234, ge=0, description="seed for init, data order and masking")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast precision of forward/backward")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="autocast precision of forward/backward"
+    )
     eval_every: int | None = Field(None, gt=0, description="steps between validation passes")
     eval_batches: int = Field(4, gt=0, description="micro-batches per rank in a validation pass")
     log_every: int = Field(1, gt=0, description="steps between progress lines")
@@ -97,14 +118,20 @@ class TrainingSpec(_Strict):
 class CheckpointSpec(_Strict):
     every_steps: int | None = Field(None, gt=0, description="save every N steps")
     every_minutes: float | None = Field(None, gt=0, description="save every M minutes of training")
-    keep_last: int = Field(2, ge=1, description="complete checkpoints kept (older ones are deleted)")
+    keep_last: int = Field(
+        2, ge=1, description="complete checkpoints kept (older ones are deleted)"
+    )
 
 
 class ClusterSpec(_Strict):
-    executor: Literal["local", "slurm"] = Field("local", description="where `hpctrain run` starts the job")
+    executor: Literal["local", "slurm"] = Field(
+        "local", description="where `hpctrain run` starts the job"
+    )
     nodes: int = Field(1, ge=1, description="nodes")
     procs_per_node: int = Field(1, ge=1, description="trainer processes (GPUs) per node")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend"
+    )
 
     @property
     def world_size(self) -> int:
@@ -112,7 +139,9 @@ class ClusterSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    enabled: bool = Field(True, description="save the final model in HF format under RUN_DIR/export")
+    enabled: bool = Field(
+        True, description="save the final model in HF format under RUN_DIR/export"
+    )
 
 
 class RunSpec(_Strict):
@@ -178,10 +207,24 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        cur = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        cur = next(
+            (
+                a
+                for a in getattr(ann, "__args__", (ann,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
         if cur is None and getattr(ann, "__args__", None):  # list[CorpusRef]
             inner = ann.__args__[0]
-            cur = next((a for a in getattr(inner, "__args__", (inner,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            cur = next(
+                (
+                    a
+                    for a in getattr(inner, "__args__", (inner,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                None,
+            )
     return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
 
 
@@ -195,13 +238,23 @@ def _errors_from(exc: ValidationError, file: str | None) -> UserErrors:
             owner = _model_at(RunSpec, loc[:-1])
             names = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
-            out.append(UserError(
-                "unknown key", file=file, field=dotted,
-                hint=f"did you mean '{close[0]}'?" if close else (f"known keys: {', '.join(names)}" if names else None),
-            ))
+            out.append(
+                UserError(
+                    "unknown key",
+                    file=file,
+                    field=dotted,
+                    hint=f"did you mean '{close[0]}'?"
+                    if close
+                    else (f"known keys: {', '.join(names)}" if names else None),
+                )
+            )
         elif kind == "missing":
             owner = _model_at(RunSpec, loc[:-1])
-            desc = owner.model_fields[str(loc[-1])].description if owner and str(loc[-1]) in owner.model_fields else None
+            desc = (
+                owner.model_fields[str(loc[-1])].description
+                if owner and str(loc[-1]) in owner.model_fields
+                else None
+            )
             out.append(UserError("missing", file=file, field=dotted, expected=desc))
         else:
             msg = err["msg"].removeprefix("Value error, ")
@@ -271,16 +324,24 @@ def batch_problems(spec: RunSpec, file: str | None) -> list[UserError]:
     t, world = spec.training, spec.cluster.world_size
     out = []
     if t.global_batch % world:
-        out.append(UserError(
-            f"{t.global_batch} does not divide among {world} ranks ({spec.cluster.nodes} node(s) x "
-            f"{spec.cluster.procs_per_node})", file=file, field="training.global_batch",
-            expected=f"a multiple of {world}",
-        ))
+        out.append(
+            UserError(
+                f"{t.global_batch} does not divide among {world} ranks ({spec.cluster.nodes} node(s) x "
+                f"{spec.cluster.procs_per_node})",
+                file=file,
+                field="training.global_batch",
+                expected=f"a multiple of {world}",
+            )
+        )
     elif (t.global_batch // world) % t.micro_batch:
-        out.append(UserError(
-            f"{t.micro_batch} does not divide the per-rank batch {t.global_batch // world}",
-            file=file, field="training.micro_batch", expected=f"a divisor of {t.global_batch // world}",
-        ))
+        out.append(
+            UserError(
+                f"{t.micro_batch} does not divide the per-rank batch {t.global_batch // world}",
+                file=file,
+                field="training.micro_batch",
+                expected=f"a divisor of {t.global_batch // world}",
+            )
+        )
     return out
 
 
@@ -291,13 +352,22 @@ def spec_to_yaml(spec: RunSpec) -> str:
 # Fields a resumed run may change: the budget, checkpoint cadence, the number of
 # ranks (the sampler resumes by global position) and loader workers.
 RESUMABLE_CHANGES = (
-    "training.steps", "training.tokens", "training.micro_batch", "training.eval_every",
-    "training.eval_batches", "training.log_every", "checkpoint.", "cluster.", "data.num_workers", "run_dir",
+    "training.steps",
+    "training.tokens",
+    "training.micro_batch",
+    "training.eval_every",
+    "training.eval_batches",
+    "training.log_every",
+    "checkpoint.",
+    "cluster.",
+    "data.num_workers",
+    "run_dir",
 )
 
 
 def spec_differences(old: RunSpec, new: RunSpec) -> list[str]:
     """Dotted paths whose values differ between two specs."""
+
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(d, dict):
             out: dict[str, Any] = {}
@@ -311,4 +381,8 @@ def spec_differences(old: RunSpec, new: RunSpec) -> list[str]:
 
 
 def forbidden_changes(old: RunSpec, new: RunSpec) -> list[str]:
-    return [k for k in spec_differences(old, new) if not any(k == r or k.startswith(r) for r in RESUMABLE_CHANGES)]
+    return [
+        k
+        for k in spec_differences(old, new)
+        if not any(k == r or k.startswith(r) for r in RESUMABLE_CHANGES)
+    ]

@@ -17,14 +17,26 @@ def _manifest(path: str, field: str, file: str | None, errors: list[UserError]) 
     if p.is_dir():
         m = p / "manifest.json"
         if not m.is_file():
-            errors.append(UserError("no manifest.json: not a prepared corpus", file=file, field=field,
-                                    expected=f"a corpus directory from `hpctrain prepare` ({p})"))
+            errors.append(
+                UserError(
+                    "no manifest.json: not a prepared corpus",
+                    file=file,
+                    field=field,
+                    expected=f"a corpus directory from `hpctrain prepare` ({p})",
+                )
+            )
             return None
         return json.loads(m.read_text())
     if Path(path + ".idx").is_file() and Path(path + ".bin").is_file():
         return None  # a bare Megatron prefix: no manifest to compare
-    errors.append(UserError(f"corpus not found: {p}", file=file, field=field,
-                            expected="a corpus directory or a Megatron .bin/.idx prefix"))
+    errors.append(
+        UserError(
+            f"corpus not found: {p}",
+            file=file,
+            field=field,
+            expected="a corpus directory or a Megatron .bin/.idx prefix",
+        )
+    )
     return None
 
 
@@ -46,15 +58,23 @@ def check_files(spec: RunSpec, file: str | None = None) -> list[str]:
         if spec.model.path is not None:
             model_path = resolve_path(spec.model.path, field="model.path", file=file)
             if not (Path(model_path) / "config.json").is_file():
-                errors.append(UserError(f"no model here ({model_path})", file=file, field="model.path",
-                                        expected="a Hugging Face model directory with config.json"))
+                errors.append(
+                    UserError(
+                        f"no model here ({model_path})",
+                        file=file,
+                        field="model.path",
+                        expected="a Hugging Face model directory with config.json",
+                    )
+                )
         tok_path = resolve_path(spec.model.tokenizer_path, field="model.tokenizer", file=file)
     except UserError as e:
         raise UserErrors([e]) from None
     tok_field = "model.tokenizer" if spec.model.tokenizer else "model.path"
     tok_hash = None
     if not Path(tok_path).is_dir():
-        errors.append(UserError(f"tokenizer directory not found ({tok_path})", file=file, field=tok_field))
+        errors.append(
+            UserError(f"tokenizer directory not found ({tok_path})", file=file, field=tok_field)
+        )
     else:
         tok_hash = tokenizer_fingerprint(tok_path)
     vocab = _model_vocab(spec, model_path)
@@ -68,25 +88,43 @@ def check_files(spec: RunSpec, file: str | None = None) -> list[str]:
         if m is None:
             continue
         if split not in m.get("splits", {}):
-            errors.append(UserError(f"corpus has no split '{split}' (has {sorted(m.get('splits', {}))})",
-                                    file=file, field=field))
+            errors.append(
+                UserError(
+                    f"corpus has no split '{split}' (has {sorted(m.get('splits', {}))})",
+                    file=file,
+                    field=field,
+                )
+            )
             continue
         mtok = m["tokenizer"]
         if tok_hash is not None and mtok.get("sha256") != tok_hash:
-            errors.append(UserError(
-                f"corpus was tokenized with a different tokenizer ({mtok.get('path')})", file=file, field=field,
-                expected=f"a corpus prepared with {tok_path}",
-            ))
+            errors.append(
+                UserError(
+                    f"corpus was tokenized with a different tokenizer ({mtok.get('path')})",
+                    file=file,
+                    field=field,
+                    expected=f"a corpus prepared with {tok_path}",
+                )
+            )
         top = m["splits"][split].get("max_token_id", mtok.get("vocab_size", 0) - 1)
         if vocab is not None and top >= vocab:
-            errors.append(UserError(
-                f"corpus holds token id {top} but the model's vocab size is {vocab}", file=file, field=field,
-                expected="model vocab_size > every token id",
-            ))
+            errors.append(
+                UserError(
+                    f"corpus holds token id {top} but the model's vocab size is {vocab}",
+                    file=file,
+                    field=field,
+                    expected="model vocab_size > every token id",
+                )
+            )
         tokens = m["splits"][split]["tokens"]
         if tokens <= spec.data.seq_len + 1:
-            errors.append(UserError(f"split '{split}' has {tokens} tokens, too few for seq_len "
-                                    f"{spec.data.seq_len}", file=file, field=field))
+            errors.append(
+                UserError(
+                    f"split '{split}' has {tokens} tokens, too few for seq_len {spec.data.seq_len}",
+                    file=file,
+                    field=field,
+                )
+            )
         notes.append(f"{field}: {tokens:,} tokens in '{split}'")
 
     run = Path(spec.run_path)

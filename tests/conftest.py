@@ -23,20 +23,32 @@ def bpe_tokenizer(tmp_path_factory) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"],
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train([str(EXAMPLE_TEXT)], trainer)
     out = tmp_path_factory.mktemp("tok")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>").save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>"
+    ).save_pretrained(out)
     return str(out)
 
 
 @pytest.fixture(scope="session")
 def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
     out = tmp_path_factory.mktemp("corpus") / "domain"
-    r = run_cli("prepare", str(EXAMPLE_TEXT), "--tokenizer", bpe_tokenizer, "--out", str(out),
-                "--valid-fraction", "0.1", "--quiet")
+    r = run_cli(
+        "prepare",
+        str(EXAMPLE_TEXT),
+        "--tokenizer",
+        bpe_tokenizer,
+        "--out",
+        str(out),
+        "--valid-fraction",
+        "0.1",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     return str(out)
 
@@ -52,8 +64,17 @@ def minilm_path() -> str:
 @pytest.fixture(scope="session")
 def minilm_corpus(tmp_path_factory, minilm_path) -> str:
     out = tmp_path_factory.mktemp("corpus") / "domain-minilm"
-    r = run_cli("prepare", str(EXAMPLE_TEXT), "--tokenizer", minilm_path, "--out", str(out),
-                "--valid-fraction", "0.1", "--quiet")
+    r = run_cli(
+        "prepare",
+        str(EXAMPLE_TEXT),
+        "--tokenizer",
+        minilm_path,
+        "--out",
+        str(out),
+        "--valid-fraction",
+        "0.1",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     return str(out)
 
@@ -66,10 +87,16 @@ def weird_tmp_path(tmp_path: Path) -> Path:
     return p
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run `hpctrain ...` in a fresh interpreter, exactly as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-        env=full_env, timeout=timeout, cwd=REPO,
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
     )

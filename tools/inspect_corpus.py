@@ -31,7 +31,9 @@ def document_lengths(f) -> np.ndarray:
     return np.add.reduceat(f.sequence_lengths.astype(np.int64), f.document_indices[:-1])
 
 
-def inspect_corpus(path: str, samples: int = 3, tokenizer: str | None = None, chars: int = 200) -> str:
+def inspect_corpus(
+    path: str, samples: int = 3, tokenizer: str | None = None, chars: int = 200
+) -> str:
     corpus = open_corpus(path)
     m = corpus.manifest
     lines = [f"corpus: {corpus.path}"]
@@ -63,12 +65,20 @@ def inspect_corpus(path: str, samples: int = 3, tokenizer: str | None = None, ch
             f"\nsplit {name}: {len(stream.files)} shard(s), {stream.num_documents:,} documents, "
             f"{stream.num_tokens:,} tokens, dtype {stream.dtype}"
         )
-        lines.append(f"  document length: min {lengths.min()} / median {int(np.median(lengths))} / max {lengths.max()} tokens")
+        lines.append(
+            f"  document length: min {lengths.min()} / median {int(np.median(lengths))} / max {lengths.max()} tokens"
+        )
         lines += length_histogram(lengths)
         first = stream.files[0]
         for i in range(min(samples, first.num_documents)):
             ids = first.document(i)
-            text = tok.decode(ids.tolist()) if tok is not None else " ".join(map(str, ids[:64].tolist()))
+            text = (
+                tok.decode(ids.tolist())
+                if tok is not None
+                else " ".join(map(str, ids[:64].tolist()))
+            )
             text = text.replace("\n", "\\n")
-            lines.append(f"  doc {i} ({len(ids)} tokens): {text[:chars]}{'...' if len(text) > chars else ''}")
+            lines.append(
+                f"  doc {i} ({len(ids)} tokens): {text[:chars]}{'...' if len(text) > chars else ''}"
+            )
     return "\n".join(lines)

@@ -69,11 +69,15 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
         matches = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
         matches = [m for m in matches if os.path.exists(m)]
         if not matches:
-            raise UserError("no such file", file=pat, expected="an existing input file or a matching glob")
+            raise UserError(
+                "no such file", file=pat, expected="an existing input file or a matching glob"
+            )
         for m in matches:
             p = Path(m)
             if p.is_dir() and not _is_saved_dataset(p):
-                raise UserError("is a directory", file=m, expected="files, or a `datasets` save_to_disk folder")
+                raise UserError(
+                    "is a directory", file=m, expected="files, or a `datasets` save_to_disk folder"
+                )
             if not os.access(p, os.R_OK):
                 raise UserError("not readable", file=m, expected="a file this user can read")
             if p not in files:
@@ -82,14 +86,18 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 
 def _is_saved_dataset(p: Path) -> bool:
-    return p.is_dir() and any((p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return p.is_dir() and any(
+        (p / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
 def detect_format(path: Path) -> str:
     if _is_saved_dataset(path):
         return "datasets"
     suffix = path.suffix.lower()
-    return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(suffix, "text")
+    return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(
+        suffix, "text"
+    )
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str, int]]:
@@ -134,7 +142,9 @@ def read_documents(path: Path, fmt: str, fld: str, text_mode: str) -> Iterator[t
             reader = csv.DictReader(f)
             if reader.fieldnames is None or fld not in reader.fieldnames:
                 raise UserError(
-                    f"no column '{fld}' (has {reader.fieldnames})", file=str(path), field=fld,
+                    f"no column '{fld}' (has {reader.fieldnames})",
+                    file=str(path),
+                    field=fld,
                     expected="--field naming a CSV column",
                 )
             for row in reader:
@@ -146,7 +156,9 @@ def read_documents(path: Path, fmt: str, fld: str, text_mode: str) -> Iterator[t
         pf = pq.ParquetFile(path)
         if fld not in pf.schema_arrow.names:
             raise UserError(
-                f"no column '{fld}' (has {pf.schema_arrow.names})", file=str(path), field=fld,
+                f"no column '{fld}' (has {pf.schema_arrow.names})",
+                file=str(path),
+                field=fld,
                 expected="--field naming a Parquet column",
             )
         for batch in pf.iter_batches(columns=[fld], batch_size=4096):
@@ -162,7 +174,9 @@ def read_documents(path: Path, fmt: str, fld: str, text_mode: str) -> Iterator[t
             ds = ds["train"]
         if fld not in ds.column_names:
             raise UserError(
-                f"no column '{fld}' (has {ds.column_names})", file=str(path), field=fld,
+                f"no column '{fld}' (has {ds.column_names})",
+                file=str(path),
+                field=fld,
                 expected="--field naming a dataset column",
             )
         for batch in ds.select_columns([fld]).iter(batch_size=4096):
@@ -196,7 +210,9 @@ def load_tokenizer(path: str):
     p = Path(path)
     if not p.is_dir() or not any((p / n).is_file() for n in TOKENIZER_FILES):
         raise UserError(
-            "no tokenizer here", file=path, field="--tokenizer",
+            "no tokenizer here",
+            file=path,
+            field="--tokenizer",
             expected="a local directory with a Hugging Face tokenizer (tokenizer.json, vocab.txt, ...)",
         )
     from transformers import AutoTokenizer
@@ -219,7 +235,8 @@ def resolve_eos(tok, eos_token: str | None) -> tuple[int, str]:
         if t is not None:
             return int(tok.convert_tokens_to_ids(t)), t
     raise UserError(
-        "the tokenizer has neither an EOS nor a SEP token", field="--tokenizer",
+        "the tokenizer has neither an EOS nor a SEP token",
+        field="--tokenizer",
         expected="a tokenizer with eos_token, or pass --eos-token",
     )
 
@@ -303,7 +320,9 @@ class _SplitWriter:
 
 def _fingerprint(opts: PrepareOptions, files: list[Path], tok_hash: str) -> dict:
     return {
-        "sources": [{"path": str(f), "bytes": f.stat().st_size if f.is_file() else None} for f in files],
+        "sources": [
+            {"path": str(f), "bytes": f.stat().st_size if f.is_file() else None} for f in files
+        ],
         "tokenizer_sha256": tok_hash,
         "format": opts.format,
         "field": opts.field,
@@ -327,7 +346,9 @@ def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> bool:
     if overwrite:
         if not m.is_file():
             raise UserError(
-                "holds files but no corpus; refusing to overwrite it", file=str(out), field="--out",
+                "holds files but no corpus; refusing to overwrite it",
+                file=str(out),
+                field="--out",
                 expected="an empty directory or an earlier hpctrain corpus",
             )
         return False
@@ -337,29 +358,45 @@ def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> bool:
         if old.get("fingerprint") == fingerprint:
             return True
         raise UserError(
-            "already holds a different corpus", file=str(out), field="--out",
+            "already holds a different corpus",
+            file=str(out),
+            field="--out",
             hint="pass --overwrite to replace it, or choose another --out",
         )
-    raise UserError("is not empty and holds no corpus", file=str(out), field="--out",
-                    expected="a new or empty directory")
+    raise UserError(
+        "is not empty and holds no corpus",
+        file=str(out),
+        field="--out",
+        expected="a new or empty directory",
+    )
 
 
 def prepare_corpus(opts: PrepareOptions, log=print) -> dict:
     """Tokenize `opts.inputs` into a corpus at `opts.out`; returns the manifest."""
     if opts.format not in FORMATS:
-        raise UserError(f"unknown format '{opts.format}'", field="--format", expected=" | ".join(FORMATS))
+        raise UserError(
+            f"unknown format '{opts.format}'", field="--format", expected=" | ".join(FORMATS)
+        )
     if opts.text_mode not in ("line", "file"):
-        raise UserError(f"unknown text mode '{opts.text_mode}'", field="--text-mode", expected="line | file")
+        raise UserError(
+            f"unknown text mode '{opts.text_mode}'", field="--text-mode", expected="line | file"
+        )
     if opts.workers < 1:
         raise UserError(f"{opts.workers} workers", field="--workers", expected="an integer >= 1")
     if not 0 <= opts.valid_fraction < 1:
-        raise UserError(f"{opts.valid_fraction}", field="--valid-fraction", expected="a number in [0, 1)")
+        raise UserError(
+            f"{opts.valid_fraction}", field="--valid-fraction", expected="a number in [0, 1)"
+        )
     if opts.shard_tokens < 1:
-        raise UserError(f"{opts.shard_tokens}", field="--shard-tokens", expected="a positive token count")
+        raise UserError(
+            f"{opts.shard_tokens}", field="--shard-tokens", expected="a positive token count"
+        )
     files = expand_inputs(opts.inputs)
     fmts = {detect_format(f) if opts.format == "auto" else opts.format for f in files}
     if len(fmts) > 1:
-        raise UserError(f"inputs mix formats {sorted(fmts)}", field="inputs", expected="one format per prepare")
+        raise UserError(
+            f"inputs mix formats {sorted(fmts)}", field="inputs", expected="one format per prepare"
+        )
     fmt = fmts.pop()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; N workers = N cores
     tok = load_tokenizer(opts.tokenizer)
@@ -379,7 +416,9 @@ def prepare_corpus(opts: PrepareOptions, log=print) -> dict:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        manifest = _write(opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok_hash, log)
+        manifest = _write(
+            opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok_hash, log
+        )
         manifest["fingerprint"] = fingerprint
         _write_json(stage / MANIFEST, manifest)
         _publish(stage, out)
@@ -395,8 +434,14 @@ def _write(opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok
     total, unit = progress_total(files, fmt)
     writers = {s: _SplitWriter(stage, s, dtype, opts.shard_tokens) for s in ("train", "valid")}
     bar = tqdm(
-        total=total, unit=unit, unit_scale=True, disable=not opts.progress, file=sys.stderr,
-        desc="prepare", mininterval=1.0, dynamic_ncols=True,
+        total=total,
+        unit=unit,
+        unit_scale=True,
+        disable=not opts.progress,
+        file=sys.stderr,
+        desc="prepare",
+        mininterval=1.0,
+        dynamic_ncols=True,
     )
     counters = {"docs": 0, "skipped_empty": 0}
     t0 = time.perf_counter()
@@ -427,12 +472,16 @@ def _write(opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok
                 if m.all():
                     writers[split].add(flat, lengths)
                 elif m.any():
-                    sel = np.concatenate([flat[s:e] for s, e in zip(starts[m], ends[m], strict=True)])
+                    sel = np.concatenate(
+                        [flat[s:e] for s, e in zip(starts[m], ends[m], strict=True)]
+                    )
                     writers[split].add(sel, lengths[m])
             counters["docs"] += len(lengths)
             tokens_done += int(flat.size)
             rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(docs=counters["docs"], tokens=tokens_done, tok_s=f"{rate:,.0f}", refresh=False)
+            bar.set_postfix(
+                docs=counters["docs"], tokens=tokens_done, tok_s=f"{rate:,.0f}", refresh=False
+            )
 
     init_args = (opts.tokenizer, eos_id, dtype.str)
     if opts.workers == 1:
@@ -450,11 +499,14 @@ def _write(opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok
     stats = {s: w.close() for s, w in writers.items()}
     if counters["docs"] == 0:
         raise UserError(
-            "the inputs hold no document (all empty)", file=", ".join(map(str, files)),
+            "the inputs hold no document (all empty)",
+            file=", ".join(map(str, files)),
             expected="at least one non-empty document",
         )
     if opts.valid_fraction > 0 and stats["valid"].documents == 0:
-        log(f"warning: --valid-fraction {opts.valid_fraction} selected no document out of {counters['docs']}")
+        log(
+            f"warning: --valid-fraction {opts.valid_fraction} selected no document out of {counters['docs']}"
+        )
     seconds = time.perf_counter() - t0
     ntok = stats["train"].tokens + stats["valid"].tokens
     log(

@@ -59,8 +59,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "python": json.dumps(random.getstate()),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
 
@@ -69,12 +73,20 @@ def set_rng_state(state: dict) -> None:
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state(
+        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
     torch.set_rng_state(state["torch"])
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, engine, meta: dict, rank: int, keep_last: int, pause_before_commit_s: float = 0.0
+    run_dir: Path,
+    step: int,
+    engine,
+    meta: dict,
+    rank: int,
+    keep_last: int,
+    pause_before_commit_s: float = 0.0,
 ) -> Path:
     """Collective save: every rank calls it. Returns the final checkpoint path."""
     root = Path(run_dir) / CHECKPOINTS
@@ -91,7 +103,9 @@ def save_checkpoint(
     if rank == 0:
         if pause_before_commit_s:  # fault injection for tests: a window to kill a rank mid-save
             time.sleep(pause_before_commit_s)
-        atomic_write_text(tmp / META, json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2))
+        atomic_write_text(
+            tmp / META, json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2)
+        )
         _fsync_dir(tmp)
         if final.exists():  # same step saved again (e.g. stop right after an interval save)
             shutil.rmtree(final)
@@ -109,6 +123,8 @@ def load_checkpoint(path: Path, engine, rank: int) -> dict:
     meta = json.loads((path / META).read_text())
     engine.load(path)
     rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.is_file():  # a different world size has no state for new ranks: they keep their seed
+    if (
+        rng_file.is_file()
+    ):  # a different world size has no state for new ranks: they keep their seed
         set_rng_state(torch.load(rng_file, weights_only=True))
     return meta

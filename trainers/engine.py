@@ -18,7 +18,9 @@ from trainers.checkpoint import save_tensor_file
 
 
 class DDPEngine:
-    def __init__(self, model, optimizer, scheduler, grad_clip: float | None, precision: str, dist_info) -> None:
+    def __init__(
+        self, model, optimizer, scheduler, grad_clip: float | None, precision: str, dist_info
+    ) -> None:
         self.model = model.to(dist_info.device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_clip = grad_clip
@@ -29,8 +31,15 @@ class DDPEngine:
     @contextlib.contextmanager
     def micro_step(self, sync: bool):
         """Forward and backward of one micro-batch; gradients all-reduce only when `sync`."""
-        no_sync = self.module.no_sync() if (isinstance(self.module, DDP) and not sync) else contextlib.nullcontext()
-        with no_sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+        no_sync = (
+            self.module.no_sync()
+            if (isinstance(self.module, DDP) and not sync)
+            else contextlib.nullcontext()
+        )
+        with (
+            no_sync,
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast),
+        ):
             yield self.module
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -55,12 +64,17 @@ class DDPEngine:
         if rank == 0:
             save_tensor_file(self.model.state_dict(), directory / "model.pt")
             save_tensor_file(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
                 directory / "optim.pt",
             )
 
     def load(self, directory: Path) -> None:
-        self.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
+        self.model.load_state_dict(
+            torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
+        )
         st = torch.load(directory / "optim.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])

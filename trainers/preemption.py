@@ -45,7 +45,9 @@ def die_with_parent() -> None:
 class StopRequest:
     """Collects stop requests (signals, stop file, deadline) and makes ranks agree."""
 
-    def __init__(self, stop_file: Path, deadline: float | None = None, margin_s: float = 0.0) -> None:
+    def __init__(
+        self, stop_file: Path, deadline: float | None = None, margin_s: float = 0.0
+    ) -> None:
         self.stop_file = stop_file
         self.deadline = deadline
         self.margin_s = margin_s

@@ -77,7 +77,9 @@ def build_model(spec: RunSpec):
 def load_tokenizer(spec: RunSpec):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_path(spec.model.tokenizer_path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        resolve_path(spec.model.tokenizer_path), local_files_only=True
+    )
 
 
 class Objective:
@@ -90,7 +92,9 @@ class Objective:
         self.vocab_size = vocab_size
         if self.kind == "mlm":
             if tokenizer.mask_token_id is None:
-                raise UserError("the tokenizer has no mask token", field="objective.type", expected="clm for it")
+                raise UserError(
+                    "the tokenizer has no mask token", field="objective.type", expected="clm for it"
+                )
             self.mask_id = tokenizer.mask_token_id
             self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
@@ -98,21 +102,30 @@ class Objective:
         tokens = batch["tokens"].to(device)
         if self.kind == "clm":
             logits = module(input_ids=tokens[:, :-1]).logits
-            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+            return F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)
+            )
         inputs, labels = self.mask(tokens[:, :-1].cpu(), batch["positions"])
         logits = module(input_ids=inputs.to(device)).logits
         labels = labels.to(device)
         if not (labels != -100).any():  # nothing masked in this micro-batch: contribute zero
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
+        )
 
-    def mask(self, inputs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask(
+        self, inputs: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT masking (80% [MASK], 10% random, 10% kept), seeded per global sample position
         so the same sample gets the same mask whatever the world size or resume point."""
         inputs, labels = inputs.clone(), inputs.clone()
         for row, pos in enumerate(positions.tolist()):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + pos)
-            p, r = torch.rand(inputs.shape[1], generator=g), torch.rand(inputs.shape[1], generator=g)
+            p, r = (
+                torch.rand(inputs.shape[1], generator=g),
+                torch.rand(inputs.shape[1], generator=g),
+            )
             rand_tok = torch.randint(self.vocab_size, (inputs.shape[1],), generator=g)
             masked = (p < self.mask_prob) & ~torch.isin(inputs[row], self.special)
             labels[row, ~masked] = -100
@@ -132,7 +145,9 @@ def open_sources(spec: RunSpec, vocab_size: int) -> list[PackedSource]:
 
 
 @torch.no_grad()
-def evaluate(spec: RunSpec, engine: DDPEngine, objective: Objective, source: PackedSource, d: Dist) -> float:
+def evaluate(
+    spec: RunSpec, engine: DDPEngine, objective: Objective, source: PackedSource, d: Dist
+) -> float:
     """Mean loss over a fixed set of validation samples (the same at every evaluation)."""
     engine.model.eval()
     mb = spec.training.micro_batch
@@ -143,7 +158,9 @@ def evaluate(spec: RunSpec, engine: DDPEngine, objective: Objective, source: Pac
         idx = mine[i : i + mb]
         tokens = torch.from_numpy(np.stack([source.sample(k) for k in idx]).astype(np.int64))
         batch = {"tokens": tokens, "positions": torch.tensor(idx)}
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16"):
+        with torch.autocast(
+            d.device.type, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16"
+        ):
             losses.append(float(objective(engine.model, batch, d.device)))
     engine.model.train()
     (mean,) = mean_over_ranks([sum(losses) / max(len(losses), 1)])
@@ -151,7 +168,11 @@ def evaluate(spec: RunSpec, engine: DDPEngine, objective: Objective, source: Pac
 
 
 def train(
-    spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None, fault_pause: tuple[int, float] | None = None
+    spec: RunSpec,
+    run_dir: Path,
+    d: Dist,
+    deadline: float | None,
+    fault_pause: tuple[int, float] | None = None,
 ) -> str:
     mon = Monitor(run_dir, enabled=d.is_main)
     seed_everything(spec.training.seed)
@@ -164,14 +185,25 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=t.betas, foreach=False,
+        [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=t.lr,
+        betas=t.betas,
+        foreach=False,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     engine = DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, d)
     batches = TrainBatches(
-        sources, [c.weight for c in spec.data.corpora], t.seed, t.global_batch, t.micro_batch,
-        d.rank, d.world_size, num_workers=spec.data.num_workers,
+        sources,
+        [c.weight for c in spec.data.corpora],
+        t.seed,
+        t.global_batch,
+        t.micro_batch,
+        d.rank,
+        d.world_size,
+        num_workers=spec.data.num_workers,
     )
     valid = None
     if spec.data.validation is not None:
@@ -186,12 +218,16 @@ def train(
         meta = load_checkpoint(ckpt, engine, d.rank)
         batches.load_state_dict(meta["sampler"])
         step = meta["step"]
-        mon.print(f"resuming from {ckpt} (step {step}, {meta['tokens_seen']:,} tokens seen, "
-                  f"saved by {meta['world_size']} rank(s), now {d.world_size})")
+        mon.print(
+            f"resuming from {ckpt} (step {step}, {meta['tokens_seen']:,} tokens seen, "
+            f"saved by {meta['world_size']} rank(s), now {d.world_size})"
+        )
     n_params = sum(p.numel() for p in model.parameters())
-    mon.print(f"{spec.name}: {spec.objective.type} on {n_params / 1e6:.2f}M params, {d.world_size} rank(s), "
-              f"global batch {t.global_batch} x {spec.data.seq_len} tokens, accum {batches.accum}, "
-              f"steps {step}->{total}")
+    mon.print(
+        f"{spec.name}: {spec.objective.type} on {n_params / 1e6:.2f}M params, {d.world_size} rank(s), "
+        f"global batch {t.global_batch} x {spec.data.seq_len} tokens, accum {batches.accum}, "
+        f"steps {step}->{total}"
+    )
     if d.is_main:
         write_status(run_dir, state="running", step=step, total_steps=total, pid=os.getpid())
 
@@ -219,10 +255,20 @@ def train(
             elapsed = time.perf_counter() - t_start
             tok_s = steps_timed * tokens_per_step / elapsed
             eta = (total - step) * elapsed / steps_timed
-            mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
-                     "tokens_seen": step * tokens_per_step, "tokens_per_s": tok_s})
-            mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | "
-                      f"{tok_s:,.0f} tok/s | eta {format_eta(eta)}")
+            mon.log(
+                {
+                    "step": step,
+                    "loss": loss_mean,
+                    "lr": engine.lr,
+                    "grad_norm": grad_norm,
+                    "tokens_seen": step * tokens_per_step,
+                    "tokens_per_s": tok_s,
+                }
+            )
+            mon.print(
+                f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | "
+                f"{tok_s:,.0f} tok/s | eta {format_eta(eta)}"
+            )
         if valid is not None and t.eval_every and (step % t.eval_every == 0 or step == total):
             vloss = evaluate(spec, engine, objective, valid, d)
             mon.log({"step": step, "val_loss": vloss, "val_ppl": math.exp(min(vloss, 50))})
@@ -237,11 +283,20 @@ def train(
         if save_now or reason:
             s0 = time.time()
             path = save_checkpoint(
-                run_dir, step, engine,
-                {"tokens_seen": step * tokens_per_step, "sampler": batches.state_dict(),
-                 "world_size": d.world_size, "spec_name": spec.name},
-                d.rank, c.keep_last,
-                pause_before_commit_s=fault_pause[1] if fault_pause and fault_pause[0] == step else 0.0,
+                run_dir,
+                step,
+                engine,
+                {
+                    "tokens_seen": step * tokens_per_step,
+                    "sampler": batches.state_dict(),
+                    "world_size": d.world_size,
+                    "spec_name": spec.name,
+                },
+                d.rank,
+                c.keep_last,
+                pause_before_commit_s=fault_pause[1]
+                if fault_pause and fault_pause[0] == step
+                else 0.0,
             )
             last_save, save_seconds = time.time(), time.time() - s0
             mon.print(f"  checkpoint: {path} ({save_seconds:.1f}s)")
@@ -263,13 +318,22 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--deadline", type=float, default=None, help="epoch seconds by which a checkpoint must exist")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="epoch seconds by which a checkpoint must exist",
+    )
     args = ap.parse_args(argv)
     die_with_parent()
     # environment is read here, at the entry point, and passed down as values
-    fault = os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", "")  # "STEP:SECONDS": tests kill a rank mid-save
+    fault = os.environ.get(
+        "HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", ""
+    )  # "STEP:SECONDS": tests kill a rank mid-save
     fault_step, _, fault_s = fault.partition(":")
     fault_pause = (int(fault_step), float(fault_s)) if fault else None
     run_dir = Path(args.run_dir)

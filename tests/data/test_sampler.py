@@ -68,7 +68,8 @@ def test_resume_refuses_changed_data():
 
 
 @pytest.mark.parametrize(
-    "weights", [[0.3, 0.7], [0.5, 0.3, 0.2], [0.01, 0.99], [1, 1, 1], [0.1, 0.2, 0.3, 0.4], [0.05, 0.05, 0.9]]
+    "weights",
+    [[0.3, 0.7], [0.5, 0.3, 0.2], [0.01, 0.99], [1, 1, 1], [0.1, 0.2, 0.3, 0.4], [0.05, 0.05, 0.9]],
 )
 def test_blend_weights_hold_within_one_sample_in_every_window_of_1000(weights):
     o = SampleOrder([10_000] * len(weights), weights, seed=0)
@@ -95,7 +96,10 @@ def _tokens_seen(sources, weights, seed, gb, mb, world, steps, start_state=None)
 
 
 def test_global_order_is_the_same_for_any_world_size_and_resumes_across_a_change(tmp_path):
-    sources = [PackedSource(_stream(tmp_path, "a", 5000), 16), PackedSource(_stream(tmp_path, "b", 3000, offset=10**6), 16)]
+    sources = [
+        PackedSource(_stream(tmp_path, "a", 5000), 16),
+        PackedSource(_stream(tmp_path, "b", 3000, offset=10**6), 16),
+    ]
     one, _ = _tokens_seen(sources, [0.6, 0.4], 3, gb=8, mb=2, world=1, steps=12)
     two, _ = _tokens_seen(sources, [0.6, 0.4], 3, gb=8, mb=2, world=2, steps=12)
     four, _ = _tokens_seen(sources, [0.6, 0.4], 3, gb=8, mb=1, world=4, steps=12)

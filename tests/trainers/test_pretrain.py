@@ -63,9 +63,13 @@ def _interrupt_and_resume(tmp_path, bpe_tokenizer, bpe_corpus, how: str, resume_
     if how == "launcher-signal":  # what Ctrl-C or a node task receiving USR2 does
         proc.send_signal(signal.SIGINT)
     else:  # "everyone": Slurm with proctrack/linuxproc signals torchrun and every worker
-        torchrun = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                    and b"torch.distributed.run" in (p / "cmdline").read_bytes()
-                    and str(run).encode() in (p / "cmdline").read_bytes()]
+        torchrun = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and b"torch.distributed.run" in (p / "cmdline").read_bytes()
+            and str(run).encode() in (p / "cmdline").read_bytes()
+        ]
         send(torchrun + trainer_pids(run), signal.SIGUSR2)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -83,7 +87,9 @@ def _interrupt_and_resume(tmp_path, bpe_tokenizer, bpe_corpus, how: str, resume_
 
 
 @pytest.mark.parametrize("how", ["launcher-signal", "signal-to-everyone"])
-def test_resume_after_a_stop_signal_reproduces_the_losses_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, reference, how):
+def test_resume_after_a_stop_signal_reproduces_the_losses_bitwise(
+    tmp_path, bpe_tokenizer, bpe_corpus, reference, how
+):
     ref = losses(reference[0])
     run, stopped = _interrupt_and_resume(tmp_path, bpe_tokenizer, bpe_corpus, how)
     got = losses(run)
@@ -92,15 +98,21 @@ def test_resume_after_a_stop_signal_reproduces_the_losses_bitwise(tmp_path, bpe_
         assert got[step] == ref[step], (step, got[step], ref[step])  # bitwise: same floats
 
 
-def test_resume_on_fewer_ranks_continues_the_same_samples(tmp_path, bpe_tokenizer, bpe_corpus, reference):
+def test_resume_on_fewer_ranks_continues_the_same_samples(
+    tmp_path, bpe_tokenizer, bpe_corpus, reference
+):
     ref = losses(reference[0])
-    run, stopped = _interrupt_and_resume(tmp_path, bpe_tokenizer, bpe_corpus, "launcher-signal", resume_procs=1)
+    run, stopped = _interrupt_and_resume(
+        tmp_path, bpe_tokenizer, bpe_corpus, "launcher-signal", resume_procs=1
+    )
     got = losses(run)
     for step in range(stopped + 1, 31):
         assert math.isclose(got[step], ref[step], rel_tol=1e-4), (step, got[step], ref[step])
 
 
-def test_kill_9_during_a_checkpoint_keeps_the_previous_one(tmp_path, bpe_tokenizer, bpe_corpus, reference):
+def test_kill_9_during_a_checkpoint_keeps_the_previous_one(
+    tmp_path, bpe_tokenizer, bpe_corpus, reference
+):
     spec = write_spec(tmp_path / "spec.yaml", clm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus))
     run = tmp_path / "run"
     proc = start_run(spec, env={"HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S": "20:20"})
@@ -130,7 +142,9 @@ def test_exported_model_gives_the_trainers_validation_loss(reference, bpe_corpus
     run, _ = reference
     model = AutoModelForCausalLM.from_pretrained(run / "export").eval()
     src = PackedSource(open_corpus(bpe_corpus).split("valid"), 32)
-    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    val = [
+        json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x
+    ]
     trainer_loss = val[-1]["val_loss"]
     # the trainer's eval: eval_batches (4) micro-batches of 2 per rank, samples strided over 2 ranks
     per_rank = []
@@ -138,29 +152,43 @@ def test_exported_model_gives_the_trainers_validation_loss(reference, bpe_corpus
         idx = list(range(rank, min(src.num_samples, 4 * 2 * 2), 2))
         ls = []
         for i in range(0, len(idx), 2):
-            toks = torch.from_numpy(np.stack([src.sample(k) for k in idx[i : i + 2]]).astype(np.int64))
+            toks = torch.from_numpy(
+                np.stack([src.sample(k) for k in idx[i : i + 2]]).astype(np.int64)
+            )
             with torch.no_grad():
                 logits = model(input_ids=toks[:, :-1]).logits
-            ls.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), toks[:, 1:].reshape(-1))))
+            ls.append(
+                float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.size(-1)), toks[:, 1:].reshape(-1)
+                    )
+                )
+            )
         per_rank.append(sum(ls) / len(ls))
     assert math.isclose(sum(per_rank) / 2, trainer_loss, rel_tol=1e-5)
 
 
-def test_relaunch_with_a_changed_spec_is_refused_and_no_resume_starts_elsewhere(reference, tmp_path, bpe_tokenizer, bpe_corpus):
+def test_relaunch_with_a_changed_spec_is_refused_and_no_resume_starts_elsewhere(
+    reference, tmp_path, bpe_tokenizer, bpe_corpus
+):
     run, _ = reference
     spec = write_spec(tmp_path / "s.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus))
     r = run_cli("run", str(spec), "--set", "training.lr=0.5")
     assert r.returncode == 2
     assert "training.lr changed" in r.stderr and "--no-resume" in r.stderr
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    r = run_cli("run", str(spec), "--set", "training.steps=2", "--set", "training.lr=0.5", "--no-resume")
+    r = run_cli(
+        "run", str(spec), "--set", "training.steps=2", "--set", "training.lr=0.5", "--no-resume"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"starting over in {run}.1" in r.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing lost
     assert sorted(losses(Path(f"{run}.1"))) == [1, 2]
 
 
-def test_more_steps_on_a_finished_run_continue_from_its_checkpoint(reference, tmp_path, bpe_tokenizer, bpe_corpus):
+def test_more_steps_on_a_finished_run_continue_from_its_checkpoint(
+    reference, tmp_path, bpe_tokenizer, bpe_corpus
+):
     import shutil
 
     run = tmp_path / "run"
@@ -172,5 +200,7 @@ def test_more_steps_on_a_finished_run_continue_from_its_checkpoint(reference, tm
 
 
 def test_direct_trainer_invocation_documents_itself():
-    r = subprocess.run([sys.executable, "-m", "trainers.pretrain", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "trainers.pretrain", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "torchrun" in r.stdout

@@ -143,12 +143,18 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
     if p.is_dir():
         manifest = read_manifest(p)
         if manifest is None:
-            raise UserError(f"no {MANIFEST} here", file=str(p), expected="a corpus written by `hpctrain prepare`")
+            raise UserError(
+                f"no {MANIFEST} here",
+                file=str(p),
+                expected="a corpus written by `hpctrain prepare`",
+            )
         return Corpus(str(p), manifest)
     if is_indexed_prefix(p):
         return Corpus(prefix_of(p), None)
     raise UserError(
-        "corpus not found", file=str(p), expected="a corpus directory or a Megatron .bin/.idx prefix"
+        "corpus not found",
+        file=str(p),
+        expected="a corpus directory or a Megatron .bin/.idx prefix",
     )
 
 

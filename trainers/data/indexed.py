@@ -99,13 +99,18 @@ class IndexedFile:
         size = os.path.getsize(bin_path)
         self.num_tokens = size // self.dtype.itemsize
         if seq_count:
-            end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+            end = (
+                int(self.sequence_pointers[-1])
+                + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+            )
             if end > size:
                 raise FormatError(f"{bin_path}: shorter than its index says ({size} < {end} bytes)")
             self.num_tokens = end // self.dtype.itemsize
         # a plain ndarray view of the map: slicing an np.memmap subclass costs microseconds each
         self.tokens = (
-            np.memmap(bin_path, mode="r", dtype=self.dtype, shape=(self.num_tokens,)).view(np.ndarray)
+            np.memmap(bin_path, mode="r", dtype=self.dtype, shape=(self.num_tokens,)).view(
+                np.ndarray
+            )
             if self.num_tokens
             else np.zeros(0, self.dtype)
         )

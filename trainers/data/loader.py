@@ -46,7 +46,9 @@ class PackedDataset(Dataset):
             "positions": torch.tensor([k[2] for k in keys], dtype=torch.int64),
         }
         if self.with_boundaries:
-            out["doc_starts"] = [torch.from_numpy(self.sources[s].document_starts(i)) for s, i, _ in keys]
+            out["doc_starts"] = [
+                torch.from_numpy(self.sources[s].document_starts(i)) for s, i, _ in keys
+            ]
         return out
 
 
@@ -58,7 +60,9 @@ def collate(batch: dict) -> dict:
 class _RankMicroBatches:
     """Batch sampler: yields this rank's micro-batches of keys, step after step, forever."""
 
-    def __init__(self, order: SampleOrder, global_batch: int, micro_batch: int, rank: int, world: int):
+    def __init__(
+        self, order: SampleOrder, global_batch: int, micro_batch: int, rank: int, world: int
+    ):
         self.order, self.global_batch, self.micro_batch = order, global_batch, micro_batch
         self.mine = rank_slice(global_batch, rank, world)
 
@@ -68,7 +72,10 @@ class _RankMicroBatches:
             start = self.order.position
             src, idx = self.order.take(self.global_batch * ahead)
             for step in range(ahead):
-                lo, hi = step * self.global_batch + self.mine.start, step * self.global_batch + self.mine.stop
+                lo, hi = (
+                    step * self.global_batch + self.mine.start,
+                    step * self.global_batch + self.mine.stop,
+                )
                 s, i = src[lo:hi].tolist(), idx[lo:hi].tolist()
                 pos = list(range(start + lo, start + hi))
                 for k in range(0, len(s), self.micro_batch):

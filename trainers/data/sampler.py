@@ -127,7 +127,10 @@ class SampleOrder:
             )
         w = np.ones(len(sizes)) if weights is None else np.asarray(weights, dtype=np.float64)
         if len(w) != len(sizes) or (w < 0).any() or w.sum() <= 0:
-            raise UserError("blend weights must be non-negative, one per corpus, not all zero", field="data.weights")
+            raise UserError(
+                "blend weights must be non-negative, one per corpus, not all zero",
+                field="data.weights",
+            )
         self.sizes = [int(s) for s in sizes]
         self.weights = w / w.sum()
         self.seed = int(seed)
@@ -152,7 +155,9 @@ class SampleOrder:
             res = np.empty(len(pos), dtype=np.int64)
             for e in np.unique(epochs):
                 em = epochs == e
-                res[em] = feistel_permute(pos[em], size, _key(self.seed, s, int(e))).astype(np.int64)
+                res[em] = feistel_permute(pos[em], size, _key(self.seed, s, int(e))).astype(
+                    np.int64
+                )
             indices[m] = res
         self.position += n
         return sources, indices
