@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from launcher.errors import UserError
 
@@ -91,6 +92,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_local(spec, run_dir)
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.rundir import freeze_run_dir, latest_checkpoint
+    from launcher.slurm import dry_run, submit
+    from launcher.validate import check_files
+
+    spec = _load(args)
+    check_files(spec, args.spec)
+    if args.dry_run:
+        print(dry_run(spec, Path(spec.run_path)), end="")
+        return 0
+    spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
+    ckpt = latest_checkpoint(run_dir)
+    job = submit(spec, run_dir)
+    print(
+        f"submitted job {job}: {spec.cluster.nodes} node(s) x {spec.cluster.procs_per_node} process(es)"
+        + (f", resuming from {ckpt.name}" if ckpt else "")
+    )
+    print(f"run dir: {run_dir}")
+    print(
+        f"follow:  hpctrain status {run_dir}   |   hpctrain logs {run_dir} -f   |   hpctrain cancel {run_dir}"
+    )
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from launcher.status import status_text
+
+    print(status_text(args.run_dir))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from launcher.status import follow, node_logs
+
+    follow(node_logs(args.run_dir, args.node), args.follow)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from launcher.status import cancel
+
+    print(f"cancelled job(s) {', '.join(cancel(args.run_dir))}")
+    return 0
+
+
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="run spec (YAML)")
     p.add_argument(
@@ -165,6 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="ignore checkpoints in the run dir and start over in a new run dir",
     )
     ru.set_defaults(func=_cmd_run)
+
+    su = sub.add_parser("submit", help="submit the run to Slurm (through submitit)")
+    _spec_args(su)
+    su.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script and torchrun command only"
+    )
+    su.add_argument("--no-resume", action="store_true", help="start over in a new run dir")
+    su.set_defaults(func=_cmd_submit)
+
+    st = sub.add_parser("status", help="job state, restarts, step, last loss, newest checkpoint")
+    st.add_argument("run_dir")
+    st.set_defaults(func=_cmd_status)
+
+    lo = sub.add_parser("logs", help="show (or follow) the job's node logs")
+    lo.add_argument("run_dir")
+    lo.add_argument("-f", "--follow", action="store_true")
+    lo.add_argument("--node", type=int, default=0, help="node task to show (default 0)")
+    lo.set_defaults(func=_cmd_logs)
+
+    ca = sub.add_parser("cancel", help="cancel the run's Slurm job(s)")
+    ca.add_argument("run_dir")
+    ca.set_defaults(func=_cmd_cancel)
 
     co = sub.add_parser("corpus", help="look at a token corpus")
     co_sub = co.add_subparsers(dest="corpus_verb", metavar="ACTION", required=True)

@@ -36,6 +36,8 @@ def build_torchrun_command(
     run_id: str | None = None,
     deadline: float | None = None,
     python: str | None = None,
+    stop_file: str | None = None,
+    log_dir: str | None = None,
 ) -> list[str]:
     """The torchrun argv for one node (pure: unit-testable, quoted with shlex when shown)."""
     cmd = [python or sys.executable, "-m", "torch.distributed.run"]
@@ -44,19 +46,16 @@ def build_torchrun_command(
     else:
         cmd += [
             f"--nnodes={nnodes}",
-            f"--node-rank={node_rank}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={rdzv_endpoint}",
             f"--rdzv-id={run_id or 'hpctrain'}",
         ]
-    cmd += [
-        f"--nproc-per-node={nproc_per_node}",
-        "--max-restarts=0",
-        "-m",
-        module,
-        "--run-dir",
-        str(run_dir),
-    ]
+    cmd += [f"--nproc-per-node={nproc_per_node}", "--max-restarts=0"]
+    if log_dir is not None:  # per-rank stdout/stderr files, still shown on the console (tee)
+        cmd += [f"--log-dir={log_dir}", "--tee=3"]
+    cmd += ["-m", module, "--run-dir", str(run_dir)]
+    if stop_file is not None:
+        cmd += ["--stop-file", stop_file]
     if deadline is not None:
         cmd += ["--deadline", f"{deadline:.0f}"]
     return cmd
@@ -72,6 +71,11 @@ def _child_setup() -> None:
         ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except OSError:
         pass
+
+
+def start_torchrun(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """torchrun in its own session, SIGUSR2 ignored, dying with this process."""
+    return subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
 
 
 def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, log=print) -> int:
@@ -94,7 +98,7 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
 
     old = {s: signal.signal(s, on_signal) for s in FORWARDED}
     try:
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
+        proc = start_torchrun(cmd, env)
         while True:
             try:
                 return proc.wait()

@@ -123,15 +123,78 @@ class CheckpointSpec(_Strict):
     )
 
 
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY")
+
+
+def _one_line(value: str, what: str) -> str:
+    # a newline in an #SBATCH line would end the comment and start a shell command
+    if any(c in value for c in "\n\r\0"):
+        raise ValueError(f"{what} must be one line (no newline or NUL characters)")
+    return value
+
+
 class ClusterSpec(_Strict):
     executor: Literal["local", "slurm"] = Field(
-        "local", description="where `hpctrain run` starts the job"
+        "local", description="where the job runs: this machine or Slurm"
     )
     nodes: int = Field(1, ge=1, description="nodes")
     procs_per_node: int = Field(1, ge=1, description="trainer processes (GPUs) per node")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend"
     )
+    # --- Slurm (used by `hpctrain submit`)
+    job_name: str | None = Field(None, description="Slurm job name (default: the run name)")
+    partition: str | None = Field(None, description="Slurm partition")
+    account: str | None = Field(None, description="Slurm account")
+    qos: str | None = Field(None, description="Slurm quality of service")
+    constraint: str | None = Field(None, description="Slurm node constraint")
+    exclusive: bool = Field(False, description="whole nodes for this job")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs requested per node (0 on CPU clusters)")
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPUs for each node task (torchrun and its ranks)"
+    )
+    mem_gb: float | None = Field(None, gt=0, description="memory per node in GB")
+    time_min: int = Field(
+        60, ge=1, description="wall-time limit of one job (one requeue cycle) in minutes"
+    )
+    signal_lead_s: int = Field(
+        120, ge=10, description="Slurm sends USR2 this many seconds before the time limit"
+    )
+    max_requeues: int = Field(
+        3, ge=0, description="requeues after a time-out (preemptions do not count)"
+    )
+    sbatch_extra: dict[str, str] = Field(
+        default_factory=dict, description="extra sbatch options, e.g. {reservation: x}"
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines run before the job (module load, venv activate)",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables for the job (no secrets)"
+    )
+
+    @model_validator(mode="after")
+    def _safe_values(self) -> ClusterSpec:
+        for name in ("job_name", "partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None:
+                _one_line(value, f"cluster.{name}")
+        for k, v in self.sbatch_extra.items():
+            _one_line(k, "cluster.sbatch_extra keys")
+            _one_line(v, f"cluster.sbatch_extra.{k}")
+        for line in self.setup:
+            _one_line(line, "each cluster.setup entry")
+        for k, v in self.env.items():
+            if not k.isidentifier():
+                raise ValueError(f"cluster.env: '{k}' is not a valid variable name")
+            if k.upper() in SECRET_ENV:
+                raise ValueError(
+                    f"cluster.env: {k} is a secret; export it in your shell (jobs inherit it), "
+                    "never put it in a spec"
+                )
+            _one_line(v, f"cluster.env.{k}")
+        return self
 
     @property
     def world_size(self) -> int:

@@ -16,6 +16,7 @@ class Dist:
     local_rank: int
     local_world_size: int
     device: torch.device
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -32,12 +33,14 @@ def init_distributed(backend: str = "auto") -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     else:
-        # ranks share the cores: oversubscribed BLAS threads make every rank slower
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # ranks share the cores: oversubscribed BLAS threads make every rank slower. The
+        # launcher sets OMP_NUM_THREADS from the CPUs it was given (Slurm's, or this machine's).
+        threads = int(env.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1) // local_world
+        torch.set_num_threads(max(1, threads))
     if world > 1 and not dist.is_initialized():
         chosen = ("nccl" if cuda else "gloo") if backend == "auto" else backend
         dist.init_process_group(chosen, device_id=device if chosen == "nccl" else None)
-    return Dist(rank, world, local_rank, local_world, device)
+    return Dist(rank, world, local_rank, local_world, device, int(env.get("GROUP_RANK", 0)))
 
 
 def agree_any(flags: list[bool]) -> list[bool]:

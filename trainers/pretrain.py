@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -171,10 +172,17 @@ def train(
     spec: RunSpec,
     run_dir: Path,
     d: Dist,
-    deadline: float | None,
+    deadline: float | None = None,
+    stop_path: Path | None = None,
     fault_pause: tuple[int, float] | None = None,
 ) -> str:
     mon = Monitor(run_dir, enabled=d.is_main)
+    # one line per rank (in each rank's log) so a multi-node run shows who took part
+    print(
+        f"rank {d.rank}/{d.world_size} on node {d.node_rank} ({socket.gethostname()}), pid {os.getpid()}",
+        file=sys.stderr,
+        flush=True,
+    )
     seed_everything(spec.training.seed)
     tokenizer = load_tokenizer(spec)
     model = build_model(spec)
@@ -234,7 +242,7 @@ def train(
     tokens_per_step = t.global_batch * spec.data.seq_len
     last_save, save_seconds, step_seconds = time.time(), 0.0, 0.0
     t_start, steps_timed = time.perf_counter(), 0
-    stopper = StopRequest(stop_file(run_dir), deadline, margin_s=5.0)
+    stopper = StopRequest(stop_path or stop_file(run_dir), deadline, margin_s=5.0)
     reason = None
     model.train()
     while step < total:
@@ -322,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--stop-file", default=None, help="file whose existence asks the run to save and stop")
     ap.add_argument(
         "--deadline",
         type=float,
@@ -342,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_dict(load_spec_dict(frozen), str(frozen))
         torch.use_deterministic_algorithms(True, warn_only=True)
         d = init_distributed(spec.cluster.backend)
-        train(spec, run_dir, d, args.deadline, fault_pause)
+        stop_path = Path(args.stop_file) if args.stop_file else None
+        train(spec, run_dir, d, args.deadline, stop_path, fault_pause)
     except UserError as e:
         print(f"hpctrain: error: {e}", file=sys.stderr)
         return 2

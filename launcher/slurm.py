@@ -1,0 +1,307 @@
+"""`hpctrain submit`: Slurm jobs through submitit, one task per node, each starting torchrun.
+
+Preemption on Slurm, end to end (trainer side: trainers/preemption.py):
+
+1. Slurm sends USR2 `signal_lead_s` before the time limit, or on preemption.
+   Depending on ProctrackType it reaches only the node task or every process.
+2. Every node task (`NodeTask.__call__`) writes the attempt's stop file, which
+   its trainer ranks poll at each step boundary; torchrun ignores USR2; ranks
+   also catch USR2 themselves. Then submitit's own handler runs.
+3. On global rank 0 that handler calls `NodeTask.checkpoint()`, which waits for
+   the local torchrun to exit (the collective save is complete by then) and
+   only then returns the resubmission; submitit requeues (same job id) while
+   timeouts remain (`max_requeues`). Preemptions do not use up the countdown.
+4. The requeued job starts fresh: the trainer finds the newest complete
+   checkpoint by scanning the run dir (never a path frozen in the pickle).
+5. If no signal comes, the trainer still stops ahead of the job's end time
+   (`--deadline`, read from squeue) and rank 0's node task requeues the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.node import build_torchrun_command, show_command, start_torchrun
+from launcher.rundir import atomic_write_text, read_status, write_status
+from launcher.spec import RunSpec
+
+JOBS_FILE = "jobs.json"
+
+
+def executor_parameters(spec: RunSpec) -> dict:
+    """submitit SlurmExecutor parameters for a spec (pure)."""
+    c = spec.cluster
+    params: dict = {
+        "job_name": c.job_name or spec.name,
+        "nodes": c.nodes,
+        "ntasks_per_node": 1,  # one node task per node; torchrun starts the ranks
+        "time": c.time_min,
+        "signal_delay_s": c.signal_lead_s,
+        "additional_parameters": {"requeue": True, **c.sbatch_extra},
+        "setup": [f"export {k}={shlex.quote(v)}" for k, v in sorted(c.env.items())] + list(c.setup),
+    }
+    for name in ("partition", "account", "qos", "constraint", "cpus_per_task"):
+        if getattr(c, name) is not None:
+            params[name] = getattr(c, name)
+    if c.gpus_per_node:
+        params["gpus_per_node"] = c.gpus_per_node
+    if c.mem_gb is not None:
+        params["mem"] = f"{int(c.mem_gb * 1024)}MB"
+    if c.exclusive:
+        params["exclusive"] = True
+    return params
+
+
+def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=spec.cluster.max_requeues)
+    params = executor_parameters(spec)
+    if dependency:
+        params["dependency"] = dependency
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(executor) -> str:
+    """The exact sbatch script submitit will write for this executor."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(
+        command=executor._submitit_command_str, folder=executor.folder, **executor.parameters
+    )
+
+
+def _restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def job_end_time(job_id: str) -> float | None:
+    """Epoch seconds when Slurm will end this job (None when unknown or unlimited)."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        return time.mktime(time.strptime(out, "%Y-%m-%dT%H:%M:%S"))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def first_node(nodelist: str) -> str:
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+    )
+    return out.stdout.split()[0]
+
+
+class NodeTask:
+    """What runs on each node of the job (pickled by submitit; holds only plain values)."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        procs_per_node: int,
+        max_requeues: int,
+        module: str = "trainers.pretrain",
+    ):
+        self.run_dir = run_dir
+        self.procs_per_node = procs_per_node
+        self.max_requeues = max_requeues
+        self.module = module
+        self._proc = None
+        self._signalled = False
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_signalled")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _proc=None, _signalled=False)
+
+    def stop_path(self, job_id: str) -> Path:
+        # one stop file per attempt: a stale request can never stop the next attempt
+        return Path(self.run_dir) / "control" / f"stop-{job_id}.{_restart_count()}"
+
+    def __call__(self) -> str:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        job_id = env.job_id
+        stop = self.stop_path(job_id)
+        nnodes, node = env.num_nodes, env.node
+        master = first_node(os.environ["SLURM_JOB_NODELIST"])
+        port = 20000 + int(env.raw_job_id) % 20000
+        print(
+            f"hpctrain node task {node}/{nnodes} on {env.hostname} (job {job_id}, restart "
+            f"{_restart_count()}), rendezvous {master}:{port}",
+            flush=True,
+        )
+
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+
+        def forward(signum, frame):
+            self._signalled = True
+            stop.parent.mkdir(parents=True, exist_ok=True)
+            stop.write_text(f"{signal.Signals(signum).name} job {job_id}\n")
+            print(
+                f"hpctrain: {signal.Signals(signum).name}: stop requested; trainers save at the next step",
+                flush=True,
+            )
+            if signum == signal.SIGUSR2 and callable(submitit_handler):
+                submitit_handler(signum, frame)  # global rank 0: checkpoint() then requeue
+
+        signal.signal(signal.SIGUSR2, forward)
+        signal.signal(signal.SIGTERM, forward)
+        cmd = build_torchrun_command(
+            self.run_dir,
+            self.procs_per_node,
+            module=self.module,
+            nnodes=nnodes,
+            node_rank=node,
+            rdzv_endpoint=f"{master}:{port}",
+            run_id=f"job{job_id}",
+            deadline=job_end_time(job_id),
+            stop_file=str(stop),
+            log_dir=str(
+                Path(self.run_dir) / "logs" / f"job{job_id}.{_restart_count()}" / f"node{node}"
+            ),
+        )
+        self._proc = start_torchrun(cmd, env=job_env(self.procs_per_node))
+        try:
+            while self._proc.poll() is None:
+                time.sleep(0.5)
+        except (
+            submitit.core.utils.UncompletedJobError
+        ) as e:  # raised by submitit's handler: no requeue
+            _wait(self._proc)
+            if env.global_rank == 0:
+                write_status(
+                    self.run_dir,
+                    **{
+                        **read_status(self.run_dir),
+                        "state": "stopped",
+                        "reason": f"not requeued: {e}",
+                    },
+                )
+            raise
+        rc = self._proc.returncode
+        status = read_status(self.run_dir)
+        if rc == 0 and status.get("state") == "finished":
+            return "finished"
+        if rc == 0 and status.get("state") == "preempted":
+            if env.global_rank == 0 and not self._signalled:
+                self._requeue_after_deadline(job_id)
+            return "preempted"
+        reason = f"torchrun exited with code {rc} on node {node}"
+        if env.global_rank == 0:
+            write_status(self.run_dir, **{**status, "state": "failed", "reason": reason})
+        raise RuntimeError(f"{reason}; rank logs under {Path(self.run_dir) / 'logs'}")
+
+    def _requeue_after_deadline(self, job_id: str) -> None:
+        """The trainer stopped ahead of the time limit without a signal: requeue like submitit would."""
+        if _restart_count() >= self.max_requeues:
+            write_status(
+                self.run_dir,
+                **{
+                    **read_status(self.run_dir),
+                    "state": "stopped",
+                    "reason": f"requeue limit ({self.max_requeues}) reached",
+                },
+            )
+            raise RuntimeError(f"requeue limit ({self.max_requeues}) reached; resubmit to continue")
+        subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
+        time.sleep(600)  # the requeue ends this task
+
+    def checkpoint(self):
+        """submitit calls this on global rank 0 after USR2: return only once the save is done."""
+        import submitit
+
+        if self._proc is not None:
+            _wait(self._proc)
+            if read_status(self.run_dir).get("state") == "finished":
+                return None  # nothing left to do: no requeue
+        return submitit.helpers.DelayedSubmission(
+            NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module)
+        )
+
+
+def _wait(proc) -> None:
+    # poll, never Popen.wait(): the main thread may hold Popen's wait lock when a signal lands
+    while proc.poll() is None:
+        time.sleep(0.2)
+
+
+def job_env(nproc: int) -> dict:
+    """Environment of torchrun on a node: threads from the CPUs Slurm gave this node."""
+    from launcher.local import torch_env
+
+    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    env = torch_env(nproc)
+    env["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
+    return env
+
+
+def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
+    """Submit one run; returns the Slurm job id and records it in RUN_DIR/slurm/jobs.json."""
+    ex = make_executor(spec, run_dir, dependency)
+    task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues)
+    try:
+        job = ex.submit(task)
+    except Exception as e:  # sbatch said no: a user-facing problem (partition, account, limits)
+        raise UserError(f"sbatch refused the job: {e}", field="cluster") from None
+    jobs_file = run_dir / "slurm" / JOBS_FILE
+    jobs = json.loads(jobs_file.read_text()) if jobs_file.is_file() else []
+    jobs.append({"job_id": job.job_id, "submitted_at": time.time(), "dependency": dependency})
+    atomic_write_text(jobs_file, json.dumps(jobs, indent=2))
+    return job.job_id
+
+
+def dry_run(spec: RunSpec, run_dir: Path) -> str:
+    ex = make_executor(spec, run_dir)
+    cmd = build_torchrun_command(
+        str(run_dir),
+        spec.cluster.procs_per_node,
+        nnodes=spec.cluster.nodes,
+        node_rank=0,
+        rdzv_endpoint="FIRST_NODE:PORT",
+        run_id="jobJOBID",
+        stop_file=str(run_dir / "control" / "stop-JOBID.N"),
+        python=sys.executable,
+    )
+    return (
+        f"# sbatch script (submitit writes it to {run_dir / 'slurm'})\n{sbatch_script(ex)}\n"
+        f"# each node task then runs (node rank, first node and port come from Slurm):\n{show_command(cmd)}\n"
+    )
+
+
+def jobs_of(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "slurm" / JOBS_FILE
+    return json.loads(f.read_text()) if f.is_file() else []
+
+
+def slurm_state(job_id: str) -> dict:
+    """State, reason, restarts and nodes of a job from scontrol (no sacct without slurmdbd)."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        )
+    except OSError:
+        return {}
+    if out.returncode != 0:
+        return {}
+    fields = dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
+    return {
+        "state": fields.get("JobState"),
+        "reason": fields.get("Reason"),
+        "restarts": fields.get("Restarts"),
+        "nodes": fields.get("NodeList"),
+        "run_time": fields.get("RunTime"),
+        "exit_code": fields.get("ExitCode"),
+    }

@@ -1,0 +1,128 @@
+"""`hpctrain status` / `logs` / `cancel`: what a run dir and Slurm say about a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.rundir import latest_checkpoint, read_status
+
+
+def _require_run_dir(run_dir: str) -> Path:
+    p = Path(run_dir)
+    if not (p / "spec.yaml").is_file():
+        raise UserError(
+            "not a run directory (no spec.yaml)",
+            file=str(p),
+            expected="a run dir made by run/submit",
+        )
+    return p
+
+
+def last_metrics(run_dir: Path) -> dict:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return {}
+    last: dict = {}
+    for line in f.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            last = rec
+    return last
+
+
+def rank_logs(run_dir: Path) -> list[Path]:
+    """stderr/stdout files of every rank of the newest attempt (torchrun --log-dir layout)."""
+    root = run_dir / "logs"
+    if not root.is_dir():
+        return []
+    attempts = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not attempts:
+        return []
+    return sorted(attempts[-1].rglob("*.log"))
+
+
+def tail(path: Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def status_text(run_dir: str) -> str:
+    from launcher.slurm import jobs_of, slurm_state
+
+    run = _require_run_dir(run_dir)
+    st = read_status(run)
+    lines = [f"run dir: {run}"]
+    jobs = jobs_of(run)
+    if jobs:
+        job = jobs[-1]["job_id"]
+        sl = slurm_state(job)
+        if sl:
+            lines.append(
+                f"slurm job {job}: {sl['state']} (reason {sl['reason']}), restarts {sl['restarts']}, "
+                f"nodes {sl['nodes']}, run time {sl['run_time']}"
+            )
+        else:
+            lines.append(
+                f"slurm job {job}: no longer known to Slurm (finished jobs age out; no sacct here)"
+            )
+    state = st.get("state", "not started")
+    lines.append(
+        f"trainer: {state}"
+        + (f" at step {st.get('step')}/{st.get('total_steps')}" if "step" in st else "")
+        + (f" ({st['reason']})" if st.get("reason") else "")
+    )
+    m = last_metrics(run)
+    if m:
+        lines.append(
+            f"last loss: {m['loss']:.4f} at step {m['step']} ({time.strftime('%H:%M:%S', time.localtime(m['time']))})"
+        )
+    ck = latest_checkpoint(run)
+    lines.append(f"newest checkpoint: {ck if ck else 'none'}")
+    if state == "failed":
+        for log in rank_logs(run):
+            if log.name == "stderr.log":
+                lines.append(f"--- last lines of {log}")
+                lines += [f"  {x}" for x in tail(log, 8)]
+    return "\n".join(lines)
+
+
+def node_logs(run_dir: str, node: int = 0) -> list[Path]:
+    from launcher.slurm import jobs_of
+
+    run = _require_run_dir(run_dir)
+    jobs = jobs_of(run)
+    if not jobs:
+        raise UserError("no Slurm job was submitted from this run dir", file=str(run))
+    job = jobs[-1]["job_id"]
+    return [run / "slurm" / f"{job}_{node}_log.out", run / "slurm" / f"{job}_{node}_log.err"]
+
+
+def follow(paths: list[Path], follow_: bool) -> None:
+    if not follow_:
+        for p in paths:
+            if p.is_file():
+                print(f"==> {p} <==")
+                print(p.read_text(errors="replace"), end="")
+        return
+    cmd = ["tail", "-n", "50", "-F", *map(str, paths)]
+    try:
+        subprocess.run(cmd)
+    except KeyboardInterrupt:
+        pass
+
+
+def cancel(run_dir: str) -> list[str]:
+    from launcher.slurm import jobs_of
+
+    run = _require_run_dir(run_dir)
+    ids = [j["job_id"] for j in jobs_of(run)]
+    if not ids:
+        raise UserError("no Slurm job was submitted from this run dir", file=str(run))
+    subprocess.run(["scancel", *ids], check=False)
+    return ids

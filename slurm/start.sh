@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Start a real two-node Slurm cluster on this machine: munged, slurmctld and
+# `slurmd -N n1` / `slurmd -N n2` on their own ports at 127.0.0.1.
+#   sudo bash slurm/start.sh [STATE_DIR]      (default: /tmp/hpctrain-slurm)
+# Idempotent: daemons already running from STATE_DIR are left alone. Installs
+# Debian's slurm-wlm and munge when missing (root). Stop with slurm/stop.sh.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+state="${1:-${HPCTRAIN_SLURM_STATE:-/tmp/hpctrain-slurm}}"
+[ "$(id -u)" = 0 ] || { echo "slurm/start.sh: needs root (daemons run as root here)" >&2; exit 2; }
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+  echo "slurm/start.sh: installing slurm-wlm and munge from Debian" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+fi
+mkdir -p "$state"/{ctld,run,log,munge} "$state"/spool-n1 "$state"/spool-n2
+grep -qE '(^|\s)n1(\s|$)' /etc/hosts || echo "127.0.0.1 n1" >> /etc/hosts
+grep -qE '(^|\s)n2(\s|$)' /etc/hosts || echo "127.0.0.1 n2" >> /etc/hosts
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# munge: its own key and socket under STATE, so nothing system-wide is touched
+if [ ! -f "$state/munge/munge.key" ]; then
+  dd if=/dev/urandom of="$state/munge/munge.key" bs=1 count=1024 status=none
+  chmod 400 "$state/munge/munge.key"
+fi
+sock=/run/munge/munge.socket.2   # where Slurm's auth/munge looks by default
+mkdir -p /run/munge /var/log/munge /var/lib/munge
+if ! alive "$state/run/munged.pid"; then
+  munged --force --key-file="$state/munge/munge.key" --socket="$sock" \
+    --pid-file="$state/run/munged.pid" --log-file="$state/log/munged.log" --seed-file="$state/munge/seed"
+fi
+
+conf="$state/slurm.conf"
+mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
+sed -e "s|@HOST@|$(hostname -s)|" -e "s|@STATE@|$state|g" -e "s|@CTLD_PORT@|${HPCTRAIN_SLURM_PORT:-16817}|" \
+    -e "s|@N1_PORT@|17001|" -e "s|@N2_PORT@|17002|" -e "s|@CPUS@|${HPCTRAIN_SLURM_CPUS:-1}|g" -e "s|@MEM@|$mem|g" \
+    "$here/slurm.conf.template" > "$conf.new"
+mv "$conf.new" "$conf"
+# Slurm's commands read /etc/slurm/slurm.conf; point it at ours unless another cluster owns it.
+mkdir -p /etc/slurm
+if [ -e /etc/slurm/slurm.conf ] && ! grep -q "hpctrain local development cluster" /etc/slurm/slurm.conf; then
+  echo "slurm/start.sh: /etc/slurm/slurm.conf belongs to another cluster; export SLURM_CONF=$conf" >&2
+else
+  ln -sf "$conf" /etc/slurm/slurm.conf
+fi
+export SLURM_CONF="$conf"
+
+alive "$state/run/slurmctld.pid" || slurmctld -f "$conf"
+for n in n1 n2; do
+  alive "$state/run/slurmd-$n.pid" || slurmd -f "$conf" -N "$n"
+done
+
+for _ in $(seq 1 60); do
+  if sinfo -h -o '%n %t' 2>/dev/null | awk '$2 ~ /^idle|^mix|^alloc/ {c++} END {exit !(c==2)}'; then
+    scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true
+    echo "slurm: cluster up (state $state); nodes:"; sinfo -N -o '  %N %t %c cpus' -h
+    exit 0
+  fi
+  scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true
+  sleep 1
+done
+echo "slurm/start.sh: nodes did not come up; see $state/log/" >&2
+sinfo -N >&2 || true
+exit 1

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Stop only the daemons slurm/start.sh started (by their pid files in STATE_DIR).
+#   bash slurm/stop.sh [STATE_DIR]
+set -uo pipefail
+state="${1:-${HPCTRAIN_SLURM_STATE:-/tmp/hpctrain-slurm}}"
+for name in slurmd-n1 slurmd-n2 slurmctld munged; do
+  f="$state/run/$name.pid"
+  if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then
+    kill "$(cat "$f")"
+    for _ in $(seq 1 50); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$f"
+done
+echo "slurm: stopped (state kept in $state)"

@@ -1,0 +1,31 @@
+"""The real local Slurm cluster (slurm/start.sh). Absent: skip loudly, or fail under CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "Slurm is not installed (run slurm/start.sh as root to install and start it)"
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return f"Slurm does not answer: {r.stderr.strip()} (start it with slurm/start.sh)"
+    up = [line for line in r.stdout.splitlines() if line.split()[1].rstrip("*") in ("idle", "mix", "alloc")]
+    if len(up) < 2:
+        return f"the local cluster needs two nodes up, sinfo says: {r.stdout.strip()!r}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    problem = _cluster_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true" or os.environ.get("HPCTRAIN_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SLURM REQUIRED (CI) BUT UNAVAILABLE: {problem}")
+    pytest.skip(f"*** SKIPPING SLURM TESTS: {problem} ***")

@@ -1,0 +1,150 @@
+"""`hpctrain submit` on the real two-node local Slurm cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.slurm.helpers import (
+    job_id, preempt, restart_count, trainer_processes, wait_state, wait_step,
+)
+from tests.trainers.helpers import clm_spec, losses, wait_for, write_spec
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+
+def slurm_spec(run_dir: Path, tok: str, corpus: str, steps: int = 40, **cluster) -> dict:
+    spec = clm_spec(run_dir, tok, corpus, training__steps=steps)
+    spec["cluster"] = {"executor": "slurm", "nodes": 2, "procs_per_node": 1, "time_min": 10,
+                       "max_requeues": 3, **cluster}
+    return spec
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory, bpe_tokenizer, bpe_corpus):
+    """The same spec run locally, uninterrupted, with the same world size (2 ranks)."""
+    d = tmp_path_factory.mktemp("localref")
+    spec = slurm_spec(d / "run", bpe_tokenizer, bpe_corpus, steps=60)
+    spec["cluster"] = {"procs_per_node": 2}
+    r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return losses(d / "run")
+
+
+def _submit(spec_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = run_cli("submit", str(spec_path), *extra, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_two_node_job_trains_and_exports(tmp_path, bpe_tokenizer, bpe_corpus):
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=20))
+    r = _submit(spec)
+    job = job_id(run)
+    assert f"submitted job {job}" in r.stdout
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    assert st["state"] == "COMPLETED", st
+    assert st["nodes"] == "n[1-2]"
+    assert (run / "export" / "model.safetensors").is_file()
+    rank_lines = "\n".join(p.read_text() for p in (run / "logs").rglob("stderr.log"))
+    assert "rank 0/2 on node" in rank_lines and "rank 1/2 on node" in rank_lines
+    assert "on node 0" in rank_lines and "on node 1" in rank_lines
+    status = run_cli("status", str(run))
+    assert "COMPLETED" in status.stdout and "finished at step 20/20" in status.stdout
+
+
+def _preempted_run(tmp_path, tok, corpus, preemptions: int, first_at: int = 5, **cluster):
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, tok, corpus, steps=60, **cluster))
+    _submit(spec)
+    job = job_id(run)
+    for i in range(preemptions):
+        wait_state(job, ("RUNNING",))
+        wait_step(run, first_at + 10 * i)
+        preempt(job)
+        wait_for(lambda i=i: restart_count(job) >= i + 1, timeout=180, what=f"requeue {i + 1}")
+    return run, job
+
+
+def test_preemption_requeues_the_same_job_and_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
+    run, job = _preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "1"
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
+    assert "preempted" in log or "stop requested" in log
+    got = losses(run)
+    assert sorted(got) == list(range(1, 61))
+    assert got == local_reference  # every step, before and after the resume: bitwise
+    assert trainer_processes(run) == []
+
+
+def test_two_preemptions_in_a_row(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
+    run, job = _preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=2)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "2"
+    assert losses(run) == local_reference
+
+
+def test_preemption_during_the_first_minute(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
+    """USR2 as soon as the job runs, before the trainers have taken a step."""
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=60))
+    _submit(spec)
+    job = job_id(run)
+    wait_state(job, ("RUNNING",))
+    wait_for(lambda: list((run / "slurm").glob(f"{job}_0_log.out")), what="the node task to start")
+    preempt(job)
+    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED", st
+    assert losses(run) == local_reference
+
+
+def test_requeue_limit_ends_the_job_with_a_clear_status(tmp_path, bpe_tokenizer, bpe_corpus):
+    # time limits under 10 minutes make submitit count every signal as a time-out
+    run, job = _preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1, max_requeues=1)
+    wait_state(job, ("RUNNING",))
+    wait_step(run, 20)
+    preempt(job)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), eligible=False)
+    assert st["state"] == "FAILED" and st["restarts"] == "1"
+    status = run_cli("status", str(run)).stdout
+    assert "not requeued" in status and "timed-out too many times" in status
+    assert "newest checkpoint" in status and "none" not in status.split("newest checkpoint:")[1]
+
+
+def test_hostile_values_are_quoted_and_secrets_stay_out_of_files(tmp_path, bpe_tokenizer, bpe_corpus):
+    owned = tmp_path / "owned"
+    run = tmp_path / "run"
+    spec = slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=4,
+                      job_name=f'x"; touch {owned}; "', setup=["echo 'setup ran' >&2"],
+                      env={"HPCTRAIN_TEST_VALUE": f"a b'; touch {owned}"})
+    spec_path = write_spec(tmp_path / "s.yaml", spec)
+    dry = run_cli("submit", str(spec_path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"""#SBATCH --job-name='x"; touch {owned}; "'""" in dry.stdout
+    assert "export HPCTRAIN_TEST_VALUE='a b'\"'\"'; touch" in dry.stdout
+    assert not run.exists()  # a dry run writes nothing
+    secret = "wandb-secret-0123456789abcdef"
+    _submit(spec_path, env={"WANDB_API_KEY": secret})
+    job = job_id(run)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED", st
+    assert not owned.exists()
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+
+
+def test_secrets_in_the_spec_env_are_refused(tmp_path, bpe_tokenizer, bpe_corpus):
+    spec = slurm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, env={"WANDB_API_KEY": "x"})
+    r = run_cli("submit", str(write_spec(tmp_path / "s.yaml", spec)), "--dry-run")
+    assert r.returncode == 2 and "cluster.env" in r.stderr and "secret" in r.stderr
+    spec = slurm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, partition="a\n#SBATCH --x")
+    r = run_cli("submit", str(write_spec(tmp_path / "s.yaml", spec)), "--dry-run")
+    assert r.returncode == 2 and "one line" in r.stderr
