@@ -53,66 +53,109 @@ def _cmd_corpus_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from launcher.spec import load_spec, with_absolute_paths
+def _load_stages(args: argparse.Namespace):
+    """[(stage name or None, spec)] for a single-run spec or a pipeline, plus exports to come."""
+    from launcher.pipeline import is_pipeline, load_pipeline, produced_paths
+    from launcher.spec import apply_overrides, load_spec_dict, spec_from_dict, with_absolute_paths
 
-    return with_absolute_paths(load_spec(args.spec, args.set))
+    data = load_spec_dict(args.spec)
+    if is_pipeline(data):
+        stages = load_pipeline(data, args.spec, args.set)
+        return stages, produced_paths(stages)
+    spec = spec_from_dict(apply_overrides(data, args.set), args.spec)
+    return [(None, with_absolute_paths(spec))], set()
+
+
+def _check(stages, future, file) -> list[list[str]]:
+    from launcher.errors import UserErrors
+    from launcher.validate import check_files
+
+    notes, errors = [], []
+    for name, spec in stages:
+        try:
+            notes.append(check_files(spec, file, future=future))
+        except UserErrors as e:
+            if name is not None:
+                for err in e.errors:
+                    err.field = f"{name}: {err.field}" if err.field else name
+            errors += e.errors
+    if errors:
+        raise UserErrors(errors)
+    return notes
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from launcher.validate import check_files
-
-    spec = _load(args)
-    notes = check_files(spec, args.spec)
-    t = spec.training
+    stages, future = _load_stages(args)
+    all_notes = _check(stages, future, args.spec)
     print(f"{args.spec}: OK")
-    print(
-        f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.data.seq_len} tokens "
-        f"= {spec.total_steps * t.global_batch * spec.data.seq_len:,} tokens"
-    )
-    print(
-        f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}"
-    )
-    for n in notes:
-        print(f"  {n}")
-    print(f"  run dir: {spec.run_path}")
+    for (name, spec), notes in zip(stages, all_notes, strict=True):
+        t = spec.training
+        if name is not None:
+            print(f"stage {name}:")
+        print(
+            f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.data.seq_len} tokens "
+            f"= {spec.total_steps * t.global_batch * spec.data.seq_len:,} tokens"
+        )
+        print(f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}")
+        for n in notes:
+            print(f"  {n}")
+        print(f"  run dir: {spec.run_path}")
+    if args.slurm and any(s.cluster.executor == "slurm" for _, s in stages):
+        from launcher.slurm import test_only
+
+        for _, spec in stages:
+            print(f"  sbatch --test-only: {test_only(spec)}")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from launcher.local import run_local
-    from launcher.rundir import freeze_run_dir, latest_checkpoint
-    from launcher.validate import check_files
+    from launcher.rundir import freeze_run_dir, latest_checkpoint, read_status
 
-    spec = _load(args)
-    check_files(spec, args.spec)
-    spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
-    ckpt = latest_checkpoint(run_dir)
-    print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
-    return run_local(spec, run_dir)
+    stages, future = _load_stages(args)
+    _check(stages, future, args.spec)
+    for name, spec in stages:
+        if name is not None:
+            done = read_status(spec.run_path).get("state") == "finished"
+            if done and not args.no_resume:
+                print(f"stage {name}: already finished ({spec.run_path})")
+                continue
+            print(f"== stage {name}", flush=True)
+        spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
+        ckpt = latest_checkpoint(run_dir)
+        print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
+        rc = run_local(spec, run_dir)
+        if rc != 0 or read_status(run_dir).get("state") != "finished":
+            return rc
+    return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from launcher.rundir import freeze_run_dir, latest_checkpoint
     from launcher.slurm import dry_run, submit
-    from launcher.validate import check_files
 
-    spec = _load(args)
-    check_files(spec, args.spec)
+    stages, future = _load_stages(args)
+    _check(stages, future, args.spec)
     if args.dry_run:
-        print(dry_run(spec, Path(spec.run_path)), end="")
+        for name, spec in stages:
+            if name is not None:
+                print(f"# ===== stage {name}" + (" (after the stage before it succeeds)" if future else ""))
+            print(dry_run(spec, Path(spec.run_path)), end="")
         return 0
-    spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
-    ckpt = latest_checkpoint(run_dir)
-    job = submit(spec, run_dir)
-    print(
-        f"submitted job {job}: {spec.cluster.nodes} node(s) x {spec.cluster.procs_per_node} process(es)"
-        + (f", resuming from {ckpt.name}" if ckpt else "")
-    )
-    print(f"run dir: {run_dir}")
-    print(
-        f"follow:  hpctrain status {run_dir}   |   hpctrain logs {run_dir} -f   |   hpctrain cancel {run_dir}"
-    )
+    previous = None
+    for name, spec in stages:
+        spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
+        ckpt = latest_checkpoint(run_dir)
+        job = submit(spec, run_dir, dependency=f"afterok:{previous}" if previous else None)
+        label = f"stage {name}: " if name else ""
+        print(
+            f"{label}submitted job {job}: {spec.cluster.nodes} node(s) x {spec.cluster.procs_per_node} process(es)"
+            + (f", after job {previous}" if previous else "")
+            + (f", resuming from {ckpt.name}" if ckpt else "")
+        )
+        print(f"run dir: {run_dir}")
+        print(f"follow:  hpctrain status {run_dir}   |   hpctrain logs {run_dir} -f   |   hpctrain cancel {run_dir}")
+        previous = job
     return 0
 
 
@@ -199,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a spec and everything it points at, without running"
     )
     _spec_args(va)
+    va.add_argument(
+        "--no-slurm", dest="slurm", action="store_false", help="skip `sbatch --test-only` for slurm specs"
+    )
     va.set_defaults(func=_cmd_validate)
 
     ru = sub.add_parser(

@@ -63,7 +63,12 @@ def executor_parameters(spec: RunSpec) -> dict:
 def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=spec.cluster.max_requeues)
+    ex = submitit.SlurmExecutor(
+        folder=run_dir / "slurm",
+        max_num_timeout=spec.cluster.max_requeues,
+        # start through launcher.slurm_entry so that an early USR2 is caught, not fatal
+        python=f"{shlex.quote(sys.executable)} -u -m launcher.slurm_entry",
+    )
     params = executor_parameters(spec)
     if dependency:
         params["dependency"] = dependency
@@ -78,6 +83,24 @@ def sbatch_script(executor) -> str:
     return _make_sbatch_string(
         command=executor._submitit_command_str, folder=executor.folder, **executor.parameters
     )
+
+
+def test_only(spec: RunSpec) -> str:
+    """Ask Slurm whether it would accept this job (`sbatch --test-only`), without submitting."""
+    import shutil
+    import tempfile
+
+    if shutil.which("sbatch") is None:
+        return "skipped (no sbatch on this machine)"
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "job.sh"
+        script.write_text(sbatch_script(make_executor(spec, Path(tmp))))
+        r = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+    text = (r.stderr + r.stdout).strip()
+    if r.returncode != 0:
+        raise UserError(f"sbatch --test-only refused the job: {text}", field="cluster",
+                        expected="partition, account, qos, time and sizes the cluster accepts")
+    return text
 
 
 def _restart_count() -> int:
@@ -159,6 +182,10 @@ class NodeTask:
 
         signal.signal(signal.SIGUSR2, forward)
         signal.signal(signal.SIGTERM, forward)
+        from launcher import slurm_entry
+
+        if slurm_entry.EARLY_SIGNALS:  # preempted while Python was still starting
+            forward(signal.SIGUSR2, None)
         cmd = build_torchrun_command(
             self.run_dir,
             self.procs_per_node,

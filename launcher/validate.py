@@ -43,19 +43,27 @@ def _manifest(path: str, field: str, file: str | None, errors: list[UserError]) 
 def _model_vocab(spec: RunSpec, model_path: str | None) -> int | None:
     if spec.model.config is not None:
         return spec.model.config.get("vocab_size")
+    if model_path is None:
+        return None
     cfg = Path(model_path) / "config.json"
     if cfg.is_file():
         return json.loads(cfg.read_text()).get("vocab_size")
     return None
 
 
-def check_files(spec: RunSpec, file: str | None = None) -> list[str]:
-    """Raise UserErrors listing every problem; return notes (e.g. what was checked)."""
+def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None = None) -> list[str]:
+    """Raise UserErrors listing every problem; return notes (e.g. what was checked).
+
+    `future`: paths an earlier pipeline stage will produce (checked when that stage is done).
+    """
     errors: list[UserError] = []
     notes: list[str] = []
     model_path = None
+    pending = spec.model.path is not None and spec.model.path in (future or set())
+    if pending:
+        notes.append(f"model.path: {spec.model.path} (written by an earlier stage)")
     try:
-        if spec.model.path is not None:
+        if spec.model.path is not None and not pending:
             model_path = resolve_path(spec.model.path, field="model.path", file=file)
             if not (Path(model_path) / "config.json").is_file():
                 errors.append(
@@ -71,7 +79,9 @@ def check_files(spec: RunSpec, file: str | None = None) -> list[str]:
         raise UserErrors([e]) from None
     tok_field = "model.tokenizer" if spec.model.tokenizer else "model.path"
     tok_hash = None
-    if not Path(tok_path).is_dir():
+    if pending and tok_path == spec.model.path:
+        pass  # the export will carry the tokenizer
+    elif not Path(tok_path).is_dir():
         errors.append(
             UserError(f"tokenizer directory not found ({tok_path})", file=file, field=tok_field)
         )

@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# Set up the venv with every test extra and run the whole test suite.
+# Set up the venv with every test extra, make sure the local Slurm cluster runs
+# (started here, as root, when Slurm is absent; stopped again at the end), and run
+# the whole test suite.
 #   bash tools/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh dev,qlora,examples
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check --quiet .
-exec .venv/bin/python -m pytest "$@"
+
+started_slurm=""
+state="${HPCTRAIN_SLURM_STATE:-/tmp/hpctrain-slurm}"
+if ! sinfo -h >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "test: starting the local Slurm cluster (slurm/start.sh $state)" >&2
+    if bash slurm/start.sh "$state"; then
+      started_slurm=1
+    else
+      echo "test: the local Slurm cluster did not start; Slurm tests will skip (or fail under CI)" >&2
+    fi
+  else
+    echo "test: no Slurm and not root: Slurm tests will skip (or fail under CI)" >&2
+  fi
+fi
+stop_slurm() { [ -n "$started_slurm" ] && bash slurm/stop.sh "$state" >/dev/null || true; }
+trap stop_slurm EXIT
+.venv/bin/python -m pytest "$@"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,7 +10,12 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.slurm.helpers import (
-    job_id, preempt, restart_count, trainer_processes, wait_state, wait_step,
+    job_id,
+    preempt,
+    restart_count,
+    trainer_processes,
+    wait_state,
+    wait_step,
 )
 from tests.trainers.helpers import clm_spec, losses, wait_for, write_spec
 
@@ -148,3 +153,39 @@ def test_secrets_in_the_spec_env_are_refused(tmp_path, bpe_tokenizer, bpe_corpus
     spec = slurm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, partition="a\n#SBATCH --x")
     r = run_cli("submit", str(write_spec(tmp_path / "s.yaml", spec)), "--dry-run")
     assert r.returncode == 2 and "one line" in r.stderr
+
+
+def test_pipeline_stages_are_chained_with_afterok(tmp_path, bpe_tokenizer, bpe_corpus):
+    import yaml
+
+    from tests.trainers.helpers import TINY_LLAMA
+
+    root = tmp_path / "pipe"
+    cluster = {"executor": "slurm", "nodes": 1, "procs_per_node": 1, "time_min": 10}
+    data = {
+        "name": "pipe",
+        "run_dir": str(root),
+        "defaults": {
+            "data": {"corpora": [{"path": bpe_corpus}], "seq_len": 32},
+            "training": {"global_batch": 8, "micro_batch": 4, "steps": 8, "lr": 2e-3},
+            "cluster": cluster,
+        },
+        "stages": [
+            {"name": "pretrain", "model": {"config": TINY_LLAMA, "tokenizer": bpe_tokenizer}},
+            {"name": "more", "model": {"path": "stage:pretrain"}, "training": {"steps": 4}},
+        ],
+    }
+    spec = tmp_path / "pipe.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    r = _submit(spec)
+    first, second = job_id(root / "pretrain"), job_id(root / "more")
+    assert f"after job {first}" in r.stdout
+    dep = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True).stdout
+    assert f"afterok:{first}" in dep
+    assert wait_state(second, ("COMPLETED", "FAILED", "CANCELLED"))["state"] == "COMPLETED"
+    assert wait_state(first, ("COMPLETED",))["state"] == "COMPLETED"
+    # the second stage started only after the first one's export existed, and used it
+    export_done = (root / "pretrain" / "export" / "model.safetensors").stat().st_mtime
+    first_step = json.loads((root / "more" / "metrics.jsonl").read_text().splitlines()[0])["time"]
+    assert export_done < first_step
+    assert yaml.safe_load((root / "more" / "spec.yaml").read_text())["model"]["path"] == str(root / "pretrain" / "export")

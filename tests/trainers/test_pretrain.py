@@ -204,3 +204,26 @@ def test_direct_trainer_invocation_documents_itself():
         [sys.executable, "-m", "trainers.pretrain", "--help"], capture_output=True, text=True
     )
     assert r.returncode == 0 and "torchrun" in r.stdout
+
+
+def test_deadline_saves_and_stops_ahead_of_the_time_limit(tmp_path, bpe_tokenizer, bpe_corpus):
+    """No signal ever comes: the trainer itself stops when the next step plus a save would not fit."""
+    import time
+
+    from launcher.rundir import freeze_run_dir
+    from launcher.spec import spec_from_dict
+
+    spec = spec_from_dict(clm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, training__steps=100_000))
+    spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"procs_per_node": 1})})
+    _, run = freeze_run_dir(spec)
+    deadline = time.time() + 25
+    r = subprocess.run(
+        [sys.executable, "-m", "trainers.pretrain", "--run-dir", str(run), "--deadline", str(deadline)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.time() < deadline + 1
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "preempted" and status["reason"] == "deadline"
+    assert complete_checkpoints(run)[-1][0] == status["step"]
+    assert "preempted (deadline)" in r.stdout
