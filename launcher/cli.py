@@ -93,8 +93,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         if name is not None:
             print(f"stage {name}:")
         print(
-            f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.data.seq_len} tokens "
-            f"= {spec.total_steps * t.global_batch * spec.data.seq_len:,} tokens"
+            f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.seq_len} tokens "
+            f"= {spec.total_steps * t.global_batch * spec.seq_len:,} tokens"
         )
         print(f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}")
         for n in notes:

@@ -25,7 +25,7 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
             f"note: cluster.nodes={spec.cluster.nodes}; a local run uses this machine only "
             f"({spec.cluster.procs_per_node} process(es))"
         )
-    cmd = build_torchrun_command(str(run_dir), spec.cluster.procs_per_node)
+    cmd = build_torchrun_command(str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module)
     rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log)
     status = read_status(run_dir)
     state = status.get("state")

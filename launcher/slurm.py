@@ -278,7 +278,7 @@ def job_env(nproc: int) -> dict:
 def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
     """Submit one run; returns the Slurm job id and records it in RUN_DIR/slurm/jobs.json."""
     ex = make_executor(spec, run_dir, dependency)
-    task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues)
+    task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues, spec.trainer_module)
     try:
         job = ex.submit(task)
     except Exception as e:  # sbatch said no: a user-facing problem (partition, account, limits)
@@ -295,6 +295,7 @@ def dry_run(spec: RunSpec, run_dir: Path) -> str:
     cmd = build_torchrun_command(
         str(run_dir),
         spec.cluster.procs_per_node,
+        module=spec.trainer_module,
         nnodes=spec.cluster.nodes,
         node_rank=0,
         rdzv_endpoint="FIRST_NODE:PORT",

@@ -207,26 +207,81 @@ class ExportSpec(_Strict):
     )
 
 
+class LoraSpec(_Strict):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names to adapt (default: peft's per-architecture choice; 'all-linear')"
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="modules trained in full and saved with the adapter (the classifier head is added)"
+    )
+
+
+class FinetuneSpec(_Strict):
+    kind: Literal["sft", "classify"] = Field(description="sft: prompt -> response; classify: text -> label")
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
+    lora: LoraSpec = LoraSpec()
+    train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
+    valid_file: str | None = Field(None, description="validation examples (default: a seeded split of train_file)")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of train_file held out when no valid_file")
+    seq_len: int = Field(128, gt=1, description="tokens per example (longer ones are truncated and counted)")
+    prompt_field: str = Field("prompt", description="sft: prompt field")
+    response_field: str = Field("response", description="sft: response field")
+    messages_field: str = Field("messages", description="sft: chat messages field (used when present)")
+    text_field: str = Field("text", description="classify: text field / column")
+    label_field: str = Field("label", description="classify: label field / column")
+    labels: list[str] | None = Field(None, description="classify: label names in id order (default: sorted from train)")
+    packing: bool = Field(False, description="sft: pack short examples into seq_len sequences")
+    best_metric: str | None = Field(None, description="val_loss | accuracy | f1 (default: val_loss; accuracy to classify)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
+    merge: bool = Field(False, description="lora/qlora: also export the merged full model")
+
+
 class RunSpec(_Strict):
     name: str = Field(min_length=1, description="run name")
     run_dir: str | None = Field(None, description="run directory (default: runs/<name>)")
+    task: Literal["pretrain", "finetune"] = Field("pretrain", description="continued pretraining or fine-tuning")
     model: ModelSpec
     objective: ObjectiveSpec = ObjectiveSpec()
-    data: DataSpec
+    data: DataSpec | None = Field(None, description="token corpora (pretrain)")
+    finetune: FinetuneSpec | None = Field(None, description="fine-tuning data and method (finetune)")
     training: TrainingSpec
     checkpoint: CheckpointSpec = CheckpointSpec()
     cluster: ClusterSpec = ClusterSpec()
     export: ExportSpec = ExportSpec()
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> RunSpec:
+        if self.task == "pretrain" and self.data is None:
+            raise ValueError("task pretrain needs a data section (corpora, seq_len)")
+        if self.task == "finetune":
+            if self.finetune is None:
+                raise ValueError("task finetune needs a finetune section (kind, method, train_file)")
+            if self.training.steps is None:
+                raise ValueError("task finetune counts training.steps (not tokens)")
+            if self.finetune.method == "qlora" and self.model.path is None:
+                raise ValueError("qlora loads saved weights in 4 bit: give model.path")
+        return self
 
     @property
     def run_path(self) -> str:
         return self.run_dir or str(Path("runs") / self.name)
 
     @property
+    def seq_len(self) -> int:
+        return self.finetune.seq_len if self.task == "finetune" else self.data.seq_len  # type: ignore[union-attr]
+
+    @property
+    def trainer_module(self) -> str:
+        return "trainers.finetune" if self.task == "finetune" else "trainers.pretrain"
+
+    @property
     def total_steps(self) -> int:
         if self.training.steps is not None:
             return self.training.steps
-        return math.ceil(self.training.tokens / (self.training.global_batch * self.data.seq_len))  # type: ignore[operator]
+        return math.ceil(self.training.tokens / (self.training.global_batch * self.seq_len))  # type: ignore[operator]
 
     @property
     def grad_accum(self) -> int:
@@ -251,10 +306,14 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
     data["run_dir"] = fix(spec.run_path)
     data["model"]["path"] = fix(data["model"]["path"])
     data["model"]["tokenizer"] = fix(data["model"]["tokenizer"])
-    for c in data["data"]["corpora"]:
-        c["path"] = fix(c["path"])
-    if data["data"]["validation"]:
-        data["data"]["validation"]["path"] = fix(data["data"]["validation"]["path"])
+    if data["data"]:
+        for c in data["data"]["corpora"]:
+            c["path"] = fix(c["path"])
+        if data["data"]["validation"]:
+            data["data"]["validation"]["path"] = fix(data["data"]["validation"]["path"])
+    if data["finetune"]:
+        data["finetune"]["train_file"] = fix(data["finetune"]["train_file"])
+        data["finetune"]["valid_file"] = fix(data["finetune"]["valid_file"])
     return RunSpec.model_validate(data)
 
 

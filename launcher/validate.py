@@ -89,8 +89,16 @@ def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None 
         tok_hash = tokenizer_fingerprint(tok_path)
     vocab = _model_vocab(spec, model_path)
 
-    refs = [(f"data.corpora.{i}.path", c.path, c.split) for i, c in enumerate(spec.data.corpora)]
-    if spec.data.validation is not None:
+    refs = []
+    if spec.finetune is not None:
+        for field in ("train_file", "valid_file"):
+            raw = getattr(spec.finetune, field)
+            if raw is not None and not Path(resolve_path(raw)).is_file():
+                errors.append(UserError(f"file not found ({raw})", file=file, field=f"finetune.{field}",
+                                        expected="a JSONL or CSV file of examples"))
+    if spec.data is not None:
+        refs = [(f"data.corpora.{i}.path", c.path, c.split) for i, c in enumerate(spec.data.corpora)]
+    if spec.data is not None and spec.data.validation is not None:
         refs.append(("data.validation.path", spec.data.validation.path, spec.data.validation.split))
     for field, raw, split in refs:
         path = resolve_path(raw, field=field, file=file)

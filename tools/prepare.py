@@ -273,12 +273,9 @@ def _tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def valid_mask(doc_indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Seeded, order-independent choice of validation documents by document index."""
-    if fraction <= 0:
-        return np.zeros(len(doc_indices), dtype=bool)
-    from trainers.data.sampler import _key, _mix64
+    from trainers.data.sampler import seeded_fraction_mask
 
-    u = _mix64(doc_indices.astype(np.uint64) ^ _key(seed, 0x5EED)) >> np.uint64(11)
-    return (u.astype(np.float64) / float(1 << 53)) < fraction
+    return seeded_fraction_mask(doc_indices, fraction, seed)
 
 
 class _SplitWriter:

@@ -105,6 +105,7 @@ class TrainBatches:
         world_size: int = 1,
         num_workers: int = 0,
         with_boundaries: bool = False,
+        dataset=None,
     ) -> None:
         per_rank = rank_slice(global_batch, rank, world_size)
         per_rank_n = per_rank.stop - per_rank.start
@@ -115,8 +116,11 @@ class TrainBatches:
                 expected=f"a divisor of {per_rank_n}",
             )
         self.accum = per_rank_n // micro_batch
-        self.dataset = PackedDataset(sources, with_boundaries)
-        self.order = SampleOrder([s.num_samples for s in sources], weights, seed)
+        # `dataset`: any object with __len__ and __getitems__(keys) (fine-tuning examples);
+        # by default the packed token sources
+        self.dataset = dataset if dataset is not None else PackedDataset(sources, with_boundaries)
+        sizes = [len(dataset)] if dataset is not None else [s.num_samples for s in sources]
+        self.order = SampleOrder(sizes, weights, seed)
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self._it: Iterator | None = None

@@ -80,6 +80,15 @@ def feistel_permute(x: np.ndarray, n: int, key: np.uint64, rounds: int = 6) -> n
     return out
 
 
+def seeded_fraction_mask(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for about `fraction` of the indices, chosen by a seeded hash of each index alone
+    (so the choice does not depend on order, batching or the number of workers)."""
+    if fraction <= 0:
+        return np.zeros(len(indices), dtype=bool)
+    u = _mix64(np.asarray(indices).astype(np.uint64) ^ _key(seed, 0x5EED)) >> np.uint64(11)
+    return (u.astype(np.float64) / float(1 << 53)) < fraction
+
+
 @dataclass(frozen=True)
 class PackedSource:
     """A token stream cut into packed samples of `seq_len + 1` tokens."""
