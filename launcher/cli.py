@@ -159,6 +159,29 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_tool(*args: str) -> int:
+    """merge/eval run in a trainer process (the launcher itself never imports torch)."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "trainers.finetune", *args])
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    return _trainer_tool("--merge", args.run_dir)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    return _trainer_tool("--eval", args.run_dir, "--data", args.data)
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from tools.train_tokenizer import train_tokenizer
+
+    out = train_tokenizer(args.inputs, args.out, args.vocab_size)
+    print(f"tokenizer written to {out}")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from launcher.status import status_text
 
@@ -279,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("cancel", help="cancel the run's Slurm job(s)")
     ca.add_argument("run_dir")
     ca.set_defaults(func=_cmd_cancel)
+
+    me = sub.add_parser("merge", help="merge a LoRA/QLoRA run's adapter into its base model (export/merged)")
+    me.add_argument("run_dir")
+    me.set_defaults(func=_cmd_merge)
+
+    ev = sub.add_parser("eval", help="evaluate a fine-tuning run's export on a file of examples")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", required=True, help="JSONL/CSV with the run's fields")
+    ev.set_defaults(func=_cmd_eval)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tk_sub = tk.add_subparsers(dest="tokenizer_verb", metavar="ACTION", required=True)
+    tt = tk_sub.add_parser("train", help="train a byte-level BPE tokenizer on text files (HF format)")
+    tt.add_argument("inputs", nargs="+")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--vocab-size", type=int, default=2000)
+    tt.set_defaults(func=_cmd_tokenizer_train)
 
     co = sub.add_parser("corpus", help="look at a token corpus")
     co_sub = co.add_subparsers(dest="corpus_verb", metavar="ACTION", required=True)

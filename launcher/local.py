@@ -40,7 +40,7 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
             f"stopped at step {status.get('step')} with a checkpoint; run the same command to resume"
         )
         return 0
-    if rc == 2:
-        return 2
+    if rc == 2 or status.get("user_error"):
+        return 2  # the trainer printed the message
     log(f"hpctrain: training failed (torchrun exit code {rc}); see the output above")
     return rc or 1

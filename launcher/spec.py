@@ -261,8 +261,9 @@ class RunSpec(_Strict):
                 raise ValueError("task finetune needs a finetune section (kind, method, train_file)")
             if self.training.steps is None:
                 raise ValueError("task finetune counts training.steps (not tokens)")
-            if self.finetune.method == "qlora" and self.model.path is None:
-                raise ValueError("qlora loads saved weights in 4 bit: give model.path")
+            if self.finetune.method != "full" and self.model.path is None:
+                raise ValueError(f"{self.finetune.method} adapts saved weights: give model.path (a pretrained "
+                                 "or exported model), or use method: full from model.config")
         return self
 
     @property

@@ -51,6 +51,43 @@ def _model_vocab(spec: RunSpec, model_path: str | None) -> int | None:
     return None
 
 
+def example_problems(path: str, spec: RunSpec, limit: int = 3) -> list[UserError]:
+    """Fields every fine-tuning record needs, checked before anything starts (no torch)."""
+    import csv
+
+    ft = spec.finetune
+    need = [ft.text_field, ft.label_field] if ft.kind == "classify" else None
+    problems: list[UserError] = []
+    if path.lower().endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        for name in need or [ft.prompt_field, ft.response_field]:
+            if name not in header:
+                problems.append(UserError(f"no column '{name}' (has {header})", file=path,
+                                          field="finetune." + ("text_field" if name == ft.text_field else "label_field")))
+        return problems
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(UserError(f"line {n} is not valid JSON ({e.msg})", file=path))
+            else:
+                if not isinstance(rec, dict):
+                    problems.append(UserError(f"line {n} is not a JSON object", file=path))
+                    continue
+                fields = need or ([ft.messages_field] if ft.messages_field in rec else [ft.prompt_field, ft.response_field])
+                for name in fields:
+                    if rec.get(name) in (None, ""):
+                        problems.append(UserError(f"line {n} has no field '{name}' (has {sorted(rec)})",
+                                                  file=path, field="finetune"))
+            if len(problems) >= limit:
+                break
+    return problems
+
+
 def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None = None) -> list[str]:
     """Raise UserErrors listing every problem; return notes (e.g. what was checked).
 
@@ -93,9 +130,13 @@ def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None 
     if spec.finetune is not None:
         for field in ("train_file", "valid_file"):
             raw = getattr(spec.finetune, field)
-            if raw is not None and not Path(resolve_path(raw)).is_file():
+            if raw is None:
+                continue
+            if not Path(resolve_path(raw)).is_file():
                 errors.append(UserError(f"file not found ({raw})", file=file, field=f"finetune.{field}",
                                         expected="a JSONL or CSV file of examples"))
+            else:
+                errors += example_problems(resolve_path(raw), spec)
     if spec.data is not None:
         refs = [(f"data.corpora.{i}.path", c.path, c.split) for i, c in enumerate(spec.data.corpora)]
     if spec.data is not None and spec.data.validation is not None:

@@ -16,23 +16,9 @@ EXAMPLE_TEXT = REPO / "examples" / "data" / "domain.txt"
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory) -> str:
     """A byte-level BPE tokenizer trained on the shipped example text (decode is lossless)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tools.train_tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<|endoftext|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train([str(EXAMPLE_TEXT)], trainer)
-    out = tmp_path_factory.mktemp("tok")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>"
-    ).save_pretrained(out)
-    return str(out)
+    return train_tokenizer([str(EXAMPLE_TEXT)], str(tmp_path_factory.mktemp("tok")), vocab_size=600)
 
 
 @pytest.fixture(scope="session")

@@ -19,14 +19,24 @@ from trainers.checkpoint import save_tensor_file
 
 class DDPEngine:
     def __init__(
-        self, model, optimizer, scheduler, grad_clip: float | None, precision: str, dist_info
+        self,
+        model,
+        optimizer,
+        scheduler,
+        grad_clip: float | None,
+        precision: str,
+        dist_info,
+        trainable_only: bool = False,
     ) -> None:
+        # trainable_only: checkpoints hold just the trained tensors (LoRA adapters, saved
+        # modules); the frozen base is rebuilt from the spec on resume
         self.model = model.to(dist_info.device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_clip = grad_clip
         self.device = dist_info.device
         self.module = DDP(self.model) if dist_info.world_size > 1 else self.model
         self._autocast = precision == "bf16"
+        self.trainable_only = trainable_only
 
     @contextlib.contextmanager
     def micro_step(self, sync: bool):
@@ -62,7 +72,7 @@ class DDPEngine:
     def save(self, directory: Path, rank: int) -> None:
         """DDP replicas are identical: rank 0 writes the model, optimizer and schedule."""
         if rank == 0:
-            save_tensor_file(self.model.state_dict(), directory / "model.pt")
+            save_tensor_file(self._model_state(), directory / "model.pt")
             save_tensor_file(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -71,10 +81,20 @@ class DDPEngine:
                 directory / "optim.pt",
             )
 
+    def _model_state(self) -> dict:
+        if not self.trainable_only:
+            return self.model.state_dict()
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
     def load(self, directory: Path) -> None:
-        self.model.load_state_dict(
-            torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
-        )
+        state = torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
+        if self.trainable_only:
+            missing = set(state) - {n for n, _ in self.model.named_parameters()}
+            if missing:
+                raise RuntimeError(f"checkpoint tensors not in the model: {sorted(missing)[:5]}")
+            self.model.load_state_dict(state, strict=False)
+        else:
+            self.model.load_state_dict(state)
         st = torch.load(directory / "optim.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])

