@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up the venv and run the quickstart on this machine's CPU:
-# prepare a corpus, continue pretraining MiniLM with masked LM on 2 CPU ranks.
+# Set up the venv and run the quickstart pipeline on this machine's CPU (a few minutes):
+# prepare a corpus, continue pretraining MiniLM with masked LM, then fine-tune it
+# for classification with LoRA, on 2 CPU ranks.
 #   bash tools/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +15,13 @@ echo "== 1. prepare: tokenize the shipped domain text with the MiniLM tokenizer"
   --out "$out/corpus-domain" --valid-fraction 0.05 --workers 2
 echo "== 2. inspect the corpus"
 "$hp" corpus inspect "$out/corpus-domain" --samples 2
-echo "== 3. validate and run continued MLM pretraining (2 CPU ranks; run it again to resume)"
-"$hp" validate examples/pretrain_minilm_mlm.yaml
-"$hp" run examples/pretrain_minilm_mlm.yaml
-run="$out/runs/minilm-domain-mlm"
-echo "== 4. what the run left behind"
-ls "$run" "$run/checkpoints" "$run/export"
-tail -n 2 "$run/metrics.jsonl"
+echo "== 3. validate and run the pipeline: MLM pretraining, then LoRA classification (run it again to resume)"
+"$hp" validate examples/pipeline_minilm_classify.yaml
+"$hp" run examples/pipeline_minilm_classify.yaml
+run="$out/runs/minilm-domain"
+echo "== 4. what the runs left behind"
+ls "$run/pretrain" "$run/pretrain/export" "$run/classify" "$run/classify/export"
+echo "validation of the classifier (accuracy, macro-F1):"
+grep '"accuracy"' "$run/classify/metrics.jsonl" | tail -n 1
+echo "== 5. evaluate the exported classifier on the validation file"
+"$hp" eval "$run/classify" --data examples/data/classify_valid.csv

