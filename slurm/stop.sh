@@ -5,9 +5,11 @@ set -uo pipefail
 state="${1:-${HPCTRAIN_SLURM_STATE:-/tmp/hpctrain-slurm}}"
 for name in slurmd-n1 slurmd-n2 slurmctld munged; do
   f="$state/run/$name.pid"
-  if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then
-    kill "$(cat "$f")"
-    for _ in $(seq 1 50); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
+  [ -f "$f" ] || continue
+  pid=$(cat "$f" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   rm -f "$f"
 done

@@ -22,15 +22,27 @@ def wait_state(job: str, states: tuple[str, ...], timeout: float = 300, eligible
     """Wait until the job is in one of `states`; make a requeued job eligible at once."""
     end = time.time() + timeout
     st: dict = {}
+    pending_since = None
     while time.time() < end:
         st = state(job)
         if st.get("state") in states:
             return st
         if eligible and st.get("state") == "PENDING" and st.get("reason") == "BeginTime":
-            # a requeued job waits ~2 minutes for its BeginTime; tests do not
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
+            # A requeued job waits ~2 minutes for its BeginTime; tests do not. But starting it
+            # in the same second as the requeue fails it ("Job credential revoked": Slurm
+            # compares credential times in whole seconds), so give the nodes a moment first.
+            pending_since = pending_since or time.time()
+            if time.time() - pending_since > 2 and nodes_idle():
+                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
+        else:
+            pending_since = None
         time.sleep(0.5)
     raise AssertionError(f"job {job} did not reach {states} in {timeout}s; last: {st}")
+
+
+def nodes_idle() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout.split()
+    return bool(out) and all(s.rstrip("*") == "idle" for s in out)
 
 
 def metrics_step(run_dir: Path) -> int:

@@ -102,7 +102,10 @@ def test_preemption_during_the_first_minute(tmp_path, bpe_tokenizer, bpe_corpus,
     _submit(spec)
     job = job_id(run)
     wait_state(job, ("RUNNING",))
-    wait_for(lambda: list((run / "slurm").glob(f"{job}_0_log.out")), what="the node task to start")
+    # the node task runs (a signal before any task process exists is dropped by Slurm itself)
+    wait_for(lambda: any("hpctrain node task 0/2" in p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.out")),
+             what="the node task to start")
+    assert not (run / "metrics.jsonl").exists()  # no training step yet
     preempt(job)
     wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
