@@ -46,7 +46,11 @@ def executor_parameters(spec: RunSpec) -> dict:
         "time": c.time_min,
         "signal_delay_s": c.signal_lead_s,
         "additional_parameters": {"requeue": True, **c.sbatch_extra},
-        "setup": [f"export {k}={shlex.quote(v)}" for k, v in sorted(c.env.items())] + list(c.setup),
+        # The batch shell itself would die of a USR2 that lands before srun has started the
+        # tasks (Slurm then signals the batch step): ignore it there; tasks get their own.
+        "setup": ["trap '' USR2"]
+        + [f"export {k}={shlex.quote(v)}" for k, v in sorted(c.env.items())]
+        + list(c.setup),
     }
     for name in ("partition", "account", "qos", "constraint", "cpus_per_task"):
         if getattr(c, name) is not None:

@@ -69,11 +69,19 @@ def _preempted_run(tmp_path, tok, corpus, preemptions: int, first_at: int = 5, *
     _submit(spec)
     job = job_id(run)
     for i in range(preemptions):
-        wait_state(job, ("RUNNING",))
-        wait_step(run, first_at + 10 * i)
-        preempt(job)
+        preempt_while_training(run, job, attempt=i, min_step=first_at + 10 * i)
         wait_for(lambda i=i: restart_count(job) >= i + 1, timeout=180, what=f"requeue {i + 1}")
     return run, job
+
+
+def preempt_while_training(run: Path, job: str, attempt: int, min_step: int) -> None:
+    """USR2 once this attempt's trainers are at work (its node task started, new steps logged)."""
+    wait_state(job, ("RUNNING",))
+    logs = lambda: (run / "slurm").glob(f"{job}_0_log.out")  # noqa: E731
+    wait_for(lambda: any(f"restart {attempt})" in p.read_text() for p in logs()), what=f"attempt {attempt}")
+    resumed_at = json.loads((run / "status.json").read_text())["step"] if attempt else 0
+    wait_step(run, max(min_step, resumed_at + 2))
+    preempt(job)
 
 
 def test_preemption_requeues_the_same_job_and_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
@@ -116,9 +124,7 @@ def test_preemption_during_the_first_minute(tmp_path, bpe_tokenizer, bpe_corpus,
 def test_requeue_limit_ends_the_job_with_a_clear_status(tmp_path, bpe_tokenizer, bpe_corpus):
     # time limits under 10 minutes make submitit count every signal as a time-out
     run, job = _preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1, max_requeues=1)
-    wait_state(job, ("RUNNING",))
-    wait_step(run, 20)
-    preempt(job)
+    preempt_while_training(run, job, attempt=1, min_step=20)
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), eligible=False)
     assert st["state"] == "FAILED" and st["restarts"] == "1"
     status = run_cli("status", str(run)).stdout
