@@ -91,7 +91,7 @@ def bare(corpus: Path, steps: int) -> float:
     data = torch.from_numpy(samples(corpus, steps * BATCH)).view(steps, BATCH, SEQ + 1)
     m = model().train()
     opt = torch.optim.AdamW(
-        m.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0, foreach=False
+        m.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0, fused=True
     )
     t0 = time.perf_counter()
     for s in range(steps):

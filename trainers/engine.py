@@ -17,6 +17,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainers.checkpoint import save_tensor_file
 
 
+def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA): one kernel over all tensors instead of a
+    Python loop per tensor; deterministic, so exact resume holds."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
 class DDPEngine:
     def __init__(
         self,

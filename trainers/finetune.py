@@ -43,8 +43,8 @@ from trainers.data.examples import (
 )
 from trainers.data.loader import TrainBatches
 from trainers.distributed import Dist, init_distributed, shutdown
-from trainers.engine import DDPEngine
-from trainers.monitor import Monitor, format_eta
+from trainers.engine import DDPEngine, adamw
+from trainers.monitor import Monitor, format_eta, user_error_exit
 from trainers.peft_model import build_model, export, load_exported, merge, parameter_report
 from trainers.preemption import StopRequest, die_with_parent
 from trainers.pretrain import load_tokenizer, lr_lambda, seed_everything
@@ -147,7 +147,7 @@ def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None = None,
     model = build_model(spec, labels, train_set.pad_id)
     mon.print(parameter_report(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, foreach=False)
+    optimizer = adamw(params, t.lr, t.betas, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     engine = DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, d,
                        trainable_only=ft.method != "full")
@@ -296,12 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         d = init_distributed(spec.cluster.backend)
         train(spec, run_dir, d, args.deadline, Path(args.stop_file) if args.stop_file else None)
     except UserError as e:
-        print(f"hpctrain: error: {e}", file=sys.stderr)
-        if args.run_dir and os.environ.get("RANK", "0") == "0":
-            write_status(args.run_dir, state="failed", reason=str(e), user_error=True)
-        # under torchrun a non-zero exit prints torchrun's own traceback over the message;
-        # the launcher reads status.json (user_error) and exits 2 itself
-        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 2
+        return user_error_exit(e, args.run_dir)
     finally:
         shutdown()
     return 0

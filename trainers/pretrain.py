@@ -14,6 +14,7 @@ forward/backward each, step, log, maybe evaluate, then agree on save/stop.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -35,8 +36,8 @@ from trainers.data.corpus import check_token_ids, open_corpus
 from trainers.data.loader import TrainBatches
 from trainers.data.sampler import PackedSource
 from trainers.distributed import Dist, init_distributed, mean_over_ranks, shutdown
-from trainers.engine import DDPEngine
-from trainers.monitor import Monitor, format_eta
+from trainers.engine import DDPEngine, adamw
+from trainers.monitor import Monitor, format_eta, user_error_exit
 from trainers.preemption import StopRequest, die_with_parent
 
 
@@ -192,14 +193,9 @@ def train(
     t = spec.training
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": t.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=t.lr,
-        betas=t.betas,
-        foreach=False,
+    optimizer = adamw(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        t.lr, t.betas, t.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     engine = DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, d)
@@ -245,6 +241,10 @@ def train(
     stopper = StopRequest(stop_path or stop_file(run_dir), deadline, margin_s=5.0)
     reason = None
     model.train()
+    # Everything built so far (model, tokenizer, libraries) lives for the whole run: keep the
+    # garbage collector from rescanning it on every collection during the loop.
+    gc.collect()
+    gc.freeze()
     while step < total:
         t0 = time.perf_counter()
         micro = batches.next_step()
@@ -354,12 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_path = Path(args.stop_file) if args.stop_file else None
         train(spec, run_dir, d, args.deadline, stop_path, fault_pause)
     except UserError as e:
-        print(f"hpctrain: error: {e}", file=sys.stderr)
-        if os.environ.get("RANK", "0") == "0":
-            write_status(run_dir, state="failed", reason=str(e), user_error=True)
-        # under torchrun a non-zero exit prints torchrun's own traceback over the message;
-        # the launcher reads status.json (user_error) and exits 2 itself
-        return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 2
+        return user_error_exit(e, run_dir)
     finally:
         shutdown()
     return 0
