@@ -9,6 +9,7 @@ from pathlib import Path
 
 from launcher.errors import UserError, UserErrors
 from launcher.paths import resolve_path, tokenizer_fingerprint
+from launcher.records import iter_records
 from launcher.spec import RunSpec
 
 
@@ -53,38 +54,24 @@ def _model_vocab(spec: RunSpec, model_path: str | None) -> int | None:
 
 def example_problems(path: str, spec: RunSpec, limit: int = 3) -> list[UserError]:
     """Fields every fine-tuning record needs, checked before anything starts (no torch)."""
-    import csv
-
     ft = spec.finetune
-    need = [ft.text_field, ft.label_field] if ft.kind == "classify" else None
     problems: list[UserError] = []
-    if path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        for name in need or [ft.prompt_field, ft.response_field]:
-            if name not in header:
-                problems.append(UserError(f"no column '{name}' (has {header})", file=path,
-                                          field="finetune." + ("text_field" if name == ft.text_field else "label_field")))
-        return problems
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(UserError(f"line {n} is not valid JSON ({e.msg})", file=path))
+    try:
+        for n, rec in iter_records(path):
+            if ft.kind == "classify":
+                fields = [ft.text_field, ft.label_field]
+            elif ft.messages_field in rec:
+                fields = [ft.messages_field]
             else:
-                if not isinstance(rec, dict):
-                    problems.append(UserError(f"line {n} is not a JSON object", file=path))
-                    continue
-                fields = need or ([ft.messages_field] if ft.messages_field in rec else [ft.prompt_field, ft.response_field])
-                for name in fields:
-                    if rec.get(name) in (None, ""):
-                        problems.append(UserError(f"line {n} has no field '{name}' (has {sorted(rec)})",
-                                                  file=path, field="finetune"))
+                fields = [ft.prompt_field, ft.response_field]
+            for name in fields:
+                if rec.get(name) in (None, ""):
+                    problems.append(UserError(f"line {n} has no field '{name}' (has {sorted(rec)})",
+                                              file=path, field="finetune"))
             if len(problems) >= limit:
                 break
+    except UserError as e:
+        problems.append(e)
     return problems
 
 

@@ -21,22 +21,17 @@ def bpe_tokenizer(tmp_path_factory) -> str:
     return train_tokenizer([str(EXAMPLE_TEXT)], str(tmp_path_factory.mktemp("tok")), vocab_size=600)
 
 
-@pytest.fixture(scope="session")
-def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
-    out = tmp_path_factory.mktemp("corpus") / "domain"
-    r = run_cli(
-        "prepare",
-        str(EXAMPLE_TEXT),
-        "--tokenizer",
-        bpe_tokenizer,
-        "--out",
-        str(out),
-        "--valid-fraction",
-        "0.1",
-        "--quiet",
-    )
+def prepare_example_corpus(out: Path, tokenizer: str) -> str:
+    """The shipped domain text, prepared with `tokenizer` and a 10% validation split."""
+    r = run_cli("prepare", str(EXAMPLE_TEXT), "--tokenizer", tokenizer, "--out", str(out),
+                "--valid-fraction", "0.1", "--quiet")
     assert r.returncode == 0, r.stderr
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
+    return prepare_example_corpus(tmp_path_factory.mktemp("corpus") / "domain", bpe_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -49,20 +44,7 @@ def minilm_path() -> str:
 
 @pytest.fixture(scope="session")
 def minilm_corpus(tmp_path_factory, minilm_path) -> str:
-    out = tmp_path_factory.mktemp("corpus") / "domain-minilm"
-    r = run_cli(
-        "prepare",
-        str(EXAMPLE_TEXT),
-        "--tokenizer",
-        minilm_path,
-        "--out",
-        str(out),
-        "--valid-fraction",
-        "0.1",
-        "--quiet",
-    )
-    assert r.returncode == 0, r.stderr
-    return str(out)
+    return prepare_example_corpus(tmp_path_factory.mktemp("corpus") / "domain-minilm", minilm_path)
 
 
 @pytest.fixture

@@ -7,15 +7,13 @@ the response carries loss; examples longer than seq_len are truncated and counte
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from launcher.errors import UserError
+from launcher.records import iter_records
 
 # The plain template used when a tokenizer has no chat template (documented in the README).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
@@ -23,27 +21,8 @@ ROLE_TEMPLATE = "### {role}:\n{content}\n"
 
 
 def read_records(path: str) -> list[tuple[int, dict]]:
-    """(line number, record) from a JSONL or CSV file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError("file not found", file=path, expected="a JSONL or CSV file of examples")
-    out = []
-    if p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.DictReader(f), 2):
-                out.append((n, row))
-        return out
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"line {n} is not valid JSON ({e.msg})", file=path) from None
-            if not isinstance(rec, dict):
-                raise UserError(f"line {n} is not a JSON object", file=path)
-            out.append((n, rec))
+    """(line number, record) from a JSONL or CSV file; at least one record."""
+    out = list(iter_records(path))
     if not out:
         raise UserError("no examples", file=path, expected="at least one record")
     return out
