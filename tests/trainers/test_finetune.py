@@ -144,7 +144,10 @@ def test_unknown_label_at_eval_exits_2(classify_run, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_sft_loss_falls_and_only_the_adapter_is_trained(tmp_path, tiny_llama, method):
-    spec = write_spec(tmp_path / "s.yaml", sft_spec(tmp_path / "run", tiny_llama, method))
+    spec = sft_spec(tmp_path / "run", tiny_llama, method)
+    if method == "qlora":  # 4-bit base under DDP: two gloo ranks
+        spec["cluster"]["procs_per_node"] = 2
+    spec = write_spec(tmp_path / "s.yaml", spec)
     r = run_cli("run", str(spec))
     assert r.returncode == 0, r.stdout + r.stderr
     ls = losses(tmp_path / "run")
