@@ -31,7 +31,7 @@ from launcher.errors import UserError
 from launcher.paths import resolve_path
 from launcher.rundir import latest_checkpoint, stop_file, write_status
 from launcher.spec import RunSpec, load_spec_dict, spec_from_dict
-from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
 from trainers.data.examples import (
     ExampleDataset,
     label_names,
@@ -42,9 +42,9 @@ from trainers.data.examples import (
     tokenize_sft,
 )
 from trainers.data.loader import TrainBatches
-from trainers.distributed import Dist, init_distributed, shutdown
+from trainers.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from trainers.engine import DDPEngine, adamw
-from trainers.monitor import Monitor, format_eta, user_error_exit
+from trainers.monitor import Monitor, format_eta, report_preempted, user_error_exit
 from trainers.peft_model import build_model, export, load_exported, merge, parameter_report
 from trainers.preemption import StopRequest, die_with_parent
 from trainers.pretrain import load_tokenizer, lr_lambda, seed_everything
@@ -180,8 +180,6 @@ def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None = None,
             loss_sum += float(loss.detach())
         grad_norm = engine.step()
         step += 1
-        from trainers.distributed import mean_over_ranks
-
         (loss_mean,) = mean_over_ranks([loss_sum])
         step_s, timed = time.perf_counter() - t0, timed + 1
         if step % t.log_every == 0 or step == total:
@@ -203,8 +201,7 @@ def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None = None,
                 if early_stop:
                     mon.print(f"  early stopping: {stale} evaluations without a better {metric}")
         c = spec.checkpoint
-        due = bool(c.every_steps and step % c.every_steps == 0) or bool(
-            c.every_minutes and time.time() - last_save >= c.every_minutes * 60)
+        due = checkpoint_due(c, step, last_save)
         reason, save_now = stopper.agree(due, next_step_s=step_s + save_s)
         if save_now or reason or step == total or early_stop:
             s0 = time.time()
@@ -215,10 +212,7 @@ def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None = None,
         if reason:
             break
     if reason:
-        mon.print(f"preempted ({reason}) at step {step}: checkpoint saved, resumable")
-        if d.is_main:
-            write_status(run_dir, state="preempted", step=step, total_steps=total, reason=reason)
-        return "preempted"
+        return report_preempted(mon, run_dir, d.is_main, step, total, reason)
     if d.is_main:
         if spec.export.enabled:
             export(engine.model, tok, labels, run_dir / "export")

@@ -25,6 +25,14 @@ def user_error_exit(error: Exception, run_dir: str | Path | None) -> int:
     return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 2
 
 
+def report_preempted(mon: Monitor, run_dir: Path, is_main: bool, step: int, total: int, reason: str) -> str:
+    """Say (and record in status.json) that the run stopped with a resumable checkpoint."""
+    mon.print(f"preempted ({reason}) at step {step}: checkpoint saved, resumable")
+    if is_main:
+        write_status(run_dir, state="preempted", step=step, total_steps=total, reason=reason)
+    return "preempted"
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"

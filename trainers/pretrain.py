@@ -31,13 +31,13 @@ from launcher.errors import UserError
 from launcher.paths import resolve_path
 from launcher.rundir import latest_checkpoint, stop_file, write_status
 from launcher.spec import RunSpec, load_spec_dict, spec_from_dict
-from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
 from trainers.data.corpus import check_token_ids, open_corpus
 from trainers.data.loader import TrainBatches
 from trainers.data.sampler import PackedSource
 from trainers.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from trainers.engine import DDPEngine, adamw
-from trainers.monitor import Monitor, format_eta, user_error_exit
+from trainers.monitor import Monitor, format_eta, report_preempted, user_error_exit
 from trainers.preemption import StopRequest, die_with_parent
 
 
@@ -282,9 +282,7 @@ def train(
             mon.log({"step": step, "val_loss": vloss, "val_ppl": math.exp(min(vloss, 50))})
             mon.print(f"  validation: loss {vloss:.4f} | ppl {math.exp(min(vloss, 50)):.2f}")
         c = spec.checkpoint
-        due = bool(c.every_steps and step % c.every_steps == 0) or bool(
-            c.every_minutes and time.time() - last_save >= c.every_minutes * 60
-        )
+        due = checkpoint_due(c, step, last_save)
         reason, save_now = stopper.agree(due, next_step_s=step_seconds + save_seconds)
         if step == total:
             save_now = True
@@ -312,10 +310,7 @@ def train(
             break
 
     if reason:
-        mon.print(f"preempted ({reason}) at step {step}: checkpoint saved, resumable")
-        if d.is_main:
-            write_status(run_dir, state="preempted", step=step, total_steps=total, reason=reason)
-        return "preempted"
+        return report_preempted(mon, run_dir, d.is_main, step, total, reason)
     if spec.export.enabled:
         engine.export(run_dir / "export", tokenizer, d.rank)
         mon.print(f"exported HF model to {run_dir / 'export'}")
