@@ -88,14 +88,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     stages, future = _load_stages(args)
     all_notes = _check(stages, future, args.spec)
     print(f"{args.spec}: OK")
-    for (name, spec), notes in zip(stages, all_notes, strict=True):
+    for (name, spec), (notes, samples) in zip(stages, all_notes, strict=True):
         t = spec.training
         if name is not None:
             print(f"stage {name}:")
-        print(
-            f"  {spec.total_steps} steps x {t.global_batch} sequences x {spec.seq_len} tokens "
-            f"= {spec.total_steps * t.global_batch * spec.seq_len:,} tokens"
-        )
+        if t.epochs is not None and samples is None:
+            print(f"  {t.epochs:g} epoch(s): steps are resolved at start (the samples are counted "
+                  "after tokenizing)")
+        else:
+            total = spec.total_steps_for(samples)
+            per = f" ({t.epochs:g} epoch(s) of {samples:,} samples)" if t.epochs is not None else ""
+            print(
+                f"  {total} steps{per} x {t.global_batch} sequences x {spec.seq_len} tokens "
+                f"= {total * t.global_batch * spec.seq_len:,} tokens"
+            )
         print(f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}")
         for n in notes:
             print(f"  {n}")

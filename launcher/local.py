@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from launcher.node import build_torchrun_command, run_torchrun
@@ -25,7 +26,10 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
             f"note: cluster.nodes={spec.cluster.nodes}; a local run uses this machine only "
             f"({spec.cluster.procs_per_node} process(es))"
         )
-    cmd = build_torchrun_command(str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module)
+    logs = next_attempt_logs(run_dir)
+    cmd = build_torchrun_command(
+        str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module, log_dir=str(logs)
+    )
     rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log)
     status = read_status(run_dir)
     state = status.get("state")
@@ -41,6 +45,29 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
         )
         return 0
     if rc == 2 or status.get("user_error"):
-        return 2  # the trainer printed the message
-    log(f"hpctrain: training failed (torchrun exit code {rc}); see the output above")
+        print(f"hpctrain: error: {status.get('reason', 'see the rank logs in ' + str(logs))}",
+              file=sys.stderr)
+        return 2
+    print(f"hpctrain: training failed (torchrun exit code {rc}); rank logs: {logs}", file=sys.stderr)
+    for path, lines in failure_tails(logs):
+        print(f"--- last lines of {path}:", file=sys.stderr)
+        print("\n".join(lines), file=sys.stderr)
     return rc or 1
+
+
+def next_attempt_logs(run_dir: Path) -> Path:
+    """RUN_DIR/logs/local.N for this launch (N counts launches: every attempt keeps its logs)."""
+    k = 1
+    while (Path(run_dir) / "logs" / f"local.{k}").exists():
+        k += 1
+    return Path(run_dir) / "logs" / f"local.{k}"
+
+
+def failure_tails(logs: Path, n: int = 15) -> list[tuple[Path, list[str]]]:
+    """The end of every rank's stderr that holds a traceback (what a user needs after a crash)."""
+    out = []
+    for path in sorted(logs.rglob("stderr.log")):
+        text = path.read_text(errors="replace")
+        if "Traceback" in text or "Error" in text:
+            out.append((path, text.splitlines()[-n:]))
+    return out

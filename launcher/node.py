@@ -51,14 +51,29 @@ def build_torchrun_command(
             f"--rdzv-id={run_id or 'hpctrain'}",
         ]
     cmd += [f"--nproc-per-node={nproc_per_node}", "--max-restarts=0"]
-    if log_dir is not None:  # per-rank stdout/stderr files, still shown on the console (tee)
-        cmd += [f"--log-dir={log_dir}", "--tee=3"]
+    if log_dir is not None:
+        cmd += [f"--log-dir={log_dir}", f"--redirects={rank_redirects(nproc_per_node, node_rank)}"]
     cmd += ["-m", module, "--run-dir", str(run_dir)]
     if stop_file is not None:
         cmd += ["--stop-file", stop_file]
     if deadline is not None:
         cmd += ["--deadline", f"{deadline:.0f}"]
+    if log_dir is not None:
+        cmd += ["--echo-to-log"]
     return cmd
+
+
+def rank_redirects(nproc_per_node: int, node_rank: int) -> str:
+    """torchrun's per-rank `--redirects` map: a console a person can read.
+
+    Global rank 0 (local rank 0 of node 0) keeps its stdout on the console, without
+    torchrun's `[default0]:` prefix, and echoes it into its stderr log (the trainer's
+    `--echo-to-log`); everything else of every rank (the other ranks' output, library
+    warnings and load reports on stderr) goes to the rank's files only.
+    """
+    if node_rank != 0:
+        return "3"
+    return ",".join(["0:2", *(f"{i}:3" for i in range(1, nproc_per_node))])
 
 
 def show_command(cmd: list[str]) -> str:

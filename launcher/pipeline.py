@@ -21,7 +21,13 @@ import copy
 from pathlib import Path
 
 from launcher.errors import UserError, UserErrors
-from launcher.spec import RunSpec, apply_overrides, spec_from_dict, with_absolute_paths
+from launcher.spec import (
+    RunSpec,
+    apply_overrides,
+    parse_override,
+    spec_from_dict,
+    with_absolute_paths,
+)
 
 STAGE_PREFIX = "stage:"
 
@@ -39,24 +45,24 @@ def _merge(base: dict, over: dict) -> dict:
 
 def load_pipeline(data: dict, file: str, overrides: list[str]) -> list[tuple[str, RunSpec]]:
     """Stages as (name, spec) in order; `--set STAGE.key=value` overrides one stage,
-    `--set defaults.key=value` all of them."""
+    `--set defaults.key=value` all of them, `--set run_dir=DIR` the pipeline's run dir."""
     unknown = sorted(set(data) - {"name", "run_dir", "defaults", "stages"})
     if unknown:
         raise UserError("unknown key in a pipeline spec", file=file, field=unknown[0],
                         expected="name, run_dir, defaults, stages")
-    name = data.get("name")
     stages = data.get("stages")
-    if not isinstance(name, str) or not name:
-        raise UserError("missing", file=file, field="name", expected="the pipeline's name")
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
         raise UserError("must be a non-empty list of stage mappings", file=file, field="stages")
     names = [s.get("name") for s in stages]
     if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
         raise UserError("every stage needs a unique name", file=file, field="stages")
-    root = data.get("run_dir") or str(Path("runs") / name)
     per_stage = {n: [] for n in names}
     defaults_over = []
     for text in overrides:
+        if text.partition("=")[0].strip() in ("run_dir", "name"):  # the pipeline's own keys
+            key, value = parse_override(text)
+            data = {**data, key[0]: value}
+            continue
         head, _, rest = text.partition(".")
         if head == "defaults":
             defaults_over.append(rest)
@@ -65,6 +71,10 @@ def load_pipeline(data: dict, file: str, overrides: list[str]) -> list[tuple[str
         else:
             raise UserError(f"override '{text}' names no stage", field="--set",
                             expected=f"defaults.KEY=V or STAGE.KEY=V with STAGE in {names}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise UserError("missing", file=file, field="name", expected="the pipeline's name")
+    root = data.get("run_dir") or str(Path("runs") / name)
     defaults = apply_overrides(copy.deepcopy(data.get("defaults") or {}), defaults_over)
     out: list[tuple[str, RunSpec]] = []
     errors: list[UserError] = []

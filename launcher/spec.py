@@ -83,9 +83,17 @@ class DataSpec(_Strict):
 class TrainingSpec(_Strict):
     global_batch: int = Field(gt=0, description="sequences per optimizer step over all ranks")
     micro_batch: int = Field(gt=0, description="sequences per forward/backward on one rank")
-    steps: int | None = Field(None, gt=0, description="optimizer steps to train (or give tokens)")
+    steps: int | None = Field(
+        None, gt=0, description="optimizer steps to train (or give tokens, or epochs)"
+    )
     tokens: int | None = Field(
         None, gt=0, description="token budget; steps = ceil(tokens / (global_batch * seq_len))"
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="passes over the training data; steps = ceil(epochs * samples / global_batch), "
+        "samples = training examples (finetune) or packed samples of all corpora (pretrain)",
     )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(
@@ -110,8 +118,12 @@ class TrainingSpec(_Strict):
 
     @model_validator(mode="after")
     def _budget(self) -> TrainingSpec:
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("give exactly one of training.steps or training.tokens")
+        given = [k for k in ("steps", "tokens", "epochs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of training.steps, training.tokens or training.epochs"
+                + (f" (got {' and '.join(given)})" if given else "")
+            )
         return self
 
 
@@ -259,8 +271,8 @@ class RunSpec(_Strict):
         if self.task == "finetune":
             if self.finetune is None:
                 raise ValueError("task finetune needs a finetune section (kind, method, train_file)")
-            if self.training.steps is None:
-                raise ValueError("task finetune counts training.steps (not tokens)")
+            if self.training.tokens is not None:
+                raise ValueError("task finetune counts training.steps or training.epochs (not tokens)")
             if self.finetune.method != "full" and self.model.path is None:
                 raise ValueError(f"{self.finetune.method} adapts saved weights: give model.path (a pretrained "
                                  "or exported model), or use method: full from model.config")
@@ -280,9 +292,19 @@ class RunSpec(_Strict):
 
     @property
     def total_steps(self) -> int:
-        if self.training.steps is not None:
-            return self.training.steps
-        return math.ceil(self.training.tokens / (self.training.global_batch * self.seq_len))  # type: ignore[operator]
+        """Optimizer steps of a steps- or tokens-budgeted run (epochs: see `total_steps_for`)."""
+        return self.total_steps_for(None)
+
+    def total_steps_for(self, samples_per_epoch: int | None) -> int:
+        """Optimizer steps of the run; an epochs budget needs the samples in one epoch."""
+        t = self.training
+        if t.steps is not None:
+            return t.steps
+        if t.tokens is not None:
+            return math.ceil(t.tokens / (t.global_batch * self.seq_len))
+        if samples_per_epoch is None:
+            raise ValueError("training.epochs needs the number of samples in one epoch")
+        return max(1, math.ceil(t.epochs * samples_per_epoch / t.global_batch))
 
     @property
     def grad_accum(self) -> int:
@@ -477,6 +499,7 @@ def spec_to_yaml(spec: RunSpec) -> str:
 RESUMABLE_CHANGES = (
     "training.steps",
     "training.tokens",
+    "training.epochs",
     "training.micro_batch",
     "training.eval_every",
     "training.eval_batches",

@@ -52,31 +52,112 @@ def _model_vocab(spec: RunSpec, model_path: str | None) -> int | None:
     return None
 
 
-def example_problems(path: str, spec: RunSpec, limit: int = 3) -> list[UserError]:
-    """Fields every fine-tuning record needs, checked before anything starts (no torch)."""
+def _read_examples(path: str, spec: RunSpec, spec_field: str, errors: list[UserError],
+                   limit: int = 3) -> list[dict] | None:
+    """The records of one fine-tuning file with the fields every record needs; problems
+    (empty file, missing column or field) go to `errors`. None when unreadable or empty."""
     ft = spec.finetune
-    problems: list[UserError] = []
     try:
-        for n, rec in iter_records(path):
-            if ft.kind == "classify":
-                fields = [ft.text_field, ft.label_field]
-            elif ft.messages_field in rec:
-                fields = [ft.messages_field]
-            else:
-                fields = [ft.prompt_field, ft.response_field]
-            for name in fields:
-                if rec.get(name) in (None, ""):
-                    problems.append(UserError(f"line {n} has no field '{name}' (has {sorted(rec)})",
-                                              file=path, field="finetune"))
-            if len(problems) >= limit:
-                break
+        rows = list(iter_records(path))
     except UserError as e:
-        problems.append(e)
-    return problems
+        errors.append(e)
+        return None
+    if not rows:
+        errors.append(UserError("no examples (an empty file, or a header without rows)", file=path,
+                                field=spec_field, expected="at least one example"))
+        return None
+    if Path(path).suffix.lower() == ".csv":  # a missing column is one error, not one per row
+        columns = list(rows[0][1])
+        need = [ft.text_field, ft.label_field] if ft.kind == "classify" else [ft.prompt_field, ft.response_field]
+        missing = [c for c in need if c not in columns]
+        if missing:
+            errors.append(UserError(f"no column {', '.join(repr(c) for c in missing)} (columns: {columns})",
+                                    file=path, field=spec_field,
+                                    expected=f"the columns named by finetune ({', '.join(need)})"))
+            return None
+    found = 0
+    for n, rec in rows:
+        if ft.kind == "classify":
+            fields = [ft.text_field, ft.label_field]
+        elif ft.messages_field in rec:
+            fields = [ft.messages_field]
+        else:
+            fields = [ft.prompt_field, ft.response_field]
+        for name in fields:
+            if rec.get(name) in (None, ""):
+                errors.append(UserError(f"line {n} has no field '{name}' (has {sorted(rec)})",
+                                        file=path, field=spec_field))
+                found += 1
+        if found >= limit:
+            return None
+    return None if found else [rec for _, rec in rows]
 
 
-def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None = None) -> list[str]:
-    """Raise UserErrors listing every problem; return notes (e.g. what was checked).
+def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], int | None]:
+    """Read the fine-tuning files far enough to count examples and labels (no torch).
+
+    Returns notes for `validate` and the number of training examples in one epoch
+    (None when it is known only after tokenizing: packed SFT).
+    """
+    ft = spec.finetune
+    notes: list[str] = []
+    sets: dict[str, list[dict] | None] = {}
+    for field in ("train_file", "valid_file"):
+        raw = getattr(ft, field)
+        if raw is None:
+            continue
+        path = resolve_path(raw)
+        if not Path(path).is_file():
+            errors.append(UserError(f"file not found ({raw})", field=f"finetune.{field}",
+                                    expected="a JSONL or CSV file of examples"))
+            continue
+        sets[field] = _read_examples(path, spec, f"finetune.{field}", errors)
+    train = sets.get("train_file")
+    if train is None:
+        return notes, None
+    n_train = len(train)
+    if ft.valid_file is None:
+        from trainers.data.sampler import seeded_fraction_mask  # numpy only: the trainer's split
+
+        held = int(seeded_fraction_mask(__import__("numpy").arange(n_train), ft.valid_fraction,
+                                        spec.training.seed).sum())
+        held = held or (1 if ft.valid_fraction > 0 and n_train > 1 else 0)
+        n_train -= held
+        notes.append(f"finetune.train_file: {len(train):,} examples ({held} held out for validation)")
+    else:
+        notes.append(f"finetune.train_file: {n_train:,} examples")
+    if ft.kind == "classify":
+        labels = sorted({str(r[ft.label_field]) for r in train})
+        if ft.labels is not None:
+            unknown = sorted(set(labels) - set(ft.labels))
+            if unknown:
+                errors.append(UserError(f"labels {unknown} are not in finetune.labels", field="finetune.labels",
+                                        file=ft.train_file, expected=f"one of {list(ft.labels)}"))
+            labels = list(ft.labels)
+        if len(labels) < 2:
+            errors.append(UserError(f"only {len(labels)} label ({labels}) in the training examples",
+                                    file=ft.train_file, field="finetune.label_field",
+                                    expected="at least two labels to classify"))
+        notes.append(f"  {len(labels)} labels: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}")
+        valid = sets.get("valid_file")
+        if valid is not None:
+            extra = sorted({str(r[ft.label_field]) for r in valid} - set(labels))
+            if extra:
+                errors.append(UserError(f"labels {extra} do not occur in the training file", file=ft.valid_file,
+                                        field="finetune.valid_file",
+                                        expected=f"labels of the training file ({', '.join(labels)})"))
+    if ft.valid_file is not None and sets.get("valid_file") is not None:
+        notes.append(f"finetune.valid_file: {len(sets['valid_file']):,} examples")
+    if ft.kind == "sft" and ft.packing:
+        return notes, None  # packed sequences are counted after tokenizing, at start
+    return notes, n_train
+
+
+def check_files(
+    spec: RunSpec, file: str | None = None, future: set[str] | None = None
+) -> tuple[list[str], int | None]:
+    """Raise UserErrors listing every problem; return notes (what was checked) and the
+    samples in one epoch of training data (None where only the trainer can count them).
 
     `future`: paths an earlier pipeline stage will produce (checked when that stage is done).
     """
@@ -114,24 +195,35 @@ def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None 
     vocab = _model_vocab(spec, model_path)
 
     refs = []
+    samples: int | None = None
     if spec.finetune is not None:
-        for field in ("train_file", "valid_file"):
-            raw = getattr(spec.finetune, field)
-            if raw is None:
-                continue
-            if not Path(resolve_path(raw)).is_file():
-                errors.append(UserError(f"file not found ({raw})", file=file, field=f"finetune.{field}",
-                                        expected="a JSONL or CSV file of examples"))
-            else:
-                errors += example_problems(resolve_path(raw), spec)
+        ft_notes, samples = finetune_report(spec, errors)
+        notes += ft_notes
     if spec.data is not None:
         refs = [(f"data.corpora.{i}.path", c.path, c.split) for i, c in enumerate(spec.data.corpora)]
     if spec.data is not None and spec.data.validation is not None:
         refs.append(("data.validation.path", spec.data.validation.path, spec.data.validation.split))
+    checked: set[str] = set()
+    train_tokens: dict[str, int] = {}
     for field, raw, split in refs:
         path = resolve_path(raw, field=field, file=file)
         m = _manifest(path, field, file, errors)
+        if path not in checked and (m is not None or Path(path + ".idx").is_file()):
+            checked.add(path)
+            # the data layer's stat-only shard check (numpy, no torch)
+            from trainers.data.corpus import corpus_problems
+
+            for e in corpus_problems(path, m):
+                e.field = e.field or field
+                errors.append(e)
         if m is None:
+            if field.startswith("data.corpora") and Path(path + ".idx").is_file():
+                from trainers.data.indexed import FormatError, shard_counts
+
+                try:
+                    train_tokens[field] = shard_counts(path)[0]
+                except FormatError:
+                    pass  # reported above
             continue
         if split not in m.get("splits", {}):
             errors.append(
@@ -172,6 +264,21 @@ def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None 
                 )
             )
         notes.append(f"{field}: {tokens:,} tokens in '{split}'")
+        if field.startswith("data.corpora"):
+            train_tokens[field] = tokens
+    if spec.data is not None and len(train_tokens) == len(spec.data.corpora):
+        per = [max((n - 1) // spec.data.seq_len, 0) for n in train_tokens.values()]
+        samples = sum(per)
+        if spec.training.epochs is not None:
+            w = [c.weight for c in spec.data.corpora]
+            passes = [
+                f"{spec.training.epochs * samples * wi / sum(w) / max(n, 1):.2f}"
+                for wi, n in zip(w, per, strict=True)
+            ]
+            notes.append(
+                f"one epoch = {samples:,} packed samples (all corpora); passes over each corpus: "
+                + ", ".join(passes)
+            )
 
     run = Path(spec.run_path)
     probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
@@ -186,4 +293,4 @@ def check_files(spec: RunSpec, file: str | None = None, future: set[str] | None 
         errors.append(UserError(f"not writable ({probe})", file=file, field="run_dir"))
     if errors:
         raise UserErrors(errors)
-    return notes
+    return notes, samples

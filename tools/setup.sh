@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project virtualenv in .venv and install hpctrain into it.
 #   bash tools/setup.sh [EXTRAS]      e.g. bash tools/setup.sh dev,qlora,examples
+# Versions: the exact ones CI tested, from tools/constraints.txt (refresh it with
+# bash tools/lock.sh); HPCTRAIN_UNPINNED=1 installs the newest that pyproject.toml allows.
 # torch is pinned to the CPU build here (an unpinned torch pulls a multi-GB CUDA
 # build); on a GPU machine set HPCTRAIN_TORCH="torch" (or a CUDA pin) before running.
 set -euo pipefail
@@ -10,13 +12,33 @@ python="${PYTHON:-python3}"
 torch_req="${HPCTRAIN_TORCH:-torch==2.13.0}"
 venv=".venv"
 stamp="$venv/.hpctrain-installed"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16) $extras $torch_req"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+pins="pinned"
+[ -n "${HPCTRAIN_UNPINNED:-}" ] && pins="unpinned"
+key="$(cat pyproject.toml tools/constraints.txt | sha256sum | cut -c1-16) $pins $torch_req"
+# a venv already holding these extras (or more) for the same pyproject and lock is reused
+if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$key" ]; then
+  have="$(sed -n 2p "$stamp")"
+  missing=""
+  for e in ${extras//,/ }; do
+    case ",$have," in *",$e,"*) ;; *) missing=1 ;; esac
+  done
+  [ -z "$missing" ] && exit 0
+  extras="$have,$extras"
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
-echo "setup: installing $torch_req and hpctrain[$extras] into $venv (about 2 minutes on a fresh machine)" >&2
+constraints=()
+if [ "$pins" = pinned ]; then
+  constraints=(-c tools/constraints.txt)
+fi
+echo "setup: installing $torch_req and hpctrain[$extras] ($pins) into $venv (about 1.5 minutes on a fresh machine)" >&2
+# torch through pip: it takes the CPU wheel this machine keeps on disk (uv would download a CUDA build)
 "${pip[@]}" "$torch_req"
-"${pip[@]}" "$torch_req" -e ".[$extras]"
-echo "$want" > "$stamp"
+# the rest through uv (measured: 80 s against pip's 172 s for the same locked set);
+# HPCTRAIN_INSTALLER=pip uses pip for everything
+if [ "${HPCTRAIN_INSTALLER:-uv}" = uv ] && "${pip[@]}" "$(grep -E '^uv==' tools/constraints.txt || echo uv)"; then
+  "$venv/bin/uv" pip install -q --python "$venv/bin/python" "${constraints[@]}" "$torch_req" -e ".[$extras]"
+else
+  "${pip[@]}" "${constraints[@]}" "$torch_req" -e ".[$extras]"
+fi
+printf '%s\n%s\n' "$key" "$extras" > "$stamp"

@@ -44,10 +44,11 @@ from trainers.data.examples import (
 from trainers.data.loader import TrainBatches
 from trainers.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from trainers.engine import DDPEngine, adamw
+from trainers.model import fresh_modules_note, load_tokenizer, quiet_libraries
 from trainers.monitor import Monitor, format_eta, report_preempted, user_error_exit
 from trainers.peft_model import build_model, export, load_exported, merge, parameter_report
 from trainers.preemption import StopRequest, die_with_parent
-from trainers.pretrain import load_tokenizer, lr_lambda, seed_everything
+from trainers.pretrain import lr_lambda, seed_everything
 
 
 def load_examples(spec: RunSpec, tok):
@@ -135,9 +136,9 @@ def better(metric: str, new: float, old: float | None) -> bool:
 
 
 def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None = None,
-          stop_path: Path | None = None) -> str:
+          stop_path: Path | None = None, echo_to_log: bool = False) -> str:
     ft, t = spec.finetune, spec.training
-    mon = Monitor(run_dir, enabled=d.is_main)
+    mon = Monitor(run_dir, enabled=d.is_main, echo_to_log=echo_to_log)
     print(f"rank {d.rank}/{d.world_size} on node {d.node_rank} ({socket.gethostname()}), pid {os.getpid()}",
           file=sys.stderr, flush=True)
     seed_everything(t.seed)
@@ -145,16 +146,23 @@ def train(spec: RunSpec, run_dir: Path, d: Dist, deadline: float | None = None,
     train_set, valid_set, labels, notes = load_examples(spec, tok)
     mon.print(notes)
     model = build_model(spec, labels, train_set.pad_id)
+    new = getattr(model, "hpctrain_new_modules", [])
+    if new:
+        why = "a new task head, trained" + (" and saved with the adapter" if ft.method != "full" else "")
+        mon.print(fresh_modules_note(new, why))
     mon.print(parameter_report(model))
+    total = spec.total_steps_for(len(train_set))
+    if t.epochs is not None:
+        mon.print(f"{t.epochs:g} epoch(s) of {len(train_set)} examples = {total} steps")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, t.lr, t.betas, t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total))
     engine = DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, d,
                        trainable_only=ft.method != "full")
     batches = TrainBatches([], None, t.seed, t.global_batch, t.micro_batch, d.rank, d.world_size,
                            dataset=train_set)
     metric = ft.best_metric or ("accuracy" if ft.kind == "classify" else "val_loss")
-    best, stale, step, total = None, 0, 0, spec.total_steps
+    best, stale, step = None, 0, 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         meta = load_checkpoint(ckpt, engine, d.rank)
@@ -262,12 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir")
     ap.add_argument("--stop-file", default=None)
+    ap.add_argument("--echo-to-log", action="store_true", help="copy console lines to stderr (rank log)")
     ap.add_argument("--deadline", type=float, default=None)
     ap.add_argument("--merge", metavar="RUN_DIR", help="merge the run's adapter into its base model")
     ap.add_argument("--eval", metavar="RUN_DIR", help="evaluate the run's export on --data")
     ap.add_argument("--data", help="examples to evaluate (JSONL/CSV)")
     args = ap.parse_args(argv)
     try:
+        if args.merge or args.eval:
+            quiet_libraries()
         if args.merge:
             from transformers import AutoTokenizer
 
@@ -288,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = _frozen(run_dir)
         torch.use_deterministic_algorithms(True, warn_only=True)
         d = init_distributed(spec.cluster.backend)
-        train(spec, run_dir, d, args.deadline, Path(args.stop_file) if args.stop_file else None)
+        train(spec, run_dir, d, args.deadline, Path(args.stop_file) if args.stop_file else None,
+              args.echo_to_log)
     except UserError as e:
         return user_error_exit(e, args.run_dir)
     finally:

@@ -43,8 +43,11 @@ def format_eta(seconds: float) -> str:
 class Monitor:
     """Rank 0 writes; other ranks hold a silent monitor. `sinks` get every record (W&B later)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, sinks: list | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, sinks: list | None = None, echo_to_log: bool = False
+    ) -> None:
         self.enabled = enabled
+        self.echo_to_log = echo_to_log  # stdout is the console only: copy lines to the rank log
         self.sinks = sinks or []
         self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
 
@@ -60,6 +63,8 @@ class Monitor:
     def print(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True, file=sys.stdout)
+            if self.echo_to_log:
+                print(text, flush=True, file=sys.stderr)
 
     def close(self) -> None:
         if self._file is not None:

@@ -37,6 +37,7 @@ from trainers.data.loader import TrainBatches
 from trainers.data.sampler import PackedSource
 from trainers.distributed import Dist, init_distributed, mean_over_ranks, shutdown
 from trainers.engine import DDPEngine, adamw
+from trainers.model import build_model, fresh_modules_note, load_tokenizer
 from trainers.monitor import Monitor, format_eta, report_preempted, user_error_exit
 from trainers.preemption import StopRequest, die_with_parent
 
@@ -47,9 +48,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(spec: RunSpec):
-    """Warmup then cosine/linear decay to min_lr_ratio over the run's total steps."""
-    t, total = spec.training, spec.total_steps
+def lr_lambda(spec: RunSpec, total: int):
+    """Warmup then cosine/linear decay to min_lr_ratio over the run's `total` steps."""
+    t = spec.training
 
     def f(step: int) -> float:
         if step < t.warmup_steps:
@@ -61,27 +62,6 @@ def lr_lambda(spec: RunSpec):
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
     return f
-
-
-def build_model(spec: RunSpec):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    auto = AutoModelForCausalLM if spec.objective.type == "clm" else AutoModelForMaskedLM
-    dtype = torch.bfloat16 if spec.model.dtype == "bf16" else torch.float32
-    if spec.model.path is not None:
-        path = resolve_path(spec.model.path, field="model.path")
-        return auto.from_pretrained(path, dtype=dtype, local_files_only=True)
-    cfg = dict(spec.model.config)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return auto.from_config(config, dtype=dtype)
-
-
-def load_tokenizer(spec: RunSpec):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        resolve_path(spec.model.tokenizer_path), local_files_only=True
-    )
 
 
 class Objective:
@@ -176,8 +156,9 @@ def train(
     deadline: float | None = None,
     stop_path: Path | None = None,
     fault_pause: tuple[int, float] | None = None,
+    echo_to_log: bool = False,
 ) -> str:
-    mon = Monitor(run_dir, enabled=d.is_main)
+    mon = Monitor(run_dir, enabled=d.is_main, echo_to_log=echo_to_log)
     # one line per rank (in each rank's log) so a multi-node run shows who took part
     print(
         f"rank {d.rank}/{d.world_size} on node {d.node_rank} ({socket.gethostname()}), pid {os.getpid()}",
@@ -187,17 +168,20 @@ def train(
     seed_everything(spec.training.seed)
     tokenizer = load_tokenizer(spec)
     model = build_model(spec)
+    if model.hpctrain_new_modules:
+        mon.print(fresh_modules_note(model.hpctrain_new_modules, "the objective's head"))
     vocab_size = model.get_input_embeddings().num_embeddings
     sources = open_sources(spec, vocab_size)
     objective = Objective(spec, tokenizer, vocab_size)
     t = spec.training
+    total = spec.total_steps_for(sum(s.num_samples for s in sources))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = adamw(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         t.lr, t.betas, t.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total))
     engine = DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, d)
     batches = TrainBatches(
         sources,
@@ -216,7 +200,7 @@ def train(
         check_token_ids(vcorpus, vocab_size, split=vref.split)
         valid = PackedSource(vcorpus.split(vref.split), spec.data.seq_len)
 
-    step, total = 0, spec.total_steps
+    step = 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         meta = load_checkpoint(ckpt, engine, d.rank)
@@ -326,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--stop-file", default=None, help="file whose existence asks the run to save and stop")
+    ap.add_argument("--echo-to-log", action="store_true", help="copy console lines to stderr (rank log)")
     ap.add_argument(
         "--deadline",
         type=float,
@@ -347,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
         d = init_distributed(spec.cluster.backend)
         stop_path = Path(args.stop_file) if args.stop_file else None
-        train(spec, run_dir, d, args.deadline, stop_path, fault_pause)
+        train(spec, run_dir, d, args.deadline, stop_path, fault_pause, args.echo_to_log)
     except UserError as e:
         return user_error_exit(e, run_dir)
     finally:

@@ -224,3 +224,35 @@ def test_bad_finetune_inputs_exit_2(tmp_path, tiny_llama):
     r = run_cli("run", str(write_spec(tmp_path / "b.yaml", spec)))
     assert r.returncode == 2 and "finetune.lora.target_modules" in r.stderr and "q_proj" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_epochs_resolve_to_steps_and_resume_mid_epoch_bitwise(tmp_path):
+    """3 epochs of 240 examples at 16 per step = 45 steps; stopped inside the second epoch,
+    the resumed run finishes that epoch in the same order and reshuffles the third as an
+    uninterrupted run does (every loss bitwise equal)."""
+    def spec(run):
+        s = cls_spec(run, seq_len=32)
+        s["training"].pop("steps")
+        s["training"].update(epochs=3, eval_every=None, log_every=1)
+        s["checkpoint"] = {"every_steps": 100}
+        return s
+
+    ref = tmp_path / "ref"
+    r = run_cli("run", str(write_spec(tmp_path / "ref.yaml", spec(ref))))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 epoch(s) of 240 examples = 45 steps" in r.stdout and "step 45/45" in r.stdout
+    expected = losses(ref)
+    assert sorted(expected) == list(range(1, 46))
+    run = tmp_path / "run"
+    p = write_spec(tmp_path / "s.yaml", spec(run))
+    proc = start_run(p)
+    wait_for(lambda: last_step(run) >= 18, what="step 18 (inside epoch 2)")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "resumable" in out, out
+    stopped = json.loads((run / "status.json").read_text())["step"]
+    assert 18 <= stopped < 45
+    r = run_cli("run", str(p))
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
+    got = losses(run)
+    assert [got[s] for s in range(1, 46)] == [expected[s] for s in range(1, 46)]

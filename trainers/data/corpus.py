@@ -19,8 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import UserError
-from trainers.data.indexed import FormatError, IndexedFile, is_indexed_prefix, prefix_of
+from launcher.errors import UserError, UserErrors
+from trainers.data.indexed import (
+    FormatError,
+    IndexedFile,
+    is_indexed_prefix,
+    prefix_of,
+    shard_counts,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hpctrain-corpus"
@@ -137,8 +143,43 @@ class Corpus:
         return self.split(split).max_token_id()
 
 
+def corpus_problems(path: str | os.PathLike, manifest: dict | None) -> list[UserError]:
+    """Every shard's `.bin`/`.idx` sizes against its index, and the index counts against
+    the manifest: stat calls and a few header bytes per shard, no scan."""
+    if manifest is None:
+        try:
+            shard_counts(path)
+        except FormatError as e:
+            return [e]
+        return []
+    problems: list[UserError] = []
+    for name, split in manifest["splits"].items():
+        tokens = docs = 0
+        complete = True
+        for shard in split["shards"]:
+            try:
+                t, d = shard_counts(Path(path) / shard)
+            except FormatError as e:
+                problems.append(e)
+                complete = False
+                continue
+            tokens, docs = tokens + t, docs + d
+        if complete and (tokens, docs) != (split["tokens"], split["documents"]):
+            problems.append(
+                UserError(
+                    f"split '{name}': the shards hold {tokens:,} tokens in {docs:,} documents, "
+                    f"the manifest says {split['tokens']:,} in {split['documents']:,}",
+                    file=str(Path(path) / MANIFEST),
+                    field=f"splits.{name}",
+                    expected="shards and manifest from the same `hpctrain prepare`",
+                )
+            )
+    return problems
+
+
 def open_corpus(path: str | os.PathLike) -> Corpus:
-    """Open a corpus directory (with manifest) or a bare Megatron `.bin/.idx` prefix."""
+    """Open a corpus directory (with manifest) or a bare Megatron `.bin/.idx` prefix,
+    after checking that every shard is complete (see `corpus_problems`)."""
     p = Path(path)
     if p.is_dir():
         manifest = read_manifest(p)
@@ -148,8 +189,14 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
                 file=str(p),
                 expected="a corpus written by `hpctrain prepare`",
             )
+        problems = corpus_problems(p, manifest)
+        if problems:
+            raise UserErrors(problems)
         return Corpus(str(p), manifest)
     if is_indexed_prefix(p):
+        problems = corpus_problems(prefix_of(p), None)
+        if problems:
+            raise UserErrors(problems)
         return Corpus(prefix_of(p), None)
     raise UserError(
         "corpus not found",

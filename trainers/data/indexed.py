@@ -62,6 +62,51 @@ def prefix_of(path: str | os.PathLike) -> str:
     return p
 
 
+def shard_counts(prefix: str | os.PathLike) -> tuple[int, int]:
+    """(tokens, documents) of one `.bin`/`.idx` pair, checked against the files' sizes.
+
+    Reads the 34-byte header and two numbers near the end of the `.idx` and stats
+    both files: no scan, so start-up stays flat in corpus size. A `.bin` or `.idx`
+    that is shorter (or longer) than the index promises -- a half-finished copy to
+    a cluster's scratch -- raises a FormatError naming the file and both sizes.
+    """
+    base = prefix_of(prefix)
+    idx_path, bin_path = base + ".idx", base + ".bin"
+    for p in (idx_path, bin_path):
+        if not os.path.isfile(p):
+            raise FormatError("file not found", file=p, expected="a .bin/.idx pair")
+    idx_size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as f:
+        header = f.read(34)
+        if len(header) < 34 or header[:9] != MAGIC:
+            raise FormatError("not a Megatron indexed dataset (bad magic or header)", file=idx_path)
+        (version,) = struct.unpack("<Q", header[9:17])
+        if version != VERSION or header[17] not in DTYPE_CODES:
+            raise FormatError(f"unsupported index (version {version}, dtype code {header[17]})",
+                              file=idx_path)
+        itemsize = np.dtype(DTYPE_CODES[header[17]]).itemsize
+        seqs, docs = struct.unpack("<QQ", header[18:34])
+        want_idx = 34 + 12 * seqs + 8 * docs
+        # multimodal Megatron files append one int8 mode per sequence
+        if idx_size not in (want_idx, want_idx + seqs):
+            raise FormatError(f"index is {idx_size:,} bytes but its header promises {want_idx:,} "
+                              "(truncated or overwritten)", file=idx_path,
+                              expected="a complete copy of the .idx file")
+        want_bin = 0
+        if seqs:
+            f.seek(34 + 4 * (seqs - 1))
+            (last_len,) = struct.unpack("<i", f.read(4))
+            f.seek(34 + 4 * seqs + 8 * (seqs - 1))
+            (last_ptr,) = struct.unpack("<q", f.read(8))
+            want_bin = last_ptr + last_len * itemsize
+    bin_size = os.path.getsize(bin_path)
+    if bin_size != want_bin:
+        raise FormatError(f"{bin_size:,} bytes on disk but its index promises {want_bin:,} "
+                          f"({'truncated: a partial copy?' if bin_size < want_bin else 'longer than indexed'})",
+                          file=bin_path, expected=f"{want_bin:,} bytes (a complete copy)")
+    return want_bin // itemsize, max(docs - 1, 0)
+
+
 class IndexedFile:
     """One `.bin`/`.idx` pair, memory-mapped.
 
@@ -73,9 +118,7 @@ class IndexedFile:
     def __init__(self, prefix: str | os.PathLike) -> None:
         self.prefix = prefix_of(prefix)
         idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
-        for p in (idx_path, bin_path):
-            if not os.path.isfile(p):
-                raise UserError("file not found", file=p, expected="a .bin/.idx pair")
+        shard_counts(self.prefix)  # sizes agree with the index (stat only), else a clear error
         with open(idx_path, "rb") as f:
             header = f.read(9 + 8 + 1 + 8 + 8)
         if len(header) < 34 or header[:9] != MAGIC:

@@ -1,0 +1,67 @@
+"""Model and tokenizer loading shared by both trainers."""
+
+from __future__ import annotations
+
+import torch
+
+from launcher.paths import resolve_path
+from launcher.spec import RunSpec
+
+
+def load_tokenizer(spec: RunSpec):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        resolve_path(spec.model.tokenizer_path), local_files_only=True
+    )
+
+
+def build_model(spec: RunSpec):
+    """The pretraining model: from `model.path` (pretrained) or `model.config` (from scratch).
+
+    Sets `model.hpctrain_new_modules`: modules the checkpoint lacked and that start fresh
+    (an MLM head missing from an encoder checkpoint), reported once on the console.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForCausalLM if spec.objective.type == "clm" else AutoModelForMaskedLM
+    dtype = torch.bfloat16 if spec.model.dtype == "bf16" else torch.float32
+    if spec.model.path is not None:
+        path = resolve_path(spec.model.path, field="model.path")
+        model, info = auto.from_pretrained(
+            path, dtype=dtype, local_files_only=True, output_loading_info=True
+        )
+        model.hpctrain_new_modules = missing_modules(info)
+        return model
+    cfg = dict(spec.model.config)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = auto.from_config(config, dtype=dtype)
+    model.hpctrain_new_modules = []
+    return model
+
+
+def missing_modules(loading_info: dict) -> list[str]:
+    """Modules with weights missing from a checkpoint (from `output_loading_info=True`)."""
+    return sorted({k.rsplit(".", 1)[0] for k in loading_info.get("missing_keys", [])})
+
+
+def fresh_modules_note(modules: list[str], why: str) -> str:
+    """One console line instead of transformers' load report: what starts fresh, and why."""
+    tops = sorted({".".join(m.split(".")[:2]) for m in modules})
+    return (
+        f"initialized fresh (not in the checkpoint; {why}): {', '.join(tops)} "
+        f"({len(modules)} module(s); details in the rank logs)"
+    )
+
+
+def quiet_libraries() -> None:
+    """For tools whose stderr is the user's console (merge, eval): transformers' load
+    reports, progress bars and deprecation warnings say nothing a user can act on."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
