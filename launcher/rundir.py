@@ -4,7 +4,7 @@ RUN_DIR/spec.yaml              resolved spec, frozen at the first launch
 RUN_DIR/checkpoints/step_N/    complete checkpoints (meta.json inside = complete)
 RUN_DIR/checkpoints/latest     name of the newest one (a derived view, written last)
 RUN_DIR/metrics.jsonl          one JSON line per logged step / evaluation
-RUN_DIR/status.json            what the trainer last reported: running | preempted | finished | failed
+RUN_DIR/status.json            running | preempted | finished | failed | stopped (the mark_* transitions below)
 RUN_DIR/control/stop           a stop request from the launcher (deleted at each launch)
 RUN_DIR/export/                the final model in HF format
 """
@@ -69,8 +69,39 @@ def read_status(run_dir: str | Path) -> dict:
         return {}
 
 
-def write_status(run_dir: str | Path, **fields) -> None:
+def _write_status(run_dir: str | Path, **fields) -> None:
     atomic_write_text(Path(run_dir) / "status.json", json.dumps(fields, sort_keys=True) + "\n")
+
+
+# The run's status and its transitions: this module is the only writer of status.json.
+#   running -> preempted (checkpoint saved, resumable) | finished | failed
+#   preempted -> running (resumed) | stopped (Slurm would not requeue it)
+
+
+def mark_running(run_dir: str | Path, step: int, total: int, pid: int) -> None:
+    _write_status(run_dir, state="running", step=step, total_steps=total, pid=pid)
+
+
+def mark_preempted(run_dir: str | Path, step: int, total: int, reason: str) -> None:
+    """The ranks saved a checkpoint at `step` and stopped: resumable."""
+    _write_status(run_dir, state="preempted", step=step, total_steps=total, reason=reason)
+
+
+def mark_finished(run_dir: str | Path, step: int, total: int, **extra) -> None:
+    _write_status(run_dir, state="finished", step=step, total_steps=total, **extra)
+
+
+def mark_failed(run_dir: str | Path, reason: str, user_error: bool = False) -> None:
+    """The attempt failed; the step reached so far is kept."""
+    old = read_status(run_dir)
+    keep = {k: old[k] for k in ("step", "total_steps") if k in old}
+    _write_status(run_dir, **keep, state="failed", reason=reason,
+                  **({"user_error": True} if user_error else {}))
+
+
+def mark_stopped(run_dir: str | Path, reason: str) -> None:
+    """Preempted or timed out, and not requeued (the requeue limit)."""
+    _write_status(run_dir, **{**read_status(run_dir), "state": "stopped", "reason": reason})
 
 
 def stop_file(run_dir: str | Path) -> Path:

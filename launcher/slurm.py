@@ -30,7 +30,7 @@ from pathlib import Path
 
 from launcher.errors import UserError
 from launcher.node import build_torchrun_command, show_command, start_torchrun
-from launcher.rundir import atomic_write_text, read_status, write_status
+from launcher.rundir import atomic_write_text, mark_failed, mark_stopped, read_status
 from launcher.spec import RunSpec
 
 JOBS_FILE = "jobs.json"
@@ -213,14 +213,7 @@ class NodeTask:
         ) as e:  # raised by submitit's handler: no requeue
             _wait(self._proc)
             if env.global_rank == 0:
-                write_status(
-                    self.run_dir,
-                    **{
-                        **read_status(self.run_dir),
-                        "state": "stopped",
-                        "reason": f"not requeued: {e}",
-                    },
-                )
+                mark_stopped(self.run_dir, f"not requeued: {e}")
             raise
         rc = self._proc.returncode
         status = read_status(self.run_dir)
@@ -231,21 +224,14 @@ class NodeTask:
                 self._requeue_after_deadline(job_id)
             return "preempted"
         reason = f"torchrun exited with code {rc} on node {node}"
-        if env.global_rank == 0:
-            write_status(self.run_dir, **{**status, "state": "failed", "reason": reason})
+        if env.global_rank == 0 and status.get("state") != "failed":  # the trainer's own reason wins
+            mark_failed(self.run_dir, reason)
         raise RuntimeError(f"{reason}; rank logs under {Path(self.run_dir) / 'logs'}")
 
     def _requeue_after_deadline(self, job_id: str) -> None:
         """The trainer stopped ahead of the time limit without a signal: requeue like submitit would."""
         if _restart_count() >= self.max_requeues:
-            write_status(
-                self.run_dir,
-                **{
-                    **read_status(self.run_dir),
-                    "state": "stopped",
-                    "reason": f"requeue limit ({self.max_requeues}) reached",
-                },
-            )
+            mark_stopped(self.run_dir, f"requeue limit ({self.max_requeues}) reached")
             raise RuntimeError(f"requeue limit ({self.max_requeues}) reached; resubmit to continue")
         subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
         time.sleep(600)  # the requeue ends this task

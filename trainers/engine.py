@@ -1,19 +1,35 @@
 """Engines: how a model is wrapped, stepped, saved and exported. Trainers never ask which.
 
-`DDPEngine` is plain PyTorch DDP (or one process). A DeepSpeed engine will
-implement the same methods; everything engine-specific lives behind them.
+The interface every engine implements (the loops use nothing else):
+
+    with engine.micro_step(sync=last) as module:   # forward under autocast; grads sync when `last`
+        loss = objective(module, batch)
+        engine.backward(loss)                       # the engine scales by the accumulation count
+    grad_norm = engine.step()                       # clip, optimizer, LR schedule, zero grads
+    engine.lr                                       # current learning rate
+    with engine.evaluating() as module: ...         # eval mode, no grad, autocast; train mode after
+    engine.save(directory, rank) / engine.load(directory)   # called by every rank
+    engine.export(write)                            # every rank calls it; the engine gathers the
+                                                    # full model if it must and calls write(model)
+                                                    # on the rank that writes
+    engine.trainable_parameters()
+
+`build_engine(spec, model, dist, ...)` builds the optimizer (fused AdamW, no decay on
+biases and norms) and the warmup + decay schedule from the spec, then the engine:
+`DDPEngine` (plain PyTorch DDP, or one process).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from launcher.spec import RunSpec
 from trainers.checkpoint import save_tensor_file
 
 
@@ -21,6 +37,41 @@ def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: flo
     """AdamW with the fused kernel (CPU and CUDA): one kernel over all tensors instead of a
     Python loop per tensor; deterministic, so exact resume holds."""
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
+def lr_lambda(spec: RunSpec, total: int) -> Callable[[int], float]:
+    """Warmup then cosine/linear decay to min_lr_ratio over the run's `total` steps."""
+    t = spec.training
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return f
+
+
+def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
+                 trainable_only: bool = False):
+    """The engine for this spec, with its optimizer and LR schedule.
+
+    trainable_only: checkpoints hold just the trained tensors (LoRA adapters, saved
+    modules); the frozen base is rebuilt from the spec on resume.
+    """
+    t = spec.training
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = adamw([g for g in groups if g["params"]], t.lr, t.betas, t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    return DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum,
+                     trainable_only)
 
 
 class DDPEngine:
@@ -32,17 +83,21 @@ class DDPEngine:
         grad_clip: float | None,
         precision: str,
         dist_info,
+        accum: int = 1,
         trainable_only: bool = False,
     ) -> None:
-        # trainable_only: checkpoints hold just the trained tensors (LoRA adapters, saved
-        # modules); the frozen base is rebuilt from the spec on resume
         self.model = model.to(dist_info.device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_clip = grad_clip
         self.device = dist_info.device
+        self.rank = dist_info.rank
         self.module = DDP(self.model) if dist_info.world_size > 1 else self.model
         self._autocast = precision == "bf16"
+        self.accum = accum
         self.trainable_only = trainable_only
+
+    def _autocast_ctx(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast)
 
     @contextlib.contextmanager
     def micro_step(self, sync: bool):
@@ -52,14 +107,13 @@ class DDPEngine:
             if (isinstance(self.module, DDP) and not sync)
             else contextlib.nullcontext()
         )
-        with (
-            no_sync,
-            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast),
-        ):
+        with no_sync, self._autocast_ctx():
             yield self.module
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """Backward of one micro-batch's mean loss; the step's gradient is the mean over
+        its `accum` micro-batches (the loop never scales the loss)."""
+        (loss / self.accum).backward()
 
     def step(self) -> float:
         """Clip, optimizer step, LR schedule step; returns the pre-clip grad norm."""
@@ -74,6 +128,19 @@ class DDPEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The unwrapped model in eval mode, without gradients, under the run's autocast."""
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast_ctx():
+                yield self.model
+        finally:
+            self.model.train()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def save(self, directory: Path, rank: int) -> None:
         """DDP replicas are identical: rank 0 writes the model, optimizer and schedule."""
@@ -105,18 +172,7 @@ class DDPEngine:
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
 
-    def export(self, directory: Path, tokenizer, rank: int) -> None:
-        """HF `save_pretrained` (safetensors) + tokenizer, renamed into place when complete."""
-        if rank != 0:
-            return
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+    def export(self, write: Callable[[torch.nn.Module], None]) -> None:
+        """Every rank calls it; rank 0 holds the full model and writes it."""
+        if self.rank == 0:
+            write(self.model)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import torch
 
 from launcher.paths import resolve_path
 from launcher.spec import RunSpec
+
+LABELS_FILE = "labels.json"
 
 
 def load_tokenizer(spec: RunSpec):
@@ -65,3 +72,22 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = None) -> None:
+    """`save_pretrained` (safetensors) + tokenizer (+ label map), renamed into place when
+    complete: an export is whole or absent, and a previous one is replaced only at the end."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if labels is not None:
+        (tmp / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)

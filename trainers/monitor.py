@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.rundir import write_status
+from launcher.rundir import mark_failed
 
 
 def user_error_exit(error: Exception, run_dir: str | Path | None) -> int:
@@ -21,16 +21,8 @@ def user_error_exit(error: Exception, run_dir: str | Path | None) -> int:
     """
     print(f"hpctrain: error: {error}", file=sys.stderr)
     if run_dir and os.environ.get("RANK", "0") == "0":
-        write_status(run_dir, state="failed", reason=str(error), user_error=True)
+        mark_failed(run_dir, str(error), user_error=True)
     return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 2
-
-
-def report_preempted(mon: Monitor, run_dir: Path, is_main: bool, step: int, total: int, reason: str) -> str:
-    """Say (and record in status.json) that the run stopped with a resumable checkpoint."""
-    mon.print(f"preempted ({reason}) at step {step}: checkpoint saved, resumable")
-    if is_main:
-        write_status(run_dir, state="preempted", step=step, total_steps=total, reason=reason)
-    return "preempted"
 
 
 def format_eta(seconds: float) -> str:

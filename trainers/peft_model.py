@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,8 +15,7 @@ import torch
 from launcher.errors import UserError
 from launcher.paths import resolve_path
 from launcher.spec import RunSpec
-
-LABELS_FILE = "labels.json"
+from trainers.model import LABELS_FILE, save_hf_model
 
 
 def _auto(kind: str):
@@ -106,24 +103,9 @@ def parameter_report(model) -> str:
             f"weights in memory: {mem / 2**20:.1f} MiB")
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export(model, tokenizer, labels: list[str] | None, directory: Path) -> None:
     """Adapter (PEFT) or full model, plus tokenizer and label map, renamed into place when complete."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if labels is not None:
-        (tmp / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))
-    _publish(tmp, directory)
+    save_hf_model(model, tokenizer, directory, labels)
 
 
 def is_adapter(directory: Path) -> bool:

@@ -1,0 +1,169 @@
+"""The part both trainers share: entry point, seeding, resume, checkpoint cadence and stop
+agreement, status. `pretrain.py` and `finetune.py` keep only what differs: their data,
+model, objective and evaluation, and their loop, which reads top to bottom:
+
+    run = Run(spec, launch, dist)                 # console/metrics, stop requests
+    meta = run.resume(engine, batches)            # newest complete checkpoint, if any
+    while step < total:
+        ... micro-steps, engine.step(), log, maybe evaluate ...
+        reason = run.after_step(step, total, secs, engine, state)  # agree on save/stop, save
+        if reason: return run.preempted(step, total, reason)
+    run.finished(step, total)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.errors import UserError
+from launcher.rundir import (
+    latest_checkpoint,
+    mark_finished,
+    mark_preempted,
+    mark_running,
+    stop_file,
+)
+from launcher.spec import RunSpec, load_spec_dict, spec_from_dict
+from trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
+from trainers.distributed import Dist, init_distributed, shutdown
+from trainers.monitor import Monitor, user_error_exit
+from trainers.preemption import StopRequest, die_with_parent
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the entry point read from its command line and environment."""
+
+    run_dir: Path
+    deadline: float | None = None  # epoch seconds by which a checkpoint must exist
+    stop_path: Path | None = None  # the node task's per-attempt stop file
+    fault_pause: tuple[int, float] | None = None  # tests: (step, seconds) to pause inside a save
+    echo_to_log: bool = False  # console lines are copied to the rank log
+
+
+def entry_parser(doc: str | None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir")
+    ap.add_argument("--stop-file", default=None, help="file whose existence asks the run to save and stop")
+    ap.add_argument("--echo-to-log", action="store_true", help="copy console lines to stderr (rank log)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="epoch seconds by which a checkpoint must exist")
+    return ap
+
+
+def frozen_spec(run_dir: Path) -> RunSpec:
+    frozen = run_dir / "spec.yaml"
+    if not frozen.is_file():
+        raise UserError("not a run directory (no spec.yaml)", file=str(run_dir))
+    return spec_from_dict(load_spec_dict(frozen), str(frozen))
+
+
+def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist], str]) -> int:
+    """Start one trainer rank: frozen spec, process group, train; a user error exits cleanly."""
+    die_with_parent()
+    # the environment is read here, at the entry point, and passed down as values
+    fault = os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", "")  # "STEP:SECONDS"
+    fault_step, _, fault_s = fault.partition(":")
+    launch = Launch(
+        run_dir=Path(args.run_dir),
+        deadline=args.deadline,
+        stop_path=Path(args.stop_file) if args.stop_file else None,
+        fault_pause=(int(fault_step), float(fault_s)) if fault else None,
+        echo_to_log=args.echo_to_log,
+    )
+    try:
+        spec = frozen_spec(launch.run_dir)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        d = init_distributed(spec.cluster.backend)
+        train(spec, launch, d)
+    except UserError as e:
+        return user_error_exit(e, launch.run_dir)
+    finally:
+        shutdown()
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """One attempt of a run on one rank: console and metrics (rank 0), resume, the
+    checkpoint cadence and the stop agreement (see trainers/preemption.py)."""
+
+    def __init__(self, spec: RunSpec, launch: Launch, d: Dist) -> None:
+        self.spec, self.launch, self.d = spec, launch, d
+        self.run_dir = launch.run_dir
+        self.mon = Monitor(self.run_dir, enabled=d.is_main, echo_to_log=launch.echo_to_log)
+        # one line per rank (in each rank's log) so a multi-node run shows who took part
+        print(f"rank {d.rank}/{d.world_size} on node {d.node_rank} ({socket.gethostname()}), "
+              f"pid {os.getpid()}", file=sys.stderr, flush=True)
+        self.stopper = StopRequest(launch.stop_path or stop_file(self.run_dir), launch.deadline,
+                                   margin_s=5.0)
+        self.last_save, self.save_seconds = time.time(), 0.0
+
+    def resume(self, engine, batches) -> dict:
+        """Load the newest complete checkpoint (found by scanning); its meta, or {}."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return {}
+        meta = load_checkpoint(ckpt, engine, self.d.rank)
+        batches.load_state_dict(meta["sampler"])
+        self.mon.print(
+            f"resuming from {ckpt} (step {meta['step']}, {meta.get('tokens_seen', 0):,} tokens seen, "
+            f"saved by {meta['world_size']} rank(s), now {self.d.world_size})"
+        )
+        return meta
+
+    def started(self, step: int, total: int) -> None:
+        if self.d.is_main:
+            mark_running(self.run_dir, step, total, os.getpid())
+
+    def after_step(self, step: int, total: int, step_seconds: float, engine, state: dict,
+                   force_save: bool = False) -> str | None:
+        """At a step boundary: agree on save/stop over all ranks, save if due; the stop reason.
+
+        A checkpoint is saved on the spec's cadence, at the last step, when `force_save`,
+        and whenever a rank asks to stop (signal, stop file, deadline near).
+        """
+        due = checkpoint_due(self.spec.checkpoint, step, self.last_save)
+        reason, save_now = self.stopper.agree(due, next_step_s=step_seconds + self.save_seconds)
+        if save_now or reason or force_save or step == total:
+            s0 = time.time()
+            pause = self.launch.fault_pause
+            path = save_checkpoint(
+                self.run_dir, step, engine,
+                {**state, "world_size": self.d.world_size, "spec_name": self.spec.name},
+                self.d.rank, self.spec.checkpoint.keep_last,
+                pause_before_commit_s=pause[1] if pause and pause[0] == step else 0.0,
+            )
+            self.last_save, self.save_seconds = time.time(), time.time() - s0
+            self.mon.print(f"  checkpoint: {path} ({self.save_seconds:.1f}s)")
+        return reason
+
+    def preempted(self, step: int, total: int, reason: str) -> str:
+        """Say (and record) that the run stopped with a resumable checkpoint."""
+        self.mon.print(f"preempted ({reason}) at step {step}: checkpoint saved, resumable")
+        if self.d.is_main:
+            mark_preempted(self.run_dir, step, total, reason)
+        self.mon.close()
+        return "preempted"
+
+    def finished(self, step: int, total: int, **extra) -> str:
+        if self.d.is_main:
+            mark_finished(self.run_dir, step, total, **extra)
+        self.mon.close()
+        return "finished"
