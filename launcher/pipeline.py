@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from launcher.errors import UserError, UserErrors
-from launcher.spec import (
+from hpctrain.launcher.errors import UserError, UserErrors
+from hpctrain.launcher.spec import (
     RunSpec,
     apply_overrides,
     parse_override,

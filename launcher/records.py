@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from launcher.errors import UserError
+from hpctrain.launcher.errors import UserError
 
 
 def iter_records(path: str) -> Iterator[tuple[int, dict]]:

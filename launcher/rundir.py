@@ -17,8 +17,14 @@ import re
 import tempfile
 from pathlib import Path
 
-from launcher.errors import UserError
-from launcher.spec import RunSpec, forbidden_changes, load_spec_dict, spec_from_dict, spec_to_yaml
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.spec import (
+    RunSpec,
+    forbidden_changes,
+    load_spec_dict,
+    spec_from_dict,
+    spec_to_yaml,
+)
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"

@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.errors import UserError
-from launcher.node import build_torchrun_command, show_command, start_torchrun
-from launcher.rundir import atomic_write_text, mark_failed, mark_stopped, read_status
-from launcher.spec import RunSpec
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.node import build_torchrun_command, show_command, start_torchrun
+from hpctrain.launcher.rundir import atomic_write_text, mark_failed, mark_stopped, read_status
+from hpctrain.launcher.spec import RunSpec
 
 JOBS_FILE = "jobs.json"
 
@@ -70,8 +70,8 @@ def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
     ex = submitit.SlurmExecutor(
         folder=run_dir / "slurm",
         max_num_timeout=spec.cluster.max_requeues,
-        # start through launcher.slurm_entry so that an early USR2 is caught, not fatal
-        python=f"{shlex.quote(sys.executable)} -u -m launcher.slurm_entry",
+        # start through hpctrain.launcher.slurm_entry so that an early USR2 is caught, not fatal
+        python=f"{shlex.quote(sys.executable)} -u -m hpctrain.launcher.slurm_entry",
     )
     params = executor_parameters(spec)
     if dependency:
@@ -137,7 +137,7 @@ class NodeTask:
         run_dir: str,
         procs_per_node: int,
         max_requeues: int,
-        module: str = "trainers.pretrain",
+        module: str = "hpctrain.trainers.pretrain",
     ):
         self.run_dir = run_dir
         self.procs_per_node = procs_per_node
@@ -186,7 +186,7 @@ class NodeTask:
 
         signal.signal(signal.SIGUSR2, forward)
         signal.signal(signal.SIGTERM, forward)
-        from launcher import slurm_entry
+        from hpctrain.launcher import slurm_entry
 
         if slurm_entry.EARLY_SIGNALS:  # preempted while Python was still starting
             forward(signal.SIGUSR2, None)
@@ -257,7 +257,7 @@ def _wait(proc) -> None:
 
 def job_env(nproc: int) -> dict:
     """Environment of torchrun on a node: threads from the CPUs Slurm gave this node."""
-    from launcher.local import torch_env
+    from hpctrain.launcher.local import torch_env
 
     cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
     env = torch_env(nproc)

@@ -5,7 +5,7 @@ the default action of SIGUSR2 would kill the task and fail the job. This module
 is tiny, so it installs a recording handler within milliseconds; `NodeTask`
 replays a recorded signal once submitit's handlers are in place.
 
-    python -u -m launcher.slurm_entry -u -m submitit.core._submit FOLDER
+    python -u -m hpctrain.launcher.slurm_entry -u -m submitit.core._submit FOLDER
 """
 
 from __future__ import annotations

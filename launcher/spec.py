@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from launcher.errors import UserError, UserErrors
+from hpctrain.launcher.errors import UserError, UserErrors
 
 
 class _Strict(BaseModel):
@@ -288,7 +288,7 @@ class RunSpec(_Strict):
 
     @property
     def trainer_module(self) -> str:
-        return "trainers.finetune" if self.task == "finetune" else "trainers.pretrain"
+        return "hpctrain.trainers.finetune" if self.task == "finetune" else "hpctrain.trainers.pretrain"
 
     @property
     def total_steps(self) -> int:

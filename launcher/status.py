@@ -7,8 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from launcher.errors import UserError
-from launcher.rundir import latest_checkpoint, read_status
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.rundir import latest_checkpoint, read_status
 
 
 def _require_run_dir(run_dir: str) -> Path:
@@ -53,7 +53,7 @@ def tail(path: Path, n: int) -> list[str]:
 
 
 def status_text(run_dir: str) -> str:
-    from launcher.slurm import jobs_of, slurm_state
+    from hpctrain.launcher.slurm import jobs_of, slurm_state
 
     run = _require_run_dir(run_dir)
     st = read_status(run)
@@ -93,7 +93,7 @@ def status_text(run_dir: str) -> str:
 
 
 def node_logs(run_dir: str, node: int = 0) -> list[Path]:
-    from launcher.slurm import jobs_of
+    from hpctrain.launcher.slurm import jobs_of
 
     run = _require_run_dir(run_dir)
     jobs = jobs_of(run)
@@ -118,7 +118,7 @@ def follow(paths: list[Path], follow_: bool) -> None:
 
 
 def cancel(run_dir: str) -> list[str]:
-    from launcher.slurm import jobs_of
+    from hpctrain.launcher.slurm import jobs_of
 
     run = _require_run_dir(run_dir)
     ids = [j["job_id"] for j in jobs_of(run)]

@@ -7,10 +7,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from launcher.errors import UserError, UserErrors
-from launcher.paths import resolve_path, tokenizer_fingerprint
-from launcher.records import iter_records
-from launcher.spec import RunSpec
+from hpctrain.launcher.errors import UserError, UserErrors
+from hpctrain.launcher.paths import resolve_path, tokenizer_fingerprint
+from hpctrain.launcher.records import iter_records
+from hpctrain.launcher.spec import RunSpec
 
 
 def _manifest(path: str, field: str, file: str | None, errors: list[UserError]) -> dict | None:
@@ -117,7 +117,9 @@ def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], 
         return notes, None
     n_train = len(train)
     if ft.valid_file is None:
-        from trainers.data.sampler import seeded_fraction_mask  # numpy only: the trainer's split
+        from hpctrain.trainers.data.sampler import (
+            seeded_fraction_mask,  # numpy only: the trainer's split
+        )
 
         held = int(seeded_fraction_mask(__import__("numpy").arange(n_train), ft.valid_fraction,
                                         spec.training.seed).sum())
@@ -211,14 +213,14 @@ def check_files(
         if path not in checked and (m is not None or Path(path + ".idx").is_file()):
             checked.add(path)
             # the data layer's stat-only shard check (numpy, no torch)
-            from trainers.data.corpus import corpus_problems
+            from hpctrain.trainers.data.corpus import corpus_problems
 
             for e in corpus_problems(path, m):
                 e.field = e.field or field
                 errors.append(e)
         if m is None:
             if field.startswith("data.corpora") and Path(path + ".idx").is_file():
-                from trainers.data.indexed import FormatError, shard_counts
+                from hpctrain.trainers.data.indexed import FormatError, shard_counts
 
                 try:
                     train_tokens[field] = shard_counts(path)[0]

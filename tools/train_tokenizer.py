@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.errors import UserError
+from hpctrain.launcher.errors import UserError
 
 SPECIAL = ["<|endoftext|>", "<pad>"]
 

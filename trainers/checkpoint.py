@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.rundir import (
+from hpctrain.launcher.rundir import (
     CHECKPOINTS,
     META,
     atomic_write_text,

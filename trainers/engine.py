@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from launcher.spec import RunSpec
-from trainers.checkpoint import save_tensor_file
+from hpctrain.launcher.spec import RunSpec
+from hpctrain.trainers.checkpoint import save_tensor_file
 
 
 def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:

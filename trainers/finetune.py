@@ -2,10 +2,10 @@
 
 Started by `hpctrain run SPEC` (task: finetune) like pretraining:
 
-    torchrun --standalone --nproc-per-node 2 -m trainers.finetune --run-dir RUN_DIR
-    python -m trainers.finetune --run-dir RUN_DIR                     # one process
-    python -m trainers.finetune --merge RUN_DIR                       # `hpctrain merge`
-    python -m trainers.finetune --eval RUN_DIR --data FILE            # `hpctrain eval`
+    torchrun --standalone --nproc-per-node 2 -m hpctrain.trainers.finetune --run-dir RUN_DIR
+    python -m hpctrain.trainers.finetune --run-dir RUN_DIR                     # one process
+    python -m hpctrain.trainers.finetune --merge RUN_DIR                       # `hpctrain merge`
+    python -m hpctrain.trainers.finetune --eval RUN_DIR --data FILE            # `hpctrain eval`
 
 Examples are drawn in a seeded global order (the pretraining sampler over
 example indices), so resume is exact for any number of ranks; checkpoints of
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launcher.errors import UserError
-from launcher.paths import resolve_path
-from launcher.spec import RunSpec
-from trainers.data.examples import (
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.paths import resolve_path
+from hpctrain.launcher.spec import RunSpec
+from hpctrain.trainers.data.examples import (
     ExampleDataset,
     label_names,
     pack,
@@ -36,13 +36,20 @@ from trainers.data.examples import (
     tokenize_classify,
     tokenize_sft,
 )
-from trainers.data.loader import TrainBatches
-from trainers.distributed import Dist, mean_over_ranks
-from trainers.engine import build_engine
-from trainers.model import fresh_modules_note, load_tokenizer, quiet_libraries
-from trainers.monitor import format_eta
-from trainers.peft_model import build_model, export, load_exported, merge, parameter_report
-from trainers.skeleton import Launch, Run, entry_parser, frozen_spec, run_entry, seed_everything
+from hpctrain.trainers.data.loader import TrainBatches
+from hpctrain.trainers.distributed import Dist, mean_over_ranks
+from hpctrain.trainers.engine import build_engine
+from hpctrain.trainers.model import fresh_modules_note, load_tokenizer, quiet_libraries
+from hpctrain.trainers.monitor import format_eta
+from hpctrain.trainers.peft_model import build_model, export, load_exported, merge, parameter_report
+from hpctrain.trainers.skeleton import (
+    Launch,
+    Run,
+    entry_parser,
+    frozen_spec,
+    run_entry,
+    seed_everything,
+)
 
 
 def load_examples(spec: RunSpec, tok):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.paths import resolve_path
-from launcher.spec import RunSpec
+from hpctrain.launcher.paths import resolve_path
+from hpctrain.launcher.spec import RunSpec
 
 LABELS_FILE = "labels.json"
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.rundir import mark_failed
+from hpctrain.launcher.rundir import mark_failed
 
 
 def user_error_exit(error: Exception, run_dir: str | Path | None) -> int:

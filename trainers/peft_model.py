@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from launcher.errors import UserError
-from launcher.paths import resolve_path
-from launcher.spec import RunSpec
-from trainers.model import LABELS_FILE, save_hf_model
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.paths import resolve_path
+from hpctrain.launcher.spec import RunSpec
+from hpctrain.trainers.model import LABELS_FILE, save_hf_model
 
 
 def _auto(kind: str):

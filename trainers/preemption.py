@@ -27,7 +27,7 @@ import signal
 import time
 from pathlib import Path
 
-from trainers.distributed import agree_any
+from hpctrain.trainers.distributed import agree_any
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1

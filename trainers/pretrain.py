@@ -3,9 +3,9 @@
 Started by `hpctrain run SPEC` / `hpctrain submit SPEC`, which freeze the spec
 into RUN_DIR and start, per node:
 
-    torchrun --standalone --nproc-per-node 2 -m trainers.pretrain --run-dir RUN_DIR          # one machine
-    torchrun --nnodes 2 --node-rank $R --rdzv-endpoint HOST:PORT ... -m trainers.pretrain ... # two nodes
-    python -m trainers.pretrain --run-dir RUN_DIR                                            # one process
+    torchrun --standalone --nproc-per-node 2 -m hpctrain.trainers.pretrain --run-dir RUN_DIR          # one machine
+    torchrun --nnodes 2 --node-rank $R --rdzv-endpoint HOST:PORT ... -m hpctrain.trainers.pretrain ... # two nodes
+    python -m hpctrain.trainers.pretrain --run-dir RUN_DIR                                            # one process
 
 The loop below is the whole training procedure: fetch a step's micro-batches,
 forward/backward each, step, log, maybe evaluate, then agree on save/stop.
@@ -22,17 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from launcher.errors import UserError
-from launcher.paths import resolve_path
-from launcher.spec import RunSpec
-from trainers.data.corpus import check_token_ids, open_corpus
-from trainers.data.loader import TrainBatches
-from trainers.data.sampler import PackedSource
-from trainers.distributed import Dist, mean_over_ranks
-from trainers.engine import build_engine
-from trainers.model import build_model, fresh_modules_note, load_tokenizer, save_hf_model
-from trainers.monitor import format_eta
-from trainers.skeleton import Launch, Run, entry_parser, run_entry, seed_everything
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.paths import resolve_path
+from hpctrain.launcher.spec import RunSpec
+from hpctrain.trainers.data.corpus import check_token_ids, open_corpus
+from hpctrain.trainers.data.loader import TrainBatches
+from hpctrain.trainers.data.sampler import PackedSource
+from hpctrain.trainers.distributed import Dist, mean_over_ranks
+from hpctrain.trainers.engine import build_engine
+from hpctrain.trainers.model import build_model, fresh_modules_note, load_tokenizer, save_hf_model
+from hpctrain.trainers.monitor import format_eta
+from hpctrain.trainers.skeleton import Launch, Run, entry_parser, run_entry, seed_everything
 
 
 class Objective:

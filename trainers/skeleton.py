@@ -26,19 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.errors import UserError
-from launcher.rundir import (
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.rundir import (
     latest_checkpoint,
     mark_finished,
     mark_preempted,
     mark_running,
     stop_file,
 )
-from launcher.spec import RunSpec, load_spec_dict, spec_from_dict
-from trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
-from trainers.distributed import Dist, init_distributed, shutdown
-from trainers.monitor import Monitor, user_error_exit
-from trainers.preemption import StopRequest, die_with_parent
+from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
+from hpctrain.trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
+from hpctrain.trainers.distributed import Dist, init_distributed, shutdown
+from hpctrain.trainers.monitor import Monitor, user_error_exit
+from hpctrain.trainers.preemption import StopRequest, die_with_parent
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launcher.errors import UserError
-from trainers.data.corpus import Corpus, TokenStream, check_token_ids, open_corpus
-from trainers.data.indexed import IndexedFile, IndexedWriter
-from trainers.data.loader import TrainBatches
-from trainers.data.sampler import PackedSource, SampleOrder, _key, feistel_permute
+from hpctrain.launcher.errors import UserError
+from hpctrain.trainers.data.corpus import Corpus, TokenStream, check_token_ids, open_corpus
+from hpctrain.trainers.data.indexed import IndexedFile, IndexedWriter
+from hpctrain.trainers.data.loader import TrainBatches
+from hpctrain.trainers.data.sampler import PackedSource, SampleOrder, _key, feistel_permute
 
 
 def _stream(tmp_path, name, n_tokens, n_docs=7, offset=0) -> TokenStream:

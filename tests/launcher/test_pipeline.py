@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from launcher.errors import UserErrors
-from launcher.pipeline import load_pipeline
+from hpctrain.launcher.errors import UserErrors
+from hpctrain.launcher.pipeline import load_pipeline
 from tests.conftest import run_cli
 from tests.trainers.helpers import TINY_LLAMA, losses
 

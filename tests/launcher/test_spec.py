@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from launcher.errors import UserErrors
-from launcher.spec import forbidden_changes, load_spec, spec_from_dict
+from hpctrain.launcher.errors import UserErrors
+from hpctrain.launcher.spec import forbidden_changes, load_spec, spec_from_dict
 from tests.conftest import run_cli
 from tests.trainers.helpers import clm_spec, write_spec
 
@@ -140,6 +140,6 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys; from launcher.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    code = "import sys; from hpctrain.launcher.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False"

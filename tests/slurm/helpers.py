@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launcher.slurm import jobs_of, slurm_state
+from hpctrain.launcher.slurm import jobs_of, slurm_state
 
 
 def job_id(run_dir: Path) -> str:
@@ -79,6 +79,6 @@ def trainer_processes(run_dir: Path) -> list[int]:
                 cmd = (p / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"trainers.pretrain" in cmd and str(run_dir).encode() in cmd:
+            if b"hpctrain.trainers.pretrain" in cmd and str(run_dir).encode() in cmd:
                 out.append(int(p.name))
     return out

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hpctrain.trainers.data.corpus import open_corpus
 from tests.conftest import EXAMPLE_TEXT, run_cli
-from trainers.data.corpus import open_corpus
 
 DOCS = [line for line in EXAMPLE_TEXT.read_text().splitlines() if line.strip()]
 

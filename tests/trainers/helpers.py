@@ -71,7 +71,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def start_run(spec_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "run", str(spec_path), *extra],
+        [sys.executable, "-m", "hpctrain.launcher.cli", "run", str(spec_path), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -108,7 +108,7 @@ def trainer_pids(run_dir: Path) -> list[int]:
         except OSError:
             continue
         if (
-            b"trainers.pretrain" in cmd
+            b"hpctrain.trainers.pretrain" in cmd
             and str(run_dir).encode() in cmd
             and b"torch.distributed.run" not in cmd
         ):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from launcher.errors import UserError
-from launcher.spec import FinetuneSpec
-from trainers.data.examples import (
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.spec import FinetuneSpec
+from hpctrain.trainers.data.examples import (
     PROMPT_TEMPLATE,
     ROLE_TEMPLATE,
     label_names,

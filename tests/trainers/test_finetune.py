@@ -168,9 +168,14 @@ def test_sft_loss_falls_and_only_the_adapter_is_trained(tmp_path, tiny_llama, me
 def test_prompt_tokens_carry_no_loss(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.spec import spec_from_dict
-    from trainers.data.examples import PROMPT_TEMPLATE, ExampleDataset, read_records, tokenize_sft
-    from trainers.finetune import example_loss
+    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.trainers.data.examples import (
+        PROMPT_TEMPLATE,
+        ExampleDataset,
+        read_records,
+        tokenize_sft,
+    )
+    from hpctrain.trainers.finetune import example_loss
 
     spec = spec_from_dict(sft_spec("/tmp/unused", tiny_llama, "lora"))
     tok = AutoTokenizer.from_pretrained(tiny_llama)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.rundir import complete_checkpoints
+from hpctrain.launcher.rundir import complete_checkpoints
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
     clm_spec,
@@ -136,8 +136,8 @@ def test_exported_model_gives_the_trainers_validation_loss(reference, bpe_corpus
     """Load the export with plain transformers; its loss on the validation samples equals the trainer's."""
     from transformers import AutoModelForCausalLM
 
-    from trainers.data.corpus import open_corpus
-    from trainers.data.sampler import PackedSource
+    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.trainers.data.sampler import PackedSource
 
     run, _ = reference
     model = AutoModelForCausalLM.from_pretrained(run / "export").eval()
@@ -201,7 +201,7 @@ def test_more_steps_on_a_finished_run_continue_from_its_checkpoint(
 
 def test_direct_trainer_invocation_documents_itself():
     r = subprocess.run(
-        [sys.executable, "-m", "trainers.pretrain", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "hpctrain.trainers.pretrain", "--help"], capture_output=True, text=True
     )
     assert r.returncode == 0 and "torchrun" in r.stdout
 
@@ -210,15 +210,15 @@ def test_deadline_saves_and_stops_ahead_of_the_time_limit(tmp_path, bpe_tokenize
     """No signal ever comes: the trainer itself stops when the next step plus a save would not fit."""
     import time
 
-    from launcher.rundir import freeze_run_dir
-    from launcher.spec import spec_from_dict
+    from hpctrain.launcher.rundir import freeze_run_dir
+    from hpctrain.launcher.spec import spec_from_dict
 
     spec = spec_from_dict(clm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, training__steps=100_000))
     spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"procs_per_node": 1})})
     _, run = freeze_run_dir(spec)
     deadline = time.time() + 25
     r = subprocess.run(
-        [sys.executable, "-m", "trainers.pretrain", "--run-dir", str(run), "--deadline", str(deadline)],
+        [sys.executable, "-m", "hpctrain.trainers.pretrain", "--run-dir", str(run), "--deadline", str(deadline)],
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr

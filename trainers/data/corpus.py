@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.errors import UserError, UserErrors
-from trainers.data.indexed import (
+from hpctrain.launcher.errors import UserError, UserErrors
+from hpctrain.trainers.data.indexed import (
     FormatError,
     IndexedFile,
     is_indexed_prefix,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from launcher.errors import UserError
-from launcher.records import iter_records
+from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.records import iter_records
 
 # The plain template used when a tokenizer has no chat template (documented in the README).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
@@ -123,7 +123,7 @@ def pack(tk: Tokenized, seq_len: int) -> Tokenized:
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded train/validation split of n examples (at least one validation example)."""
-    from trainers.data.sampler import seeded_fraction_mask
+    from hpctrain.trainers.data.sampler import seeded_fraction_mask
 
     valid = seeded_fraction_mask(np.arange(n), fraction, seed)
     if fraction > 0 and not valid.any() and n > 1:

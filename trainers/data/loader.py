@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from launcher.errors import UserError
-from trainers.data.sampler import PackedSource, SampleOrder, rank_slice
+from hpctrain.launcher.errors import UserError
+from hpctrain.trainers.data.sampler import PackedSource, SampleOrder, rank_slice
 
 
 class PackedDataset(Dataset):

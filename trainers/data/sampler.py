@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from launcher.errors import UserError
-from trainers.data.corpus import TokenStream
+from hpctrain.launcher.errors import UserError
+from hpctrain.trainers.data.corpus import TokenStream
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
