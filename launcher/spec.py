@@ -213,6 +213,38 @@ class ClusterSpec(_Strict):
         return self.nodes * self.procs_per_node
 
 
+class EngineSpec(_Strict):
+    type: Literal["ddp", "deepspeed"] = Field(
+        "ddp", description="ddp: PyTorch DDP (a full replica per rank); deepspeed: DeepSpeed ZeRO"
+    )
+    zero_stage: Literal[1, 2, 3] | None = Field(
+        None,
+        description="ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters "
+        "(default 2, or the stage in engine.config)",
+    )
+    offload_optimizer: Literal["none", "cpu"] | None = Field(
+        None, description="keep optimizer states (and the step) in CPU memory"
+    )
+    offload_params: Literal["none", "cpu"] | None = Field(
+        None, description="ZeRO-3: keep parameters in CPU memory between uses"
+    )
+    config: str | None = Field(
+        None,
+        description="your own DeepSpeed JSON; values the spec owns (batch sizes, clipping, "
+        "precision) are filled in, and a conflicting value is an error",
+    )
+
+    @model_validator(mode="after")
+    def _deepspeed_only(self) -> EngineSpec:
+        ds_fields = [k for k in ("zero_stage", "offload_optimizer", "offload_params", "config")
+                     if getattr(self, k) is not None]
+        if self.type == "ddp" and ds_fields:
+            raise ValueError(f"engine.{ds_fields[0]} needs engine.type: deepspeed")
+        if self.offload_params == "cpu" and self.zero_stage not in (3, None):
+            raise ValueError("engine.offload_params needs engine.zero_stage: 3")
+        return self
+
+
 class ExportSpec(_Strict):
     enabled: bool = Field(
         True, description="save the final model in HF format under RUN_DIR/export"
@@ -262,6 +294,7 @@ class RunSpec(_Strict):
     training: TrainingSpec
     checkpoint: CheckpointSpec = CheckpointSpec()
     cluster: ClusterSpec = ClusterSpec()
+    engine: EngineSpec = Field(EngineSpec(), description="ddp or deepspeed (ZeRO 1-3, offload)")
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")
@@ -334,6 +367,7 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
             c["path"] = fix(c["path"])
         if data["data"]["validation"]:
             data["data"]["validation"]["path"] = fix(data["data"]["validation"]["path"])
+    data["engine"]["config"] = fix(data["engine"]["config"])
     if data["finetune"]:
         data["finetune"]["train_file"] = fix(data["finetune"]["train_file"])
         data["finetune"]["valid_file"] = fix(data["finetune"]["valid_file"])

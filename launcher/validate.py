@@ -282,6 +282,20 @@ def check_files(
                 + ", ".join(passes)
             )
 
+    if spec.engine.type == "deepspeed":
+        import importlib.util
+
+        from hpctrain.launcher.ds_config import build_ds_config
+
+        if importlib.util.find_spec("deepspeed") is None:
+            errors.append(UserError("DeepSpeed is not installed", file=file, field="engine.type",
+                                    expected="the extra: bash tools/setup.sh examples,deepspeed"))
+        try:
+            build_ds_config(spec, spec.cluster.world_size, file)
+        except UserErrors as e:
+            errors += e.errors
+        except UserError as e:
+            errors.append(e)
     run = Path(spec.run_path)
     probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
     try:

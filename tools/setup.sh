@@ -37,8 +37,13 @@ echo "setup: installing $torch_req and hpctrain[$extras] ($pins) into $venv (abo
 # the rest through uv (measured: 80 s against pip's 172 s for the same locked set);
 # HPCTRAIN_INSTALLER=pip uses pip for everything
 if [ "${HPCTRAIN_INSTALLER:-uv}" = uv ] && "${pip[@]}" "$(grep -E '^uv==' tools/constraints.txt || echo uv)"; then
-  "$venv/bin/uv" pip install -q --python "$venv/bin/python" "${constraints[@]}" "$torch_req" -e ".[$extras]"
+  install=("$venv/bin/uv" pip install -q --python "$venv/bin/python")
 else
-  "${pip[@]}" "${constraints[@]}" "$torch_req" -e ".[$extras]"
+  install=("${pip[@]}")
 fi
+case ",$extras," in *,deepspeed,*)
+  # DeepSpeed's sdist imports torch to build: against this venv's torch, not a downloaded one
+  "${install[@]}" --no-build-isolation "${constraints[@]}" "$torch_req" "deepspeed>=0.19,<0.20" ;;
+esac
+"${install[@]}" "${constraints[@]}" "$torch_req" -e ".[$extras]"
 printf '%s\n%s\n' "$key" "$extras" > "$stamp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(backend: str = "auto") -> Dist:
-    """Join the torchrun process group (gloo on CPU, nccl on GPU); single process works too."""
+def init_distributed(backend: str = "auto", always_group: bool = False) -> Dist:
+    """Join the torchrun process group (gloo on CPU, nccl on GPU); single process works too.
+
+    always_group: make a group even for one rank (DeepSpeed requires one)."""
     env = os.environ
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
@@ -37,9 +40,15 @@ def init_distributed(backend: str = "auto") -> Dist:
         # launcher sets OMP_NUM_THREADS from the CPUs it was given (Slurm's, or this machine's).
         threads = int(env.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1) // local_world
         torch.set_num_threads(max(1, threads))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or always_group) and not dist.is_initialized():
         chosen = ("nccl" if cuda else "gloo") if backend == "auto" else backend
-        dist.init_process_group(chosen, device_id=device if chosen == "nccl" else None)
+        init = None
+        if "MASTER_ADDR" not in env:  # one process started without torchrun
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        dist.init_process_group(chosen, init_method=init, rank=rank, world_size=world,
+                                device_id=device if chosen == "nccl" else None)
     return Dist(rank, world, local_rank, local_world, device, int(env.get("GROUP_RANK", 0)))
 
 

@@ -15,8 +15,9 @@ The interface every engine implements (the loops use nothing else):
     engine.trainable_parameters()
 
 `build_engine(spec, model, dist, ...)` builds the optimizer (fused AdamW, no decay on
-biases and norms) and the warmup + decay schedule from the spec, then the engine:
-`DDPEngine` (plain PyTorch DDP, or one process).
+biases and norms) and the warmup + decay schedule from the spec, then the engine the
+spec names: `DDPEngine` (plain PyTorch DDP, or one process) or DeepSpeed ZeRO
+(trainers/engine_deepspeed.py).
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
     ]
     optimizer = adamw([g for g in groups if g["params"]], t.lr, t.betas, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    if spec.engine.type == "deepspeed":
+        from hpctrain.launcher.ds_config import build_ds_config
+        from hpctrain.trainers.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model.to(dist_info.device), optimizer, scheduler,
+                               build_ds_config(spec, dist_info.world_size), dist_info)
     return DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum,
                      trainable_only)
 

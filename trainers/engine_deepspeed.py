@@ -1,0 +1,149 @@
+"""DeepSpeed ZeRO behind the engine interface of trainers/engine.py.
+
+What differs from DDP, and why (see shared/FIELD_NOTES.md, DeepSpeed):
+- `engine.backward` already divides by the accumulation count, and `engine.step()` is
+  called after every micro-batch (it steps the optimizer and the LR schedule only at
+  the window's end): so our `backward` does both and our `step` only reads the norm.
+- The optimizer and LR schedule are ours (fused AdamW, warmup + decay), handed to
+  DeepSpeed as client objects; batch sizes, clipping and precision come from the spec
+  (launcher/ds_config.py).
+- `save_checkpoint` is collective (every rank writes its shards, same tag) and goes
+  into our atomic `step_N/` folder; `universal_checkpoint_info` rides in the client
+  state so the checkpoint can be converted for another data-parallel size.
+- Export under ZeRO-3 gathers the partitioned parameters on every rank; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DS_TAG = "ds"  # one DeepSpeed tag per step_N/ folder: our folder names the step
+UNIVERSAL_TAG = "ds_universal"  # its conversion for another data-parallel size
+
+
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+
+
+def fill_bucket_sizes(ds_config: dict, n_params: int) -> dict:
+    """"auto" bucket sizes: DeepSpeed's default (5e8 elements) capped at the model's size.
+
+    ZeRO allocates its reduction buckets at this size on every micro-step: 2 GB of fp32 for
+    a model of a few thousand parameters made a CPU step take seconds (measured here).
+    """
+    zo = dict(ds_config.get("zero_optimization", {}))
+    for key in BUCKET_KEYS:
+        if zo.get(key) == "auto":
+            zo[key] = int(min(5e8, max(n_params, 1)))
+    return {**ds_config, "zero_optimization": zo}
+
+
+class DeepSpeedEngine:
+    def __init__(self, model, optimizer, scheduler, ds_config: dict, dist_info) -> None:
+        import deepspeed
+        from deepspeed.utils import logger
+
+        ds_config = fill_bucket_sizes(ds_config, sum(p.numel() for p in model.parameters()))
+
+        for h in logger.handlers:  # DeepSpeed logs to stdout, our console: keep it in the rank log
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):  # op builds print their progress
+            self.ds, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                dist_init_required=False,
+            )
+        self.stage = int(ds_config["zero_optimization"]["stage"])
+        self.rank, self.world_size = dist_info.rank, dist_info.world_size
+        self.device = dist_info.device
+
+    @contextlib.contextmanager
+    def micro_step(self, sync: bool):  # noqa: ARG002 - DeepSpeed knows the accumulation boundary
+        yield self.ds
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+        self.ds.step()
+
+    def step(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        self.ds.eval()
+        try:
+            with torch.no_grad():
+                yield self.ds
+        finally:
+            self.ds.train()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.ds.module.parameters() if p.requires_grad]
+
+    def save(self, directory: Path, rank: int) -> None:  # noqa: ARG002 - every rank writes shards
+        self.ds.save_checkpoint(
+            str(directory), tag=DS_TAG,
+            client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}},
+            save_latest=False,
+        )
+
+    def load(self, directory: Path) -> None:
+        """Load a checkpoint; one saved by another number of ranks is converted to DeepSpeed's
+        universal format first (once, kept beside it) and loaded from there."""
+        saved_by = json.loads((Path(directory) / "meta.json").read_text())["world_size"]
+        tag = DS_TAG
+        if saved_by != self.world_size:
+            tag = self._universal(Path(directory))
+            if self.rank == 0:
+                print(f"  ZeRO checkpoint saved by {saved_by} rank(s), now {self.world_size}: "
+                      f"loading its universal conversion ({Path(directory) / tag})", flush=True)
+            self.ds._config.load_universal_checkpoint = True  # DeepSpeed reads it at load time
+        try:
+            path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        finally:
+            self.ds._config.load_universal_checkpoint = False  # later saves are ordinary ZeRO
+        if path is None:  # DeepSpeed only warns when nothing loaded
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {Path(directory) / tag}")
+
+    def _universal(self, directory: Path) -> str:
+        """Convert `directory/ds` to `directory/ds_universal` (rank 0, atomically); all ranks wait."""
+        final, tmp = directory / UNIVERSAL_TAG, directory / f".{UNIVERSAL_TAG}.tmp"
+        if self.rank == 0 and not final.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"converting {directory / DS_TAG} to DeepSpeed's universal format", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder", str(directory / DS_TAG), "--output_folder", str(tmp)],
+                           check=True, stdout=sys.stderr)
+            (directory / "latest_universal").unlink(missing_ok=True)  # we load by explicit tag
+            os.rename(tmp, final)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return UNIVERSAL_TAG
+
+    def export(self, write: Callable[[torch.nn.Module], None]) -> None:
+        """ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes the full model."""
+        module = self.ds.module
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    write(module)
+            return
+        if self.rank == 0:
+            write(module)
