@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from hpctrain.launcher.node import build_torchrun_command, run_torchrun
-from hpctrain.launcher.rundir import read_status
+from hpctrain.launcher.rundir import next_free_path, read_status
 from hpctrain.launcher.spec import RunSpec
 
 
@@ -57,10 +57,7 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
 
 def next_attempt_logs(run_dir: Path) -> Path:
     """RUN_DIR/logs/local.N for this launch (N counts launches: every attempt keeps its logs)."""
-    k = 1
-    while (Path(run_dir) / "logs" / f"local.{k}").exists():
-        k += 1
-    return Path(run_dir) / "logs" / f"local.{k}"
+    return next_free_path(Path(run_dir) / "logs" / "local")
 
 
 def failure_tails(logs: Path, n: int = 15) -> list[tuple[Path, list[str]]]:

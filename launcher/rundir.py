@@ -114,7 +114,8 @@ def stop_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / "control" / "stop"
 
 
-def _next_free(run: Path) -> Path:
+def next_free_path(run: Path) -> Path:
+    """`run.1`, `run.2`, ...: the first that does not exist."""
     k = 1
     while Path(f"{run}.{k}").exists():
         k += 1
@@ -133,7 +134,7 @@ def freeze_run_dir(spec: RunSpec, resume: bool = True, log=print) -> tuple[RunSp
     frozen = run / "spec.yaml"
     if frozen.is_file() and complete_checkpoints(run):
         if not resume:
-            new = _next_free(run)
+            new = next_free_path(run)
             log(f"--no-resume: {run} holds checkpoints; starting over in {new}")
             spec = spec.model_copy(update={"run_dir": str(new)})
             run, frozen = new, new / "spec.yaml"

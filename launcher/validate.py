@@ -117,13 +117,9 @@ def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], 
         return notes, None
     n_train = len(train)
     if ft.valid_file is None:
-        from hpctrain.trainers.data.sampler import (
-            seeded_fraction_mask,  # numpy only: the trainer's split
-        )
+        from hpctrain.trainers.data.sampler import split_indices  # numpy only: the trainer's split
 
-        held = int(seeded_fraction_mask(__import__("numpy").arange(n_train), ft.valid_fraction,
-                                        spec.training.seed).sum())
-        held = held or (1 if ft.valid_fraction > 0 and n_train > 1 else 0)
+        held = len(split_indices(n_train, ft.valid_fraction, spec.training.seed)[1])
         n_train -= held
         notes.append(f"finetune.train_file: {len(train):,} examples ({held} held out for validation)")
     else:

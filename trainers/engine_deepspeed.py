@@ -49,6 +49,10 @@ def fill_bucket_sizes(ds_config: dict, n_params: int) -> dict:
 
 class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, ds_config: dict, dist_info) -> None:
+        if dist_info.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by `import deepspeed`: no probing
+        # DeepSpeed compiles its ops on first use (~80 s): keep them in the venv, built once
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         import deepspeed
         from deepspeed.utils import logger
 

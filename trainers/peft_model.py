@@ -15,7 +15,7 @@ import torch
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.paths import resolve_path
 from hpctrain.launcher.spec import RunSpec
-from hpctrain.trainers.model import LABELS_FILE, save_hf_model
+from hpctrain.trainers.model import LABELS_FILE, missing_modules, save_hf_model
 
 
 def _auto(kind: str):
@@ -47,7 +47,7 @@ def load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quant
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
             )
         model, info = _auto(ft.kind).from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
-        model.hpctrain_new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
+        model.hpctrain_new_modules = missing_modules(info)
     else:
         cfg = dict(spec.model.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, **kw)

@@ -82,10 +82,6 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
         fault_pause=(int(fault_step), float(fault_s)) if fault else None,
         echo_to_log=args.echo_to_log,
     )
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (gloo), without probing
-    # DeepSpeed compiles its ops on first use (~80 s): keep them in the venv, built once
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     try:
         spec = frozen_spec(launch.run_dir)
         torch.use_deterministic_algorithms(True, warn_only=True)

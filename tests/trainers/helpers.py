@@ -127,3 +127,13 @@ def send(pids: list[int], sig=signal.SIGUSR2) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def stop_with_ctrl_c(spec_path: Path, run_dir: Path, at_step: int, timeout: float = 120) -> int:
+    """`hpctrain run`, Ctrl-C once step `at_step` is logged; the step its checkpoint holds."""
+    proc = start_run(spec_path)
+    wait_for(lambda: last_step(run_dir) >= at_step, timeout=timeout, what=f"step {at_step}")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=max(120, timeout / 2))
+    assert proc.returncode == 0 and "resumable" in out, out
+    return json.loads((Path(run_dir) / "status.json").read_text())["step"]

@@ -13,10 +13,10 @@ import torch
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
     clm_spec,
-    last_step,
     losses,
     rank_of,
     start_run,
+    stop_with_ctrl_c,
     trainer_pids,
     wait_for,
     write_spec,
@@ -77,12 +77,7 @@ def test_zero_stop_and_resume_is_bitwise(tmp_path, zero_runs, bpe_tokenizer, bpe
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "s.yaml", _spec(run, bpe_tokenizer, bpe_corpus,
                                                  {"type": "deepspeed", "zero_stage": stage}))
-    proc = start_run(spec)
-    wait_for(lambda: last_step(run) >= 5, timeout=600, what="step 5")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "resumable" in out, out
-    stopped = json.loads((run / "status.json").read_text())["step"]
+    stopped = stop_with_ctrl_c(spec, run, 5, timeout=600)
     assert 5 <= stopped < STEPS and trainer_pids(run) == []
     r = run_cli("run", str(spec), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -129,12 +124,7 @@ def test_zero2_resume_on_one_rank_converts_to_universal(tmp_path, zero_runs, bpe
     ref = losses(zero_runs[2][0])
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "s.yaml", _spec(run, bpe_tokenizer, bpe_corpus, {"type": "deepspeed", "zero_stage": 2}))
-    proc = start_run(spec)
-    wait_for(lambda: last_step(run) >= 5, timeout=600, what="step 5")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "resumable" in out, out
-    stopped = json.loads((run / "status.json").read_text())["step"]
+    stopped = stop_with_ctrl_c(spec, run, 5, timeout=600)
     r = run_cli("run", str(spec), "--set", "cluster.procs_per_node=1", timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "saved by 2 rank(s), now 1: loading its universal conversion" in r.stdout

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 
 from tests.conftest import REPO, run_cli
-from tests.trainers.helpers import last_step, losses, start_run, wait_for, write_spec
+from tests.trainers.helpers import (
+    losses,
+    stop_with_ctrl_c,
+    write_spec,
+)
 
 pytestmark = pytest.mark.multiproc
 DATA = REPO / "examples" / "data"
@@ -204,12 +207,7 @@ def test_lora_run_resumes_bitwise(tmp_path, tiny_llama):
     ref = losses(tmp_path / "ref")
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "s.yaml", sft_spec(run, tiny_llama, "lora", steps=30))
-    proc = start_run(spec)
-    wait_for(lambda: last_step(run) >= 5, what="step 5")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "resumable" in out, out
-    stopped = json.loads((run / "status.json").read_text())["step"]
+    stopped = stop_with_ctrl_c(spec, run, 5)
     assert stopped < 30
     r = run_cli("run", str(spec))
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
@@ -250,12 +248,7 @@ def test_epochs_resolve_to_steps_and_resume_mid_epoch_bitwise(tmp_path):
     assert sorted(expected) == list(range(1, 46))
     run = tmp_path / "run"
     p = write_spec(tmp_path / "s.yaml", spec(run))
-    proc = start_run(p)
-    wait_for(lambda: last_step(run) >= 18, what="step 18 (inside epoch 2)")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "resumable" in out, out
-    stopped = json.loads((run / "status.json").read_text())["step"]
+    stopped = stop_with_ctrl_c(p, run, 18)  # inside epoch 2
     assert 18 <= stopped < 45
     r = run_cli("run", str(p))
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.records import iter_records
+from hpctrain.trainers.data.sampler import split_indices  # noqa: F401 - re-exported for the trainers
 
 # The plain template used when a tokenizer has no chat template (documented in the README).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
@@ -119,16 +119,6 @@ def pack(tk: Tokenized, seq_len: int) -> Tokenized:
         ids_out[-1] += ids
         lab_out[-1] += lab
     return Tokenized(ids_out, lab_out, tk.truncated)
-
-
-def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded train/validation split of n examples (at least one validation example)."""
-    from hpctrain.trainers.data.sampler import seeded_fraction_mask
-
-    valid = seeded_fraction_mask(np.arange(n), fraction, seed)
-    if fraction > 0 and not valid.any() and n > 1:
-        valid[n - 1] = True
-    return [i for i in range(n) if not valid[i]], [i for i in range(n) if valid[i]]
 
 
 class ExampleDataset:

@@ -89,6 +89,14 @@ def seeded_fraction_mask(indices: np.ndarray, fraction: float, seed: int) -> np.
     return (u.astype(np.float64) / float(1 << 53)) < fraction
 
 
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/validation split of n examples (at least one validation example)."""
+    valid = seeded_fraction_mask(np.arange(n), fraction, seed)
+    if fraction > 0 and not valid.any() and n > 1:
+        valid[n - 1] = True
+    return [i for i in range(n) if not valid[i]], [i for i in range(n) if valid[i]]
+
+
 @dataclass(frozen=True)
 class PackedSource:
     """A token stream cut into packed samples of `seq_len + 1` tokens."""
