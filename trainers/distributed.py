@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -72,3 +73,14 @@ def mean_over_ranks(values: list[float]) -> list[float]:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def eval_slices(n: int, d: Dist, micro: int) -> list[list[int]]:
+    """This rank's batches of the items 0..n-1 (strided over ranks), the same number on every rank.
+
+    A rank short of items gets empty batches: it must still run a forward for each, because
+    ZeRO-3 gathers each layer's parameters collectively (a missing forward hangs the others).
+    """
+    mine = list(range(d.rank, n, d.world_size))
+    count = math.ceil(math.ceil(n / d.world_size) / micro)
+    return [mine[i * micro : (i + 1) * micro] for i in range(count)]

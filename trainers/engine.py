@@ -76,7 +76,7 @@ def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
         from hpctrain.trainers.engine_deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model.to(dist_info.device), optimizer, scheduler,
-                               build_ds_config(spec, dist_info.world_size), dist_info)
+                               build_ds_config(spec, dist_info.world_size), dist_info, trainable_only)
     return DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum,
                      trainable_only)
 

@@ -31,6 +31,7 @@ DS_TAG = "ds"  # one DeepSpeed tag per step_N/ folder: our folder names the step
 UNIVERSAL_TAG = "ds_universal"  # its conversion for another data-parallel size
 
 
+ALIGN = 1024
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
 
 
@@ -39,16 +40,19 @@ def fill_bucket_sizes(ds_config: dict, n_params: int) -> dict:
 
     ZeRO allocates its reduction buckets at this size on every micro-step: 2 GB of fp32 for
     a model of a few thousand parameters made a CPU step take seconds (measured here).
+    Rounded up to a multiple of ALIGN: ZeRO-1/2 assert that buckets split evenly (a model
+    with an odd parameter count, such as MiniLM with a classifier, failed to start).
     """
     zo = dict(ds_config.get("zero_optimization", {}))
     for key in BUCKET_KEYS:
         if zo.get(key) == "auto":
-            zo[key] = int(min(5e8, max(n_params, 1)))
+            zo[key] = int(min(5e8, -(-max(n_params, 1) // ALIGN) * ALIGN))
     return {**ds_config, "zero_optimization": zo}
 
 
 class DeepSpeedEngine:
-    def __init__(self, model, optimizer, scheduler, ds_config: dict, dist_info) -> None:
+    def __init__(self, model, optimizer, scheduler, ds_config: dict, dist_info,
+                 trainable_only: bool = False) -> None:
         if dist_info.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by `import deepspeed`: no probing
         # DeepSpeed compiles its ops on first use (~80 s): keep them in the venv, built once
@@ -69,6 +73,7 @@ class DeepSpeedEngine:
         self.stage = int(ds_config["zero_optimization"]["stage"])
         self.rank, self.world_size = dist_info.rank, dist_info.world_size
         self.device = dist_info.device
+        self.trainable_only = trainable_only  # LoRA: checkpoints leave out the frozen base
 
     @contextlib.contextmanager
     def micro_step(self, sync: bool):  # noqa: ARG002 - DeepSpeed knows the accumulation boundary
@@ -102,7 +107,7 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(
             str(directory), tag=DS_TAG,
             client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}},
-            save_latest=False,
+            save_latest=False, exclude_frozen_parameters=self.trainable_only,
         )
 
     def load(self, directory: Path) -> None:
@@ -118,7 +123,8 @@ class DeepSpeedEngine:
             self.ds._config.load_universal_checkpoint = True  # DeepSpeed reads it at load time
         try:
             path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=not self.trainable_only)
         finally:
             self.ds._config.load_universal_checkpoint = False  # later saves are ordinary ZeRO
         if path is None:  # DeepSpeed only warns when nothing loaded

@@ -37,7 +37,7 @@ from hpctrain.trainers.data.examples import (
     tokenize_sft,
 )
 from hpctrain.trainers.data.loader import TrainBatches
-from hpctrain.trainers.distributed import Dist, mean_over_ranks
+from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
 from hpctrain.trainers.engine import build_engine
 from hpctrain.trainers.model import fresh_modules_note, load_tokenizer, quiet_libraries
 from hpctrain.trainers.monitor import format_eta
@@ -99,11 +99,12 @@ def example_loss(module, batch: dict, kind: str, device) -> tuple[torch.Tensor, 
 def evaluate(model, data: ExampleDataset, kind: str, micro: int, d: Dist, num_labels: int | None) -> dict:
     """Loss (and accuracy, macro-F1 for classification) over the whole validation set
     (`model` in eval mode: the engine's `evaluating()` or an exported model)."""
-    mine = list(range(d.rank, len(data), d.world_size))
     loss_sum, n = 0.0, 0
     conf = torch.zeros((num_labels or 1, num_labels or 1), dtype=torch.float64)
-    for i in range(0, len(mine), micro):
-        idx = mine[i : i + micro]
+    for idx in eval_slices(len(data), d, micro):
+        if not idx:  # this rank has no examples left, the others do: its forward is still needed (ZeRO-3)
+            example_loss(model, data.batch([0]), kind, d.device)
+            continue
         batch = data.batch(idx)
         loss, logits = example_loss(model, batch, kind, d.device)
         loss_sum += float(loss) * len(idx)

