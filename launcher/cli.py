@@ -89,6 +89,30 @@ def _check(stages, future, file) -> list[list[str]]:
     return notes
 
 
+def _fit_warning(spec, future) -> str | None:
+    """The memory plan's warning when the spec's engine will not fit (a model still to be
+    produced by an earlier pipeline stage is not planned)."""
+    from hpctrain.launcher.plan import warning
+
+    if spec.model.path is not None and spec.model.path in future:
+        return None
+    return warning(spec, spec.cluster.world_size)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from hpctrain.launcher.plan import report
+
+    stages, future = _load_stages(args)
+    for name, spec in stages:
+        if name is not None:
+            print(f"stage {name}:")
+        if spec.model.path is not None and spec.model.path in future:
+            print(f"  the model comes from an earlier stage ({spec.model.path}): planned once it exists")
+            continue
+        print(report(spec, args.gpu_mem))
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     stages, future = _load_stages(args)
     all_notes = _check(stages, future, args.spec)
@@ -110,6 +134,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {spec.cluster.world_size} rank(s), micro batch {t.micro_batch}, grad accumulation {spec.grad_accum}")
         for n in notes:
             print(f"  {n}")
+        fit = _fit_warning(spec, future)
+        if fit:
+            print(f"  {fit}")
         print(f"  run dir: {spec.run_path}")
     if args.slurm and any(s.cluster.executor == "slurm" for _, s in stages):
         from hpctrain.launcher.slurm import test_only
@@ -280,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-slurm", dest="slurm", action="store_false", help="skip `sbatch --test-only` for slurm specs"
     )
     va.set_defaults(func=_cmd_validate)
+
+    pl = sub.add_parser(
+        "plan", help="memory per rank for DDP and each ZeRO stage; the smallest engine that fits",
+        description=(__import__("hpctrain.launcher.plan", fromlist=["x"]).__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _spec_args(pl)
+    pl.add_argument("--gpu-mem", type=float, metavar="GB", help="memory of one GPU (default: "
+                    "cluster.device_memory_gb, this machine's GPU, or its available memory / ranks)")
+    pl.set_defaults(func=_cmd_plan)
 
     ru = sub.add_parser(
         "run", help="train on this machine (torchrun with the spec's process count)"

@@ -44,10 +44,14 @@ def build_torchrun_command(
     if nnodes == 1 and rdzv_endpoint is None:
         cmd += ["--standalone"]
     else:
+        # static rendezvous: node N's ranks are N*nproc.. (a c10d rendezvous numbers nodes in
+        # join order, so global rank 0 - the console - landed on node 1 half the time; no
+        # elasticity is lost: attempts restart through Slurm, never inside torchrun)
         cmd += [
             f"--nnodes={nnodes}",
-            "--rdzv-backend=c10d",
+            "--rdzv-backend=static",
             f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--node-rank={node_rank}",
             f"--rdzv-id={run_id or 'hpctrain'}",
         ]
     cmd += [f"--nproc-per-node={nproc_per_node}", "--max-restarts=0"]

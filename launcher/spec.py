@@ -166,6 +166,10 @@ class ClusterSpec(_Strict):
         None, ge=1, description="CPUs for each node task (torchrun and its ranks)"
     )
     mem_gb: float | None = Field(None, gt=0, description="memory per node in GB")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one GPU in GB: `validate` and `plan` check that the run "
+        "fits (default: this machine's GPU, or on CPU its available memory / procs_per_node)"
+    )
     time_min: int = Field(
         60, ge=1, description="wall-time limit of one job (one requeue cycle) in minutes"
     )

@@ -31,10 +31,39 @@ if ! alive "$state/run/munged.pid"; then
     --pid-file="$state/run/munged.pid" --log-file="$state/log/munged.log" --seed-file="$state/munge/seed"
 fi
 
+# process tracking: linuxproc (default) or cgroup (cgroup/v1, nothing constrained: it only
+# tracks a job's processes, as on clusters where a signal reaches the node task alone)
+proctrack="${HPCTRAIN_SLURM_PROCTRACK:-linuxproc}"
+case "$proctrack" in linuxproc|cgroup) ;; *)
+  echo "slurm/start.sh: HPCTRAIN_SLURM_PROCTRACK must be linuxproc or cgroup, not '$proctrack'" >&2; exit 2;;
+esac
+if [ -f "$state/proctrack" ] && [ "$(cat "$state/proctrack")" != "$proctrack" ]; then
+  echo "slurm/start.sh: switching process tracking to $proctrack: restarting the Slurm daemons" >&2
+  for name in slurmd-n1 slurmd-n2 slurmctld; do
+    f="$state/run/$name.pid"
+    if alive "$f"; then
+      pid=$(cat "$f"); kill "$pid"
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+  done
+fi
+echo "$proctrack" > "$state/proctrack"
+if [ "$proctrack" = cgroup ]; then
+  cat > "$state/cgroup.conf" <<'CG'
+CgroupPlugin=cgroup/v1
+CgroupAutomount=yes
+ConstrainCores=no
+ConstrainRAMSpace=no
+ConstrainSwapSpace=no
+ConstrainDevices=no
+CG
+fi
+
 conf="$state/slurm.conf"
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
 sed -e "s|@HOST@|$(hostname -s)|" -e "s|@STATE@|$state|g" -e "s|@CTLD_PORT@|${HPCTRAIN_SLURM_PORT:-16817}|" \
     -e "s|@N1_PORT@|17001|" -e "s|@N2_PORT@|17002|" -e "s|@CPUS@|${HPCTRAIN_SLURM_CPUS:-1}|g" -e "s|@MEM@|$mem|g" \
+    -e "s|@PROCTRACK@|$proctrack|" \
     "$here/slurm.conf.template" > "$conf.new"
 mv "$conf.new" "$conf"
 # Slurm's commands read /etc/slurm/slurm.conf; point it at ours unless another cluster owns it.

@@ -50,14 +50,22 @@ def fill_bucket_sizes(ds_config: dict, n_params: int) -> dict:
     return {**ds_config, "zero_optimization": zo}
 
 
+def import_deepspeed(device: torch.device):
+    """`import deepspeed` with its environment set first (the trainer imports it before it
+    measures its baseline memory, so the import does not count as the model's)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by `import deepspeed`: no probing
+    # DeepSpeed compiles its ops on first use (~80 s): keep them in the venv, built once
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    import deepspeed
+
+    return deepspeed
+
+
 class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, ds_config: dict, dist_info,
                  trainable_only: bool = False) -> None:
-        if dist_info.device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by `import deepspeed`: no probing
-        # DeepSpeed compiles its ops on first use (~80 s): keep them in the venv, built once
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-        import deepspeed
+        deepspeed = import_deepspeed(dist_info.device)
         from deepspeed.utils import logger
 
         ds_config = fill_bucket_sizes(ds_config, sum(p.numel() for p in model.parameters()))

@@ -178,7 +178,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
         step_s, timed = time.perf_counter() - t0, timed + 1
         if step % t.log_every == 0 or step == total:
             eta = (total - step) * (time.perf_counter() - t_start) / timed
-            mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm})
+            mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
+                     "peak_mem_mib": round(run.memory.peak_mib(), 1)})
             mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | eta {format_eta(eta)}")
         if valid_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == total):
             with engine.evaluating() as module:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from hpctrain.launcher.rundir import mark_failed
 
@@ -61,3 +64,23 @@ class Monitor:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """This rank's peak memory: CUDA's max allocated on a GPU; on CPU the resident set's
+    high-water mark (ru_maxrss), with the resident set at construction (after the imports,
+    before the model) as the baseline that `hpctrain plan`'s estimate is compared with."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.base_mib = 0.0 if self.cuda else _rss_bytes() / 2**20
+
+    def peak_mib(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -169,7 +169,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
             tok_s = steps_timed * tokens_per_step / elapsed
             eta = (total - step) * elapsed / steps_timed
             mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
-                     "tokens_seen": step * tokens_per_step, "tokens_per_s": tok_s})
+                     "tokens_seen": step * tokens_per_step, "tokens_per_s": tok_s,
+                     "peak_mem_mib": round(run.memory.peak_mib(), 1)})
             mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | "
                       f"{tok_s:,.0f} tok/s | eta {format_eta(eta)}")
         if valid is not None and t.eval_every and (step % t.eval_every == 0 or step == total):

@@ -37,7 +37,7 @@ from hpctrain.launcher.rundir import (
 from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
 from hpctrain.trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
 from hpctrain.trainers.distributed import Dist, init_distributed, shutdown
-from hpctrain.trainers.monitor import Monitor, user_error_exit
+from hpctrain.trainers.monitor import Monitor, PeakMemory, user_error_exit
 from hpctrain.trainers.preemption import StopRequest, die_with_parent
 
 
@@ -114,6 +114,11 @@ class Run:
         self.stopper = StopRequest(launch.stop_path or stop_file(self.run_dir), launch.deadline,
                                    margin_s=5.0)
         self.last_save, self.save_seconds = time.time(), 0.0
+        if spec.engine.type == "deepspeed":  # imported before the memory baseline is taken
+            from hpctrain.trainers.engine_deepspeed import import_deepspeed
+
+            import_deepspeed(d.device)
+        self.memory = PeakMemory(d.device)
 
     def resume(self, engine, batches) -> dict:
         """Load the newest complete checkpoint (found by scanning); its meta, or {}."""
@@ -131,6 +136,7 @@ class Run:
     def started(self, step: int, total: int) -> None:
         if self.d.is_main:
             mark_running(self.run_dir, step, total, os.getpid())
+        self.mon.log({"step": step, "mem_base_mib": round(self.memory.base_mib, 1)})
 
     def after_step(self, step: int, total: int, step_seconds: float, engine, state: dict,
                    force_save: bool = False) -> str | None:

@@ -8,6 +8,10 @@ import subprocess
 
 import pytest
 
+from tests.conftest import run_cli
+from tests.slurm.helpers import slurm_spec
+from tests.trainers.helpers import losses, write_spec
+
 
 def _cluster_problem() -> str | None:
     if shutil.which("sinfo") is None:
@@ -29,3 +33,14 @@ def slurm_cluster() -> None:
     if os.environ.get("CI") == "true" or os.environ.get("HPCTRAIN_REQUIRE_SLURM") == "1":
         pytest.fail(f"SLURM REQUIRED (CI) BUT UNAVAILABLE: {problem}")
     pytest.skip(f"*** SKIPPING SLURM TESTS: {problem} ***")
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory, bpe_tokenizer, bpe_corpus):
+    """The same spec run locally, uninterrupted, with the same world size (2 ranks)."""
+    d = tmp_path_factory.mktemp("localref")
+    spec = slurm_spec(d / "run", bpe_tokenizer, bpe_corpus, steps=60)
+    spec["cluster"] = {"procs_per_node": 2}
+    r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return losses(d / "run")

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from hpctrain.launcher.slurm import jobs_of, slurm_state
+from tests.conftest import run_cli
+from tests.trainers.helpers import clm_spec, losses, wait_for, write_spec
 
 
 def job_id(run_dir: Path) -> str:
@@ -82,3 +84,61 @@ def trainer_processes(run_dir: Path) -> list[int]:
             if b"hpctrain.trainers.pretrain" in cmd and str(run_dir).encode() in cmd:
                 out.append(int(p.name))
     return out
+
+
+def slurm_spec(run_dir: Path, tok: str, corpus: str, steps: int = 40, **cluster) -> dict:
+    spec = clm_spec(run_dir, tok, corpus, training__steps=steps)
+    spec["cluster"] = {"executor": "slurm", "nodes": 2, "procs_per_node": 1, "time_min": 10,
+                       "max_requeues": 3, **cluster}
+    return spec
+
+
+def submit(spec_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = run_cli("submit", str(spec_path), *extra, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def preempted_run(tmp_path, tok, corpus, preemptions: int, first_at: int = 5, **cluster):
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, tok, corpus, steps=60, **cluster))
+    submit(spec)
+    job = job_id(run)
+    for i in range(preemptions):
+        preempt_while_training(run, job, attempt=i, min_step=first_at + 10 * i)
+        wait_for(lambda i=i: restart_count(job) >= i + 1, timeout=180, what=f"requeue {i + 1}")
+    return run, job
+
+
+def preempt_while_training(run: Path, job: str, attempt: int, min_step: int) -> None:
+    """USR2 once this attempt's trainers are at work (its node task started, new steps logged)."""
+    wait_state(job, ("RUNNING",))
+    logs = lambda: (run / "slurm").glob(f"{job}_0_log.out")  # noqa: E731
+    wait_for(lambda: any(f"restart {attempt})" in p.read_text() for p in logs()), what=f"attempt {attempt}")
+    resumed_at = json.loads((run / "status.json").read_text())["step"] if attempt else 0
+    wait_step(run, max(min_step, resumed_at + 2))
+    preempt(job)
+
+
+def zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus) -> Path:
+    """DeepSpeed ZeRO-3 on 2 nodes x 1 rank: USR2 once, every rank saves its shards, the job is
+    requeued and finishes with the losses of an uninterrupted local 2-rank ZeRO-3 run."""
+    engine = {"type": "deepspeed", "zero_stage": 3}
+    ref_spec = slurm_spec(tmp_path / "ref", bpe_tokenizer, bpe_corpus, steps=30)
+    ref_spec.update(cluster={"procs_per_node": 2}, engine=engine)
+    r = run_cli("run", str(write_spec(tmp_path / "ref.yaml", ref_spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "run"
+    spec = slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=30)
+    spec["engine"] = engine
+    submit(write_spec(tmp_path / "s.yaml", spec))
+    job = job_id(run)
+    preempt_while_training(run, job, attempt=0, min_step=5)
+    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts and all((run / "checkpoints" / c / "ds").is_dir() for c in ckpts)
+    assert losses(run) == losses(tmp_path / "ref")
+    assert trainer_processes(run) == []
+    return run

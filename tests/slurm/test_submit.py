@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -12,44 +11,24 @@ from tests.conftest import run_cli
 from tests.slurm.helpers import (
     job_id,
     preempt,
+    preempt_while_training,
+    preempted_run,
     restart_count,
+    slurm_spec,
+    submit,
     trainer_processes,
     wait_state,
-    wait_step,
+    zero3_preempted_once_resumes_bitwise,
 )
-from tests.trainers.helpers import clm_spec, losses, wait_for, write_spec
+from tests.trainers.helpers import losses, wait_for, write_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
-
-
-def slurm_spec(run_dir: Path, tok: str, corpus: str, steps: int = 40, **cluster) -> dict:
-    spec = clm_spec(run_dir, tok, corpus, training__steps=steps)
-    spec["cluster"] = {"executor": "slurm", "nodes": 2, "procs_per_node": 1, "time_min": 10,
-                       "max_requeues": 3, **cluster}
-    return spec
-
-
-@pytest.fixture(scope="module")
-def local_reference(tmp_path_factory, bpe_tokenizer, bpe_corpus):
-    """The same spec run locally, uninterrupted, with the same world size (2 ranks)."""
-    d = tmp_path_factory.mktemp("localref")
-    spec = slurm_spec(d / "run", bpe_tokenizer, bpe_corpus, steps=60)
-    spec["cluster"] = {"procs_per_node": 2}
-    r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
-    assert r.returncode == 0, r.stdout + r.stderr
-    return losses(d / "run")
-
-
-def _submit(spec_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    r = run_cli("submit", str(spec_path), *extra, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
 def test_two_node_job_trains_and_exports(tmp_path, bpe_tokenizer, bpe_corpus):
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=20))
-    r = _submit(spec)
+    r = submit(spec)
     job = job_id(run)
     assert f"submitted job {job}" in r.stdout
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
@@ -63,29 +42,8 @@ def test_two_node_job_trains_and_exports(tmp_path, bpe_tokenizer, bpe_corpus):
     assert "COMPLETED" in status.stdout and "finished at step 20/20" in status.stdout
 
 
-def _preempted_run(tmp_path, tok, corpus, preemptions: int, first_at: int = 5, **cluster):
-    run = tmp_path / "run"
-    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, tok, corpus, steps=60, **cluster))
-    _submit(spec)
-    job = job_id(run)
-    for i in range(preemptions):
-        preempt_while_training(run, job, attempt=i, min_step=first_at + 10 * i)
-        wait_for(lambda i=i: restart_count(job) >= i + 1, timeout=180, what=f"requeue {i + 1}")
-    return run, job
-
-
-def preempt_while_training(run: Path, job: str, attempt: int, min_step: int) -> None:
-    """USR2 once this attempt's trainers are at work (its node task started, new steps logged)."""
-    wait_state(job, ("RUNNING",))
-    logs = lambda: (run / "slurm").glob(f"{job}_0_log.out")  # noqa: E731
-    wait_for(lambda: any(f"restart {attempt})" in p.read_text() for p in logs()), what=f"attempt {attempt}")
-    resumed_at = json.loads((run / "status.json").read_text())["step"] if attempt else 0
-    wait_step(run, max(min_step, resumed_at + 2))
-    preempt(job)
-
-
 def test_preemption_requeues_the_same_job_and_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
-    run, job = _preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1)
+    run, job = preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1)
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
     assert st["state"] == "COMPLETED" and st["restarts"] == "1"
     log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
@@ -97,7 +55,7 @@ def test_preemption_requeues_the_same_job_and_resumes_bitwise(tmp_path, bpe_toke
 
 
 def test_two_preemptions_in_a_row(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
-    run, job = _preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=2)
+    run, job = preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=2)
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
     assert st["state"] == "COMPLETED" and st["restarts"] == "2"
     assert losses(run) == local_reference
@@ -107,7 +65,7 @@ def test_preemption_during_the_first_minute(tmp_path, bpe_tokenizer, bpe_corpus,
     """USR2 as soon as the job runs, before the trainers have taken a step."""
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=60))
-    _submit(spec)
+    submit(spec)
     job = job_id(run)
     wait_state(job, ("RUNNING",))
     # the node task runs (a signal before any task process exists is dropped by Slurm itself)
@@ -123,7 +81,7 @@ def test_preemption_during_the_first_minute(tmp_path, bpe_tokenizer, bpe_corpus,
 
 def test_requeue_limit_ends_the_job_with_a_clear_status(tmp_path, bpe_tokenizer, bpe_corpus):
     # time limits under 10 minutes make submitit count every signal as a time-out
-    run, job = _preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1, max_requeues=1)
+    run, job = preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1, max_requeues=1)
     preempt_while_training(run, job, attempt=1, min_step=20)
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), eligible=False)
     assert st["state"] == "FAILED" and st["restarts"] == "1"
@@ -145,7 +103,7 @@ def test_hostile_values_are_quoted_and_secrets_stay_out_of_files(tmp_path, bpe_t
     assert "export HPCTRAIN_TEST_VALUE='a b'\"'\"'; touch" in dry.stdout
     assert not run.exists()  # a dry run writes nothing
     secret = "wandb-secret-0123456789abcdef"
-    _submit(spec_path, env={"WANDB_API_KEY": secret})
+    submit(spec_path, env={"WANDB_API_KEY": secret})
     job = job_id(run)
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
     assert st["state"] == "COMPLETED", st
@@ -186,7 +144,7 @@ def test_pipeline_stages_are_chained_with_afterok(tmp_path, bpe_tokenizer, bpe_c
     }
     spec = tmp_path / "pipe.yaml"
     spec.write_text(yaml.safe_dump(data))
-    r = _submit(spec)
+    r = submit(spec)
     first, second = job_id(root / "pretrain"), job_id(root / "more")
     assert f"after job {first}" in r.stdout
     dep = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True).stdout
@@ -198,3 +156,11 @@ def test_pipeline_stages_are_chained_with_afterok(tmp_path, bpe_tokenizer, bpe_c
     first_step = json.loads((root / "more" / "metrics.jsonl").read_text().splitlines()[0])["time"]
     assert export_done < first_step
     assert yaml.safe_load((root / "more" / "spec.yaml").read_text())["model"]["path"] == str(root / "pretrain" / "export")
+
+
+@pytest.mark.deepspeed
+def test_zero3_two_node_job_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus):
+    """DeepSpeed ZeRO-3 on 2 nodes x 1 rank: USR2 once, every rank saves its shards, the job is
+    requeued and finishes with the losses of an uninterrupted local 2-rank ZeRO-3 run."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
+    zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus)

@@ -1,0 +1,279 @@
+"""`hpctrain plan`: will this run fit, and with which engine?
+
+Memory per rank = model states + activations.
+
+Model states (bytes per parameter; Ψ all parameters, Ψt trainable, N data-parallel ranks,
+p the bytes of a weight as trained, L the largest layer's parameters). DeepSpeed's own
+estimators (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_...` in
+deepspeed/runtime/zero) count, for 16-bit training, 2 bytes of weights plus 18/N:
+16-bit gradients (2), fp32 gradients (4), fp32 master weights (4), Adam's moments (8).
+We use the same parts, split into trainable and frozen parameters:
+
+    ddp      w·Ψ + 16·Ψt        fp32 weights (autocast keeps them), gradients, DDP's bucket
+                                copy of them, Adam's two moments (12·Ψt on one rank: no DDP)
+    zero1    p·Ψ + p·Ψt + 16·Ψt/N
+    zero2    p·Ψ + (p + 16)·Ψt/N
+    zero3    (p·Ψ + (p + 16)·Ψt)/N + 2·p·L     (one layer gathered, with its gradient)
+    offload_optimizer: the 16·Ψt/N part lives in host memory instead
+    offload_params (zero3): the p·Ψ/N part too
+    ZeRO buffers: p·B each for the reduce bucket and the all-gather (1, 2) or prefetch (3)
+    bucket, B = min(5e8, Ψ) elements ("auto" in ds_configs/: DeepSpeed's default capped at
+    the model's size)
+
+At load, every rank builds the whole model in host memory before the engine moves or
+partitions it (no zero.Init): w·Ψ per rank, printed below the table.
+
+p is 2 with `training.precision: bf16` (DeepSpeed keeps 16-bit weights) and 4 otherwise.
+QLoRA's frozen 4-bit linear weights count 0.5 bytes each.
+
+Activations are an estimate, said as such: 34·s·b·h bytes per layer for 16-bit activations
+(Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022,
+without the 5·a·s² attention-matrix term: PyTorch's SDPA and flash attention keep no s×s
+matrix; ×2 for fp32), plus the logits and their gradient in fp32 (s·b·V·12 bytes).
+
+A configuration fits when its estimate is at most FIT_FRACTION of the device's memory
+(the rest: allocator fragmentation, the CUDA context, communication buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpctrain.launcher.paths import resolve_path
+from hpctrain.launcher.spec import RunSpec
+
+FIT_FRACTION = 0.9
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    total: int
+    trainable: int
+    quantized: int  # frozen parameters held in 4 bits (QLoRA)
+    largest_layer: int
+    hidden: int
+    layers: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    name: str  # ddp | zero1 | ... | zero3+offload
+    engine: dict  # the spec's engine: section for it
+    states: float  # bytes per rank, on the device
+    activations: float
+    host: float  # bytes per rank in host memory (offload)
+
+    @property
+    def device(self) -> float:
+        return self.states + self.activations
+
+
+def _config(spec: RunSpec):
+    from transformers import AutoConfig
+
+    if spec.model.path is not None:
+        return AutoConfig.from_pretrained(resolve_path(spec.model.path, field="model.path"), local_files_only=True)
+    cfg = dict(spec.model.config)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def model_size(spec: RunSpec) -> ModelSize:
+    """Parameter counts from the model's config, built on the meta device (nothing allocated)."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
+
+    config = _config(spec)
+    ft = spec.finetune if spec.task == "finetune" else None
+    if ft is None:
+        auto = AutoModelForCausalLM if spec.objective.type == "clm" else AutoModelForMaskedLM
+    else:
+        auto = AutoModelForCausalLM if ft.kind == "sft" else AutoModelForSequenceClassification
+        if ft.kind == "classify":
+            config.num_labels = len(ft.labels) if ft.labels else 2  # the head is tiny either way
+    with torch.device("meta"):
+        model = auto.from_config(config)
+        linear_frozen = 0
+        if ft is not None and ft.method in ("lora", "qlora"):
+            from hpctrain.trainers.peft_model import apply_lora
+
+            if ft.method == "qlora":  # bitsandbytes quantizes the linear layers but the output head
+                linear_frozen = sum(m.weight.numel() for n, m in model.named_modules()
+                                    if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+            lora_spec = spec.model_copy(update={"finetune": ft.model_copy(update={"method": "lora"})})
+            model = apply_lora(model, lora_spec)
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    leaf = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0)  # noqa: E731
+    return ModelSize(
+        total=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        quantized=linear_frozen,
+        largest_layer=max(leaf, default=0),
+        hidden=get("hidden_size", "n_embd", "d_model"),
+        layers=get("num_hidden_layers", "n_layer"),
+        vocab=get("vocab_size"),
+    )
+
+
+def activation_bytes(spec: RunSpec, m: ModelSize) -> float:
+    s, b, h = spec.seq_len, spec.training.micro_batch, m.hidden
+    per_layer = 34 * s * b * h
+    scale = 1.0 if spec.training.precision == "bf16" else 2.0
+    return per_layer * m.layers * scale + s * b * m.vocab * 12
+
+
+def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
+    """Every engine configuration, cheapest in communication first."""
+    n = max(world, 1)
+    pt = m.trainable
+    q = m.quantized
+    ddp_w = 2 if spec.model.dtype == "bf16" else 4
+    p = 2 if spec.training.precision == "bf16" else 4
+    weights_ddp = ddp_w * (m.total - q) + 0.5 * q
+    weights = p * (m.total - q) + 0.5 * q  # what DeepSpeed holds (16-bit weights with bf16)
+    act = activation_bytes(spec, m)
+    opt = 16 * pt / n  # fp32 master, fp32 gradient partition, Adam's moments
+    layer = 2 * p * m.largest_layer
+    buckets = 2 * p * min(5e8, m.total)
+    ds = lambda stage, **kw: {"type": "deepspeed", "zero_stage": stage, **kw}  # noqa: E731
+    out = [
+        Estimate("ddp", {"type": "ddp"}, weights_ddp + (16 if n > 1 else 12) * pt, act, 0.0),
+        Estimate("zero1", ds(1), weights + p * pt + opt + buckets, act, 0.0),
+        Estimate("zero2", ds(2), weights + p * pt / n + opt + buckets, act, 0.0),
+        Estimate("zero3", ds(3), (weights + p * pt) / n + opt + layer + buckets, act, 0.0),
+        Estimate("zero2+offload_optimizer", ds(2, offload_optimizer="cpu"), weights + p * pt / n + buckets, act,
+                 opt),
+        Estimate("zero3+offload_optimizer", ds(3, offload_optimizer="cpu"),
+                 (weights + p * pt) / n + layer + buckets, act, opt),
+        Estimate("zero3+offload_all", ds(3, offload_optimizer="cpu", offload_params="cpu"),
+                 p * pt / n + layer + buckets, act, opt + weights / n),
+    ]
+    return out
+
+
+def load_bytes(spec: RunSpec, m: ModelSize) -> float:
+    """Host memory per rank while the model is built whole, before the engine takes it."""
+    w = 2 if spec.model.dtype == "bf16" else 4
+    return w * (m.total - m.quantized) + 0.5 * m.quantized
+
+
+def chosen_name(spec: RunSpec) -> str:
+    """The table row of the spec's own engine section."""
+    e = spec.engine
+    if e.type == "ddp":
+        return "ddp"
+    stage = e.zero_stage or 2
+    if e.offload_params == "cpu":
+        return "zero3+offload_all"
+    if e.offload_optimizer == "cpu" and stage in (2, 3):
+        return f"zero{stage}+offload_optimizer"
+    return f"zero{stage}"
+
+
+def device_memory(spec: RunSpec, override_gb: float | None = None) -> tuple[float | None, str]:
+    """(bytes of one rank's device, where that number comes from)."""
+    if override_gb is not None:
+        return override_gb * GiB, "--gpu-mem"
+    if spec.cluster.device_memory_gb is not None:
+        return spec.cluster.device_memory_gb * GiB, "cluster.device_memory_gb"
+    if spec.cluster.executor == "local":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return float(torch.cuda.get_device_properties(0).total_memory), "this machine's GPU"
+        except Exception:  # noqa: BLE001 - no usable CUDA: fall back to host memory
+            pass
+        avail = _mem_available()
+        if avail:
+            procs = spec.cluster.procs_per_node
+            return avail / procs, f"this machine's available memory / {procs} rank(s)"
+    return None, ""
+
+
+def _mem_available() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def fits(e: Estimate, budget: float) -> bool:
+    return e.device <= FIT_FRACTION * budget
+
+
+def warning(spec: RunSpec, world: int) -> str | None:
+    """validate's note when the chosen engine will not fit (None when it fits or nothing is known)."""
+    budget, source = device_memory(spec)
+    if budget is None:
+        return None
+    m = model_size(spec)
+    rows = estimates(spec, m, world)
+    mine = next(e for e in rows if e.name == chosen_name(spec))
+    if fits(mine, budget):
+        return None
+    better = next((e for e in rows if fits(e, budget)), None)
+    hint = (f"; {better.name} fits ({_gib(better.device)} per rank): engine: {_inline(better.engine)}"
+            if better else "; no engine fits: fewer parameters, a smaller micro_batch or seq_len, or more ranks")
+    return (f"warning: {mine.name} needs about {_gib(mine.device)} per rank, more than {FIT_FRACTION:.0%} of "
+            f"{_gib(budget)} ({source}){hint} (hpctrain plan SPEC for the table)")
+
+
+def _gib(b: float) -> str:
+    if b < GiB:
+        return f"{b / 2**20:.1f} MiB"
+    return f"{b / GiB:.2f} GiB" if b < 10 * GiB else f"{b / GiB:.1f} GiB"
+
+
+def _inline(engine: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in engine.items()) + "}"
+
+
+def report(spec: RunSpec, gpu_mem_gb: float | None) -> str:
+    m = model_size(spec)
+    c = spec.cluster
+    world = c.world_size
+    rows = estimates(spec, m, world)
+    budget, source = device_memory(spec, gpu_mem_gb)
+    mine = chosen_name(spec)
+    lines = [
+        f"model: {m.total:,} parameters, {m.trainable:,} trainable"
+        + (f", {m.quantized:,} in 4 bits" if m.quantized else "")
+        + f"; largest layer {m.largest_layer:,}",
+        f"ranks: {c.nodes} node(s) x {c.procs_per_node} = {world}; micro batch {spec.training.micro_batch} x "
+        f"seq_len {spec.seq_len}; precision {spec.training.precision}",
+        f"activations per rank, an estimate (34·s·b·h per layer + logits): {_gib(rows[0].activations)}",
+        "",
+        f"{'engine':<26}{'model states':>14}{'per device':>13}{'per node':>12}{'host/node (offload)':>21}"
+        + ("   fits" if budget else ""),
+    ]
+    for e in rows:
+        mark = "  <- spec" if e.name == mine else ""
+        fit = ("   yes " if fits(e, budget) else "   no  ") if budget else ""
+        lines.append(f"{e.name:<26}{_gib(e.states):>14}{_gib(e.device):>13}{_gib(e.device * c.procs_per_node):>12}"
+                     f"{_gib(e.host * c.procs_per_node) if e.host else '-':>21}{fit}{mark}")
+    lines.append("")
+    load = load_bytes(spec, m)
+    lines.append(f"at load, host memory while each rank builds the whole model: {_gib(load)} per rank, "
+                 f"{_gib(load * c.procs_per_node)} per node")
+    if budget is None:
+        lines.append("device memory unknown: pass --gpu-mem GB (or set cluster.device_memory_gb) to choose")
+    else:
+        first = next((e for e in rows if fits(e, budget)), None)
+        lines.append(f"device memory: {_gib(budget)} ({source}); a row fits at <= {FIT_FRACTION:.0%} of it")
+        if first is None:
+            lines.append("nothing fits: fewer parameters, a smaller micro_batch or seq_len, or more ranks")
+        else:
+            lines.append(f"smallest configuration that fits: {first.name}   engine: {_inline(first.engine)}")
+    lines.append("model states by DeepSpeed's per-parameter formulas (see `hpctrain plan --help`)")
+    return "\n".join(lines)

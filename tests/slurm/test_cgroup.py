@@ -1,0 +1,71 @@
+"""The preemption tests again with `ProctrackType=proctrack/cgroup`: Slurm's USR2 reaches only
+the node task (the workers get nothing from Slurm), the path of most production clusters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.slurm.helpers import (
+    preempted_run,
+    trainer_processes,
+    wait_state,
+    zero3_preempted_once_resumes_bitwise,
+)
+from tests.trainers.helpers import losses
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+STATE = os.environ.get("HPCTRAIN_SLURM_STATE", "/tmp/hpctrain-slurm")
+
+
+def _proctrack() -> str:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    return next((line.split("=", 1)[1].strip() for line in out.splitlines() if line.startswith("ProctrackType")), "")
+
+
+def _start(proctrack: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "slurm" / "start.sh"), STATE], capture_output=True, text=True,
+                          env={**os.environ, "HPCTRAIN_SLURM_PROCTRACK": proctrack}, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def cgroup_cluster():
+    """The local cluster restarted with proctrack/cgroup by slurm/start.sh; linuxproc again after."""
+    if not (Path(STATE) / "proctrack").is_file() or os.geteuid() != 0:
+        problem = f"the running cluster was not started by slurm/start.sh {STATE} as root: cannot switch it"
+    elif not Path("/sys/fs/cgroup/freezer").is_dir():
+        problem = "no cgroup v1 freezer hierarchy on this machine (/sys/fs/cgroup/freezer): proctrack/cgroup cannot run"
+    else:
+        r = _start("cgroup")
+        problem = None if r.returncode == 0 and _proctrack() == "proctrack/cgroup" else (
+            f"slurm/start.sh with HPCTRAIN_SLURM_PROCTRACK=cgroup failed: {r.stderr.strip()[-500:]}")
+    if problem:
+        _start("linuxproc")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PROCTRACK/CGROUP REQUIRED (CI) BUT UNAVAILABLE: {problem}")
+        pytest.skip(f"*** SKIPPING PROCTRACK/CGROUP TESTS: {problem} ***")
+    yield
+    r = _start("linuxproc")
+    assert r.returncode == 0 and _proctrack() == "proctrack/linuxproc", r.stderr
+
+
+def test_preemption_under_cgroup_resumes_bitwise(cgroup_cluster, tmp_path, bpe_tokenizer, bpe_corpus,
+                                                  local_reference):
+    run, job = preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "1"
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
+    # the workers heard nothing from Slurm: the node task's stop file stopped them
+    assert "preempted (stop file)" in log and "preempted (SIGUSR2)" not in log, log[-3000:]
+    assert losses(run) == local_reference
+    assert trainer_processes(run) == []
+
+
+@pytest.mark.deepspeed
+def test_zero3_preemption_under_cgroup_resumes_bitwise(cgroup_cluster, tmp_path, bpe_tokenizer, bpe_corpus):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
+    zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus)
