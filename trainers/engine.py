@@ -69,14 +69,19 @@ def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
         {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = adamw([g for g in groups if g["params"]], t.lr, t.betas, t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    groups = [g for g in groups if g["params"]]
     if spec.engine.type == "deepspeed":
         from hpctrain.launcher.ds_config import build_ds_config
-        from hpctrain.trainers.engine_deepspeed import DeepSpeedEngine
+        from hpctrain.trainers.engine_deepspeed import DeepSpeedEngine, offloaded_adamw
 
-        return DeepSpeedEngine(model.to(dist_info.device), optimizer, scheduler,
-                               build_ds_config(spec, dist_info.world_size), dist_info, trainable_only)
+        ds_config = build_ds_config(spec, dist_info.world_size)
+        optimizer = offloaded_adamw(ds_config, groups, t.lr, t.betas, t.weight_decay, dist_info.device)
+        optimizer = optimizer or adamw(groups, t.lr, t.betas, t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+        return DeepSpeedEngine(model.to(dist_info.device), optimizer, scheduler, ds_config, dist_info,
+                               trainable_only)
+    optimizer = adamw(groups, t.lr, t.betas, t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
     return DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum,
                      trainable_only)
 

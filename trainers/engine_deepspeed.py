@@ -62,6 +62,22 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def offloaded_adamw(ds_config: dict, groups: list[dict], lr: float, betas, weight_decay: float, device):
+    """DeepSpeed's CPU Adam (AdamW mode) when the config offloads the optimizer, else None.
+
+    ZeRO-Offload steps the optimizer on the host, on fp32 partitions in CPU memory; DeepSpeed
+    refuses a client optimizer that is not its own CPU Adam there (its C++ kernel is built
+    once, ~2 minutes here, into the venv like the other ops).
+    """
+    if (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") != "cpu":
+        return None
+    import_deepspeed(device)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    with contextlib.redirect_stdout(sys.stderr):  # its build prints progress
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
+
+
 class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, ds_config: dict, dist_info,
                  trainable_only: bool = False) -> None:
