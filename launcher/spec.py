@@ -246,6 +246,9 @@ class EngineSpec(_Strict):
             raise ValueError(f"engine.{ds_fields[0]} needs engine.type: deepspeed")
         if self.offload_params == "cpu" and self.zero_stage not in (3, None):
             raise ValueError("engine.offload_params needs engine.zero_stage: 3")
+        if self.offload_optimizer == "cpu" and self.zero_stage == 1:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage: 2 or 3 (offload is "
+                             "built and tested here with the gradient partitioning of stage 2 and 3)")
         return self
 
 

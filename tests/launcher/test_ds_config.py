@@ -68,6 +68,27 @@ def test_engine_fields_are_checked_in_the_spec(tmp_path, bpe_tokenizer, bpe_corp
     r = run_cli("validate", str(write_spec(tmp_path / "b.yaml", s)))
     assert r.returncode == 2 and "offload_params needs engine.zero_stage: 3" in r.stderr
     assert "Traceback" not in r.stderr
+    s["engine"] = {"type": "deepspeed", "zero_stage": 1, "offload_optimizer": "cpu"}
+    r = run_cli("validate", str(write_spec(tmp_path / "c.yaml", s)))
+    assert r.returncode == 2 and "offload_optimizer needs engine.zero_stage: 2 or 3" in r.stderr
+    s["engine"] = {"type": "deepspeed", "zero_stage": 4}
+    r = run_cli("validate", str(write_spec(tmp_path / "d.yaml", s)))
+    assert r.returncode == 2 and "engine.zero_stage" in r.stderr and "1, 2 or 3" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_deepspeed_not_installed_is_a_clear_error(tmp_path, bpe_tokenizer, bpe_corpus):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text('import sys\nsys.modules["deepspeed"] = None  # as if not installed\n')
+    s = clm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus)
+    s["engine"] = {"type": "deepspeed", "zero_stage": 2}
+    spec = write_spec(tmp_path / "s.yaml", s)
+    for cmd in ("validate", "run"):
+        r = run_cli(cmd, str(spec), env={"PYTHONPATH": str(hide)})
+        assert r.returncode == 2 and "DeepSpeed is not installed" in r.stderr and "engine.type" in r.stderr, r.stderr
+        assert "tools/setup.sh" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_validate_refuses_a_conflicting_user_json(tmp_path, bpe_tokenizer, bpe_corpus):
