@@ -6,8 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from hpctrain.launcher.node import build_torchrun_command, run_torchrun
-from hpctrain.launcher.rundir import next_free_path, read_status
+from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
+from hpctrain.launcher.rundir import mark_failed, next_free_path, read_status
 from hpctrain.launcher.spec import RunSpec
 
 
@@ -30,7 +30,8 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
     cmd = build_torchrun_command(
         str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module, log_dir=str(logs)
     )
-    rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log)
+    tail: list[str] = []
+    rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log, stderr_tail=tail)
     status = read_status(run_dir)
     state = status.get("state")
     if rc == 0 and state == "finished":
@@ -48,7 +49,12 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
         print(f"hpctrain: error: {status.get('reason', 'see the rank logs in ' + str(logs))}",
               file=sys.stderr)
         return 2
-    print(f"hpctrain: training failed (torchrun exit code {rc}); rank logs: {logs}", file=sys.stderr)
+    reason = failure_reason(rc, tail)
+    if status.get("state") != "failed":  # a reason the trainer recorded itself wins
+        mark_failed(run_dir, reason)
+    print(f"hpctrain: training failed: {reason} (torchrun exit code {rc}) at step "
+          f"{read_status(run_dir).get('step', 0)}; rank logs: {logs}", file=sys.stderr)
+    print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
     for path, lines in failure_tails(logs):
         print(f"--- last lines of {path}:", file=sys.stderr)
         print("\n".join(lines), file=sys.stderr)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from hpctrain.launcher.rundir import stop_file
@@ -92,12 +94,54 @@ def _child_setup() -> None:
         pass
 
 
-def start_torchrun(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    """torchrun in its own session, SIGUSR2 ignored, dying with this process."""
-    return subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
+def start_torchrun(cmd: list[str], env: dict | None = None, stderr_tail: list[str] | None = None) -> subprocess.Popen:
+    """torchrun in its own session, SIGUSR2 ignored, dying with this process.
+
+    With `stderr_tail`, torchrun's stderr (its own messages: the ranks' go to their logs) is
+    copied to ours line by line and its last lines kept, for `failure_reason`.
+    """
+    if stderr_tail is None:
+        return subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True,
+                            stderr=subprocess.PIPE, text=True, errors="replace")
+
+    def pump() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            stderr_tail.append(line.rstrip("\n"))
+            del stderr_tail[:-200]
+
+    proc.pump = threading.Thread(target=pump, daemon=True)  # type: ignore[attr-defined]
+    proc.pump.start()  # type: ignore[attr-defined]
+    return proc
 
 
-def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, log=print) -> int:
+_ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_ROOT_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+def failure_reason(rc: int, stderr_tail: list[str], node: int | None = None) -> str:
+    """One line for status.json: which rank failed first and how, from torchrun's summary
+    ("Root Cause (first observed failure)": rank, exitcode; negative = killed by a signal)."""
+    where = f" on node {node}" if node is not None else ""
+    lines = stderr_tail[next((i for i, x in enumerate(stderr_tail) if "Root Cause" in x), 0):]
+    rank = next((int(m.group(1)) for x in lines if (m := _ROOT_RANK.match(x))), None)
+    code = next((int(m.group(1)) for x in lines if (m := _ROOT_EXIT.match(x))), None)
+    if rank is None or code is None:
+        return f"torchrun exited with code {rc}{where}"
+    if code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
+    return f"rank {rank} {how}{where}"
+
+
+def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, log=print,
+                 stderr_tail: list[str] | None = None) -> int:
     """Run torchrun to completion, turning signals into a stop request; returns its exit code."""
     stop = stop_file(run_dir)
     stop.unlink(missing_ok=True)  # a stop request belongs to one launch only
@@ -117,10 +161,13 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
 
     old = {s: signal.signal(s, on_signal) for s in FORWARDED}
     try:
-        proc = start_torchrun(cmd, env)
+        proc = start_torchrun(cmd, env, stderr_tail)
         while True:
             try:
-                return proc.wait()
+                rc = proc.wait()
+                if hasattr(proc, "pump"):
+                    proc.pump.join(timeout=10)
+                return rc
             except InterruptedError:
                 continue
     finally:

@@ -98,11 +98,27 @@ def mark_finished(run_dir: str | Path, step: int, total: int, **extra) -> None:
 
 
 def mark_failed(run_dir: str | Path, reason: str, user_error: bool = False) -> None:
-    """The attempt failed; the step reached so far is kept."""
+    """The attempt failed: its reason and the last step it logged (not the step it started at)."""
     old = read_status(run_dir)
     keep = {k: old[k] for k in ("step", "total_steps") if k in old}
+    keep["step"] = max(keep.get("step", 0), last_logged_step(run_dir))
     _write_status(run_dir, **keep, state="failed", reason=reason,
                   **({"user_error": True} if user_error else {}))
+
+
+def last_logged_step(run_dir: str | Path) -> int:
+    """The highest training step in metrics.jsonl (0 when none)."""
+    f = Path(run_dir) / "metrics.jsonl"
+    step = 0
+    if f.is_file():
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if "loss" in rec:
+                step = max(step, int(rec.get("step", 0)))
+    return step
 
 
 def mark_stopped(run_dir: str | Path, reason: str) -> None:

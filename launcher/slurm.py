@@ -29,7 +29,12 @@ import time
 from pathlib import Path
 
 from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.node import build_torchrun_command, show_command, start_torchrun
+from hpctrain.launcher.node import (
+    build_torchrun_command,
+    failure_reason,
+    show_command,
+    start_torchrun,
+)
 from hpctrain.launcher.rundir import atomic_write_text, mark_failed, mark_stopped, read_status
 from hpctrain.launcher.spec import RunSpec
 
@@ -204,7 +209,8 @@ class NodeTask:
                 Path(self.run_dir) / "logs" / f"job{job_id}.{_restart_count()}" / f"node{node}"
             ),
         )
-        self._proc = start_torchrun(cmd, env=job_env(self.procs_per_node))
+        tail: list[str] = []
+        self._proc = start_torchrun(cmd, env=job_env(self.procs_per_node), stderr_tail=tail)
         try:
             while self._proc.poll() is None:
                 time.sleep(0.5)
@@ -223,7 +229,9 @@ class NodeTask:
             if env.global_rank == 0 and not self._signalled:
                 self._requeue_after_deadline(job_id)
             return "preempted"
-        reason = f"torchrun exited with code {rc} on node {node}"
+        if hasattr(self._proc, "pump"):
+            self._proc.pump.join(timeout=10)
+        reason = failure_reason(rc, tail, node)
         if env.global_rank == 0 and status.get("state") != "failed":  # the trainer's own reason wins
             mark_failed(self.run_dir, reason)
         raise RuntimeError(f"{reason}; rank logs under {Path(self.run_dir) / 'logs'}")
