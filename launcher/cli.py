@@ -227,6 +227,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from hpctrain.launcher.wandb_files import sync
+
+    try:
+        sync(Path(args.run_dir), offline=args.offline)
+    except ImportError:
+        print("hpctrain: error: W&B is not installed (bash tools/setup.sh examples,wandb)", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - W&B's own errors (no key, unreachable): one line
+        from hpctrain.launcher.errors import UserError, UserErrors
+
+        if isinstance(e, (UserError, UserErrors)):
+            raise
+        print(f"hpctrain: error: W&B sync failed ({type(e).__name__}: {str(e).strip()[:300]}); nothing "
+              "was recorded as synced, run it again", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_logs(args: argparse.Namespace) -> int:
     from hpctrain.launcher.status import follow, node_logs
 
@@ -340,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="job state, restarts, step, last loss, newest checkpoint")
     st.add_argument("run_dir")
     st.set_defaults(func=_cmd_status)
+
+    sy = sub.add_parser("sync", help="upload a run's offline W&B segments as one W&B run (idempotent)")
+    sy.add_argument("run_dir")
+    sy.add_argument("--offline", action="store_true",
+                    help="write the merged run as one offline run (RUN_DIR/wandb-merged/) instead of uploading")
+    sy.set_defaults(func=_cmd_sync)
 
     lo = sub.add_parser("logs", help="show (or follow) the job's node logs")
     lo.add_argument("run_dir")

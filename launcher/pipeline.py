@@ -83,6 +83,10 @@ def load_pipeline(data: dict, file: str, overrides: list[str]) -> list[tuple[str
         body = _merge(defaults, {k: v for k, v in stage.items() if k != "name"})
         body = apply_overrides(body, per_stage[sname])
         body["name"] = f"{name}-{sname}"
+        monitor = body.setdefault("monitor", {})
+        wandb = monitor.setdefault("wandb", {}) if isinstance(monitor, dict) else None
+        if isinstance(wandb, dict):
+            wandb.setdefault("group", name)  # the stages of a pipeline share a W&B group
         body["run_dir"] = str(Path(root) / sname)
         model_path = (body.get("model") or {}).get("path")
         if isinstance(model_path, str) and model_path.startswith(STAGE_PREFIX):

@@ -130,6 +130,27 @@ def stop_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / "control" / "stop"
 
 
+WANDB_ID_FILE = "wandb_id"
+
+
+def wandb_run_id(run_dir: str | Path) -> str:
+    """The W&B run id of this run dir: made once, when W&B is first enabled for it, and kept,
+    so every restart, requeue and resume continues the same W&B run."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if not path.is_file():
+        import secrets
+
+        tmp = path.with_name(f".{WANDB_ID_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(4) + "\n")
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: a racing writer keeps the first id
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 def next_free_path(run: Path) -> Path:
     """`run.1`, `run.2`, ...: the first that does not exist."""
     k = 1
@@ -169,6 +190,8 @@ def freeze_run_dir(spec: RunSpec, resume: bool = True, log=print) -> tuple[RunSp
     try:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(frozen, spec_to_yaml(spec))
+        if spec.monitor.wandb.mode != "disabled":
+            wandb_run_id(run)
     except OSError as e:
         raise UserError(
             f"cannot write the run dir: {e.strerror}", file=str(run), field="run_dir"

@@ -252,6 +252,21 @@ class EngineSpec(_Strict):
         return self
 
 
+class WandbSpec(_Strict):
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "disabled", description="online: stream to W&B; offline: write RUN_DIR/wandb/ (upload later "
+        "with `hpctrain sync`); disabled: metrics.jsonl only"
+    )
+    project: str | None = Field(None, description="W&B project (default: the run name)")
+    entity: str | None = Field(None, description="W&B entity (user or team)")
+    group: str | None = Field(None, description="W&B group (default: the pipeline's name for its stages)")
+    tags: list[str] = Field(default_factory=list, description="W&B tags")
+
+
+class MonitorSpec(_Strict):
+    wandb: WandbSpec = Field(WandbSpec(), description="Weights & Biases (one run per run dir)")
+
+
 class ExportSpec(_Strict):
     enabled: bool = Field(
         True, description="save the final model in HF format under RUN_DIR/export"
@@ -303,6 +318,7 @@ class RunSpec(_Strict):
     cluster: ClusterSpec = ClusterSpec()
     engine: EngineSpec = Field(EngineSpec(), description="ddp or deepspeed (ZeRO 1-3, offload)")
     export: ExportSpec = ExportSpec()
+    monitor: MonitorSpec = Field(MonitorSpec(), description="where metrics go besides metrics.jsonl")
 
     @model_validator(mode="after")
     def _task_sections(self) -> RunSpec:
@@ -538,6 +554,7 @@ def spec_to_yaml(spec: RunSpec) -> str:
 # Fields a resumed run may change: the budget, checkpoint cadence, the number of
 # ranks (the sampler resumes by global position) and loader workers.
 RESUMABLE_CHANGES = (
+    "monitor.",
     "training.steps",
     "training.tokens",
     "training.epochs",

@@ -84,6 +84,7 @@ def status_text(run_dir: str) -> str:
         )
     ck = latest_checkpoint(run)
     lines.append(f"newest checkpoint: {ck if ck else 'none'}")
+    lines += wandb_lines(run)
     if state == "failed":
         for log in rank_logs(run):
             if log.name == "stderr.log":
@@ -126,3 +127,20 @@ def cancel(run_dir: str) -> list[str]:
         raise UserError("no Slurm job was submitted from this run dir", file=str(run))
     subprocess.run(["scancel", *ids], check=False)
     return ids
+
+
+def wandb_lines(run: Path) -> list[str]:
+    """The W&B run of this run dir, and what is left to upload."""
+    from hpctrain.launcher.rundir import WANDB_ID_FILE
+    from hpctrain.launcher.wandb_files import SYNCED_FILE, offline_segments
+
+    if not (run / WANDB_ID_FILE).is_file():
+        return []
+    run_id = (run / WANDB_ID_FILE).read_text().strip()
+    segments = offline_segments(run)
+    line = f"W&B run: {run_id}"
+    if segments:
+        synced = json.loads((run / SYNCED_FILE).read_text())["last_step"] if (run / SYNCED_FILE).is_file() else 0
+        line += (f" ({len(segments)} offline segment(s); synced up to step {synced}; "
+                 f"upload: hpctrain sync {run})")
+    return [line]

@@ -278,6 +278,20 @@ def check_files(
                 + ", ".join(passes)
             )
 
+    wb = spec.monitor.wandb
+    if wb.mode != "disabled":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            errors.append(UserError("W&B is not installed", file=file, field="monitor.wandb.mode",
+                                    expected="the extra (bash tools/setup.sh examples,wandb) or mode: disabled"))
+        elif wb.mode == "online" and not os.environ.get("WANDB_API_KEY") and not _netrc_has_wandb():
+            notes.append("warning: monitor.wandb.mode is online but no W&B key is set (WANDB_API_KEY or "
+                         "`wandb login`): W&B will be off and metrics.jsonl the only record; "
+                         "mode: offline needs no key (upload later with hpctrain sync)")
+        else:
+            notes.append(f"W&B: {wb.mode}, project {wb.project or spec.name}"
+                         + (f", group {wb.group}" if wb.group else ""))
     if spec.engine.type == "deepspeed":
         import importlib.util
 
@@ -306,3 +320,12 @@ def check_files(
     if errors:
         raise UserErrors(errors)
     return notes, samples
+
+
+def _netrc_has_wandb() -> bool:
+    """Whether `wandb login` left a key in ~/.netrc (or $NETRC)."""
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in path.read_text()
+    except OSError:
+        return False

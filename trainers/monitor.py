@@ -46,13 +46,14 @@ class Monitor:
         self.sinks = sinks or []
         self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, to_sinks: bool = True) -> None:
+        """A record to metrics.jsonl and (unless `to_sinks` is False) to every sink."""
         if not self.enabled:
             return
         record = {"time": time.time(), **record}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for sink in self.sinks:
+        for sink in self.sinks if to_sinks else ():
             sink.log(record)
 
     def print(self, text: str) -> None:
@@ -61,9 +62,13 @@ class Monitor:
             if self.echo_to_log:
                 print(text, flush=True, file=sys.stderr)
 
-    def close(self) -> None:
+    def close(self, preempted: bool = False) -> None:
+        for sink in self.sinks:
+            sink.close(preempted=preempted)
+        self.sinks = []
         if self._file is not None:
             self._file.close()
+            self._file = None
 
 
 def _rss_bytes() -> int:

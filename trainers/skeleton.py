@@ -108,6 +108,10 @@ class Run:
         self.spec, self.launch, self.d = spec, launch, d
         self.run_dir = launch.run_dir
         self.mon = Monitor(self.run_dir, enabled=d.is_main, echo_to_log=launch.echo_to_log)
+        if d.is_main and spec.monitor.wandb.mode != "disabled":
+            from hpctrain.trainers.wandb_sink import WandbSink
+
+            self.mon.sinks.append(WandbSink(spec, self.run_dir, self.mon.print))
         # one line per rank (in each rank's log) so a multi-node run shows who took part
         print(f"rank {d.rank}/{d.world_size} on node {d.node_rank} ({socket.gethostname()}), "
               f"pid {os.getpid()}", file=sys.stderr, flush=True)
@@ -136,7 +140,8 @@ class Run:
     def started(self, step: int, total: int) -> None:
         if self.d.is_main:
             mark_running(self.run_dir, step, total, os.getpid())
-        self.mon.log({"step": step, "mem_base_mib": round(self.memory.base_mib, 1)})
+        # a start record, not a step's metric: metrics.jsonl only (W&B would file it under that step)
+        self.mon.log({"step": step, "mem_base_mib": round(self.memory.base_mib, 1)}, to_sinks=False)
 
     def after_step(self, step: int, total: int, step_seconds: float, engine, state: dict,
                    force_save: bool = False) -> str | None:
@@ -165,7 +170,7 @@ class Run:
         self.mon.print(f"preempted ({reason}) at step {step}: checkpoint saved, resumable")
         if self.d.is_main:
             mark_preempted(self.run_dir, step, total, reason)
-        self.mon.close()
+        self.mon.close(preempted=True)
         return "preempted"
 
     def finished(self, step: int, total: int, **extra) -> str:
