@@ -75,7 +75,12 @@ def read_status(run_dir: str | Path) -> dict:
         return {}
 
 
+CARRIED = ("attempts",)  # kept through every transition
+
+
 def _write_status(run_dir: str | Path, **fields) -> None:
+    old = read_status(run_dir)
+    fields = {**{k: old[k] for k in CARRIED if k in old}, **fields}
     atomic_write_text(Path(run_dir) / "status.json", json.dumps(fields, sort_keys=True) + "\n")
 
 
@@ -84,8 +89,11 @@ def _write_status(run_dir: str | Path, **fields) -> None:
 #   preempted -> running (resumed) | stopped (Slurm would not requeue it)
 
 
-def mark_running(run_dir: str | Path, step: int, total: int, pid: int) -> None:
-    _write_status(run_dir, state="running", step=step, total_steps=total, pid=pid)
+def mark_running(run_dir: str | Path, step: int, total: int, pid: int) -> int:
+    """An attempt starts; returns how many attempts before it started (restarts)."""
+    restarts = int(read_status(run_dir).get("attempts", 0))
+    _write_status(run_dir, state="running", step=step, total_steps=total, pid=pid, attempts=restarts + 1)
+    return restarts
 
 
 def mark_preempted(run_dir: str | Path, step: int, total: int, reason: str) -> None:

@@ -265,6 +265,10 @@ class WandbSpec(_Strict):
 
 class MonitorSpec(_Strict):
     wandb: WandbSpec = Field(WandbSpec(), description="Weights & Biases (one run per run dir)")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak TFLOP/s of one device for MFU (default: a table of common GPUs; "
+        "on CPU only achieved TFLOP/s is reported)"
+    )
 
 
 class ExportSpec(_Strict):

@@ -82,6 +82,20 @@ def status_text(run_dir: str) -> str:
         lines.append(
             f"last loss: {m['loss']:.4f} at step {m['step']} ({time.strftime('%H:%M:%S', time.localtime(m['time']))})"
         )
+        speed = []
+        if m.get("tokens_per_s"):
+            speed.append(f"{m['tokens_per_s']:,.0f} tokens/s")
+        if m.get("mfu") is not None:
+            speed.append(f"MFU {m['mfu']:.1%}")
+        elif m.get("tflops_per_device"):
+            speed.append(f"{m['tflops_per_device']:.3g} TFLOP/s per device")
+        if state == "running" and m.get("step_time_s") and st.get("total_steps"):
+            left = (st["total_steps"] - m["step"]) * m["step_time_s"]
+            speed.append(f"ETA {int(left) // 3600}:{int(left) // 60 % 60:02d}:{int(left) % 60:02d}")
+        if m.get("restarts"):
+            speed.append(f"{m['restarts']} restart(s)")
+        if speed:
+            lines.append("speed: " + ", ".join(speed))
     ck = latest_checkpoint(run)
     lines.append(f"newest checkpoint: {ck if ck else 'none'}")
     lines += wandb_lines(run)

@@ -166,7 +166,9 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     while step < total and not early_stop:
         t0 = time.perf_counter()
         micro = batches.next_step()
+        data_seconds = time.perf_counter() - t0
         loss_sum = 0.0
+        tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)  # this rank's, without padding
         for i, mb in enumerate(micro):
             with engine.micro_step(sync=i == len(micro) - 1) as module:
                 loss = example_loss(module, mb, ft.kind, d.device)[0]
@@ -174,12 +176,13 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
             loss_sum += float(loss.detach())
         grad_norm = engine.step()
         step += 1
-        (loss_mean,) = mean_over_ranks([loss_sum / len(micro)])
+        loss_mean, tokens_mean = mean_over_ranks([loss_sum / len(micro), float(tokens)])
         step_s, timed = time.perf_counter() - t0, timed + 1
+        run.throughput.tick(step_s, data_seconds, t.global_batch, round(tokens_mean * d.world_size))
         if step % t.log_every == 0 or step == total:
             eta = (total - step) * (time.perf_counter() - t_start) / timed
             mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
-                     "peak_mem_mib": round(run.memory.peak_mib(), 1)})
+                     **run.window_metrics()})
             mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | eta {format_eta(eta)}")
         if valid_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == total):
             with engine.evaluating() as module:

@@ -91,3 +91,19 @@ def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = 
         os.rename(directory, old)
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token, torchtitan's count: 6·(N − N_embedding) + 12·L·H·Dh·T.
+
+    N parameters, L layers, H·Dh the hidden size, T the sequence length: 6 FLOPs per
+    parameter and token (forward 2, backward 4) for every weight but the embedding lookup,
+    plus attention's score and value products, which no parameter counts. Call it before
+    the engine partitions the parameters (ZeRO-3).
+    """
+    cfg = model.config
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_emb = model.get_input_embeddings().weight.numel()
+    layers = getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0)
+    hidden = getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0)
+    return 6.0 * (n - n_emb) + 12.0 * layers * hidden * seq_len

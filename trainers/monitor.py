@@ -89,3 +89,57 @@ class PeakMemory:
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# Dense peak TFLOP/s per GPU (vendor datasheets; bf16 with bf16 training, TF32 otherwise),
+# matched against torch.cuda.get_device_name(); override with monitor.peak_tflops.
+PEAK_TFLOPS = {  # name fragment: (bf16, tf32)
+    "H200": (989.0, 494.0), "H100 PCIe": (756.0, 378.0), "H100": (989.0, 494.0),
+    "A100": (312.0, 156.0), "L40S": (362.0, 183.0), "L4": (121.0, 60.0), "A10": (125.0, 62.5),
+    "V100": (125.0, 15.7),
+}
+
+
+def device_peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+    """The peak the MFU is a fraction of (None on CPU or an unknown GPU: FLOP/s only)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, (bf16, tf32) in PEAK_TFLOPS.items():
+        if fragment in name:
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
+class Throughput:
+    """Averages over the steps since the last `window()` call (the logged window)."""
+
+    def __init__(self, flops_per_token: float | None, world_size: int, peak_tflops: float | None) -> None:
+        self.flops_per_token, self.world, self.peak = flops_per_token, world_size, peak_tflops
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.seconds, self.data_seconds, self.samples, self.tokens = 0, 0.0, 0.0, 0, 0
+
+    def tick(self, step_seconds: float, data_seconds: float, samples: int, tokens: int) -> None:
+        self.steps += 1
+        self.seconds += step_seconds
+        self.data_seconds += data_seconds
+        self.samples += samples
+        self.tokens += tokens
+
+    def window(self) -> dict:
+        if not self.steps or self.seconds <= 0:
+            return {}
+        tok_s = self.tokens / self.seconds
+        out = {"step_time_s": self.seconds / self.steps, "data_wait_s": self.data_seconds / self.steps,
+               "samples_per_s": self.samples / self.seconds, "tokens_per_s": tok_s}
+        if self.flops_per_token:
+            per_device = self.flops_per_token * tok_s / self.world / 1e12
+            out["tflops_per_device"] = per_device  # achieved (model FLOPs, torchtitan's count)
+            if self.peak:
+                out["mfu"] = per_device / self.peak
+        self._reset()
+        return out

@@ -30,7 +30,13 @@ from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.data.sampler import PackedSource
 from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
 from hpctrain.trainers.engine import build_engine
-from hpctrain.trainers.model import build_model, fresh_modules_note, load_tokenizer, save_hf_model
+from hpctrain.trainers.model import (
+    build_model,
+    flops_per_token,
+    fresh_modules_note,
+    load_tokenizer,
+    save_hf_model,
+)
 from hpctrain.trainers.monitor import format_eta
 from hpctrain.trainers.skeleton import Launch, Run, entry_parser, run_entry, seed_everything
 
@@ -128,6 +134,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     total = spec.total_steps_for(sum(s.num_samples for s in sources))
     batches = TrainBatches(sources, [c.weight for c in spec.data.corpora], t.seed, t.global_batch,
                            t.micro_batch, d.rank, d.world_size, num_workers=spec.data.num_workers)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    run.measure(flops_per_token(model, spec.data.seq_len))
     engine = build_engine(spec, model, d, total, batches.accum)
     valid = None
     if spec.data.validation is not None:
@@ -137,7 +145,6 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
         valid = PackedSource(vcorpus.split(vref.split), spec.data.seq_len)
 
     step = run.resume(engine, batches).get("step", 0)
-    n_params = sum(p.numel() for p in model.parameters())
     mon.print(
         f"{spec.name}: {spec.objective.type} on {n_params / 1e6:.2f}M params, {d.world_size} rank(s), "
         f"global batch {t.global_batch} x {spec.data.seq_len} tokens, accum {batches.accum}, "
@@ -153,6 +160,7 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     while step < total:
         t0 = time.perf_counter()
         micro = batches.next_step()
+        data_seconds = time.perf_counter() - t0
         loss_sum = 0.0
         for i, mb in enumerate(micro):
             with engine.micro_step(sync=i == len(micro) - 1) as module:
@@ -164,15 +172,16 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
         (loss_mean,) = mean_over_ranks([loss_sum / len(micro)])
         step_seconds = time.perf_counter() - t0
         steps_timed += 1
+        run.throughput.tick(step_seconds, data_seconds, t.global_batch, tokens_per_step)
         if step % t.log_every == 0 or step == total:
             elapsed = time.perf_counter() - t_start
             tok_s = steps_timed * tokens_per_step / elapsed
             eta = (total - step) * elapsed / steps_timed
             mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
-                     "tokens_seen": step * tokens_per_step, "tokens_per_s": tok_s,
-                     "peak_mem_mib": round(run.memory.peak_mib(), 1)})
+                     "tokens_seen": step * tokens_per_step, **run.window_metrics()})
+            mfu = f" | mfu {run.last_mfu:.1%}" if run.last_mfu is not None else ""
             mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | "
-                      f"{tok_s:,.0f} tok/s | eta {format_eta(eta)}")
+                      f"{tok_s:,.0f} tok/s{mfu} | eta {format_eta(eta)}")
         if valid is not None and t.eval_every and (step % t.eval_every == 0 or step == total):
             vloss = evaluate(spec, engine, objective, valid, d)
             mon.log({"step": step, "val_loss": vloss, "val_ppl": math.exp(min(vloss, 50))})

@@ -37,7 +37,13 @@ from hpctrain.launcher.rundir import (
 from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
 from hpctrain.trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
 from hpctrain.trainers.distributed import Dist, init_distributed, shutdown
-from hpctrain.trainers.monitor import Monitor, PeakMemory, user_error_exit
+from hpctrain.trainers.monitor import (
+    Monitor,
+    PeakMemory,
+    Throughput,
+    device_peak_tflops,
+    user_error_exit,
+)
 from hpctrain.trainers.preemption import StopRequest, die_with_parent
 
 
@@ -123,6 +129,20 @@ class Run:
 
             import_deepspeed(d.device)
         self.memory = PeakMemory(d.device)
+        self.restarts = 0
+        self.last_mfu: float | None = None
+        self.measure(None)
+
+    def measure(self, flops_per_token: float | None) -> None:
+        """Throughput bookkeeping; with the model's FLOPs per token, achieved FLOP/s and MFU."""
+        peak = device_peak_tflops(self.d.device, self.spec.training.precision, self.spec.monitor.peak_tflops)
+        self.throughput = Throughput(flops_per_token, self.d.world_size, peak)
+
+    def window_metrics(self) -> dict:
+        """What a logged step adds: throughput over the window, peak memory, restarts."""
+        out = self.throughput.window()
+        self.last_mfu = out.get("mfu")
+        return {**out, "peak_mem_mib": round(self.memory.peak_mib(), 1), "restarts": self.restarts}
 
     def resume(self, engine, batches) -> dict:
         """Load the newest complete checkpoint (found by scanning); its meta, or {}."""
@@ -139,7 +159,7 @@ class Run:
 
     def started(self, step: int, total: int) -> None:
         if self.d.is_main:
-            mark_running(self.run_dir, step, total, os.getpid())
+            self.restarts = mark_running(self.run_dir, step, total, os.getpid())
         # a start record, not a step's metric: metrics.jsonl only (W&B would file it under that step)
         self.mon.log({"step": step, "mem_base_mib": round(self.memory.base_mib, 1)}, to_sinks=False)
 
@@ -163,6 +183,8 @@ class Run:
             )
             self.last_save, self.save_seconds = time.time(), time.time() - s0
             self.mon.print(f"  checkpoint: {path} ({self.save_seconds:.1f}s)")
+            # saves are synchronous: training was blocked for all of it
+            self.mon.log({"step": step, "ckpt_save_s": round(self.save_seconds, 3)})
         return reason
 
     def preempted(self, step: int, total: int, reason: str) -> str:

@@ -1,4 +1,5 @@
-"""How an attempt ends is recorded by the process that sees it, and `status` says so."""
+"""How an attempt ends is recorded by the process that sees it, `status` says so, and what
+each logged step measures."""
 
 from __future__ import annotations
 
@@ -46,3 +47,30 @@ def test_kill_9_of_one_rank_is_recorded_with_rank_signal_and_step(tmp_path, bpe_
     r = run_cli("run", str(spec))
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert "1 restart(s)" in run_cli("status", str(run)).stdout
+
+
+def test_each_logged_step_says_what_was_measured(tmp_path, bpe_tokenizer, bpe_corpus):
+    """Throughput, time waiting for data, checkpoint time, peak memory, restarts, and achieved
+    FLOP/s by torchtitan's count 6(N - N_emb) + 12 L H T, recomputed here from the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    spec = clm_spec(run, bpe_tokenizer, bpe_corpus, training__steps=6, training__log_every=2,
+                    checkpoint__every_steps=3)
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in recs if "loss" in x]
+    assert [x["step"] for x in steps] == [2, 4, 6]
+    for x in steps:
+        assert x["step_time_s"] > 0 and 0 <= x["data_wait_s"] < x["step_time_s"]
+        assert abs(x["samples_per_s"] * 32 - x["tokens_per_s"]) < 1e-6 * x["tokens_per_s"]  # seq_len 32
+        assert x["peak_mem_mib"] > 0 and x["restarts"] == 0 and "mfu" not in x  # CPU: FLOP/s, no ratio
+    cfg = dict(spec["model"]["config"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    n = sum(p.numel() for p in model.parameters())
+    per_token = 6 * (n - model.get_input_embeddings().weight.numel()) + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 32
+    x = steps[-1]
+    assert abs(x["tflops_per_device"] - per_token * x["tokens_per_s"] / 2 / 1e12) < 1e-9
+    assert [x["step"] for x in recs if "ckpt_save_s" in x] == [3, 6]
