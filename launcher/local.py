@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
-from hpctrain.launcher.rundir import mark_failed, next_free_path, read_status
+from hpctrain.launcher.rundir import (
+    mark_failed,
+    next_free_path,
+    read_status,
+    record_retry,
+    stop_file,
+)
 from hpctrain.launcher.spec import RunSpec
 
 
@@ -26,6 +32,37 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
             f"note: cluster.nodes={spec.cluster.nodes}; a local run uses this machine only "
             f"({spec.cluster.procs_per_node} process(es))"
         )
+    retries, failed_steps = spec.cluster.retries_on_failure, []
+    while True:
+        rc = _attempt(spec, run_dir, log)
+        if rc != RETRY:
+            return rc
+        step = read_status(run_dir).get("step", 0)
+        if failed_steps and failed_steps[-1] == step:
+            reason = read_status(run_dir).get("reason", "")
+            mark_failed(run_dir, f"{reason}; failed again at step {step}: not retrying (the same step "
+                        "failed twice in a row, a deterministic failure)")
+            print(f"hpctrain: step {step} failed twice in a row: not retrying; fix the cause, then run the "
+                  "same command to resume", file=sys.stderr)
+            return 1
+        if len(failed_steps) >= retries or stop_file(run_dir).exists():  # no retry after Ctrl-C twice
+            if retries and len(failed_steps) >= retries:
+                print(f"hpctrain: {retries} retr{'y' if retries == 1 else 'ies'} used up "
+                      "(cluster.retries_on_failure)", file=sys.stderr)
+            print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
+            return 1
+        failed_steps.append(step)
+        record_retry(run_dir, read_status(run_dir).get("reason", ""), step)
+        log(f"hpctrain: retry {len(failed_steps)} of {retries} (cluster.retries_on_failure): resuming from the "
+            "newest checkpoint")
+
+
+RETRY = -1000  # _attempt's answer for "failed; a retry may help"
+
+
+def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
+    """One torchrun launch: its exit code for the user, or RETRY when it failed for a reason
+    other than a user error (the reason and step are then in status.json)."""
     logs = next_attempt_logs(run_dir)
     cmd = build_torchrun_command(
         str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module, log_dir=str(logs)
@@ -54,11 +91,10 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
         mark_failed(run_dir, reason)
     print(f"hpctrain: training failed: {reason} (torchrun exit code {rc}) at step "
           f"{read_status(run_dir).get('step', 0)}; rank logs: {logs}", file=sys.stderr)
-    print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
     for path, lines in failure_tails(logs):
         print(f"--- last lines of {path}:", file=sys.stderr)
         print("\n".join(lines), file=sys.stderr)
-    return rc or 1
+    return RETRY
 
 
 def next_attempt_logs(run_dir: Path) -> Path:

@@ -75,7 +75,7 @@ def read_status(run_dir: str | Path) -> dict:
         return {}
 
 
-CARRIED = ("attempts",)  # kept through every transition
+CARRIED = ("attempts", "retries")  # kept through every transition
 
 
 def _write_status(run_dir: str | Path, **fields) -> None:
@@ -112,6 +112,13 @@ def mark_failed(run_dir: str | Path, reason: str, user_error: bool = False) -> N
     keep["step"] = max(keep.get("step", 0), last_logged_step(run_dir))
     _write_status(run_dir, **keep, state="failed", reason=reason,
                   **({"user_error": True} if user_error else {}))
+
+
+def record_retry(run_dir: str | Path, reason: str, step: int) -> None:
+    """A failed attempt is being retried: keep its reason and step in the status's history."""
+    old = read_status(run_dir)
+    retries = [*old.get("retries", []), {"step": step, "reason": reason}]
+    _write_status(run_dir, **{**old, "retries": retries})
 
 
 def last_logged_step(run_dir: str | Path) -> int:

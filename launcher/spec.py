@@ -176,6 +176,10 @@ class ClusterSpec(_Strict):
     signal_lead_s: int = Field(
         120, ge=10, description="Slurm sends USR2 this many seconds before the time limit"
     )
+    retries_on_failure: int = Field(
+        0, ge=0, description="restart a failed attempt (a lost node, an OOM kill) from the newest checkpoint "
+        "up to this many times; the same step failing twice in a row stops retrying"
+    )
     max_requeues: int = Field(
         3, ge=0, description="requeues after a time-out (preemptions do not count)"
     )

@@ -96,6 +96,9 @@ def status_text(run_dir: str) -> str:
             speed.append(f"{m['restarts']} restart(s)")
         if speed:
             lines.append("speed: " + ", ".join(speed))
+    if st.get("retries"):
+        lines.append(f"retries: {len(st['retries'])} ("
+                     + "; ".join(f"step {r['step']}: {r['reason']}" for r in st["retries"]) + ")")
     ck = latest_checkpoint(run)
     lines.append(f"newest checkpoint: {ck if ck else 'none'}")
     lines += wandb_lines(run)

@@ -55,6 +55,7 @@ class Launch:
     deadline: float | None = None  # epoch seconds by which a checkpoint must exist
     stop_path: Path | None = None  # the node task's per-attempt stop file
     fault_pause: tuple[int, float] | None = None  # tests: (step, seconds) to pause inside a save
+    fault_fail_at: int | None = None  # tests: rank 0 crashes after this step, every attempt
     echo_to_log: bool = False  # console lines are copied to the rank log
 
 
@@ -86,6 +87,7 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
         deadline=args.deadline,
         stop_path=Path(args.stop_file) if args.stop_file else None,
         fault_pause=(int(fault_step), float(fault_s)) if fault else None,
+        fault_fail_at=int(os.environ["HPCTRAIN_FAULT_FAIL_AT_STEP"]) if os.environ.get("HPCTRAIN_FAULT_FAIL_AT_STEP") else None,
         echo_to_log=args.echo_to_log,
     )
     try:
@@ -170,6 +172,8 @@ class Run:
         A checkpoint is saved on the spec's cadence, at the last step, when `force_save`,
         and whenever a rank asks to stop (signal, stop file, deadline near).
         """
+        if self.launch.fault_fail_at == step and self.d.is_main:
+            raise RuntimeError(f"HPCTRAIN_FAULT_FAIL_AT_STEP: a deliberate crash after step {step} (tests)")
         due = checkpoint_due(self.spec.checkpoint, step, self.last_save)
         reason, save_now = self.stopper.agree(due, next_step_s=step_seconds + self.save_seconds)
         if save_now or reason or force_save or step == total:

@@ -74,3 +74,44 @@ def test_each_logged_step_says_what_was_measured(tmp_path, bpe_tokenizer, bpe_co
     x = steps[-1]
     assert abs(x["tflops_per_device"] - per_token * x["tokens_per_s"] / 2 / 1e12) < 1e-9
     assert [x["step"] for x in recs if "ckpt_save_s" in x] == [3, 6]
+
+
+def test_a_rank_killed_once_is_retried_and_the_run_finishes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus):
+    """cluster.retries_on_failure: 2 and one rank killed (a lost node, an OOM kill): the launcher
+    restarts from the newest checkpoint by itself and every loss equals the uninterrupted run's."""
+    from tests.trainers.helpers import losses
+
+    def spec(run):
+        return clm_spec(run, bpe_tokenizer, bpe_corpus, training__steps=30, training__log_every=1,
+                        checkpoint__every_steps=5, cluster__retries_on_failure=2)
+
+    ref = tmp_path / "ref"
+    assert run_cli("run", str(write_spec(tmp_path / "ref.yaml", spec(ref)))).returncode == 0
+    run = tmp_path / "run"
+    proc = start_run(write_spec(tmp_path / "s.yaml", spec(run)))
+    wait_for(lambda: last_step(run) >= 12, timeout=120, what="step 12")
+    os.kill(next(p for p in trainer_pids(run) if rank_of(p) == 1), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "rank 1 killed by SIGKILL" in out and "retry 1 of 2" in out and "resuming from" in out
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "finished" and [r["reason"] for r in st["retries"]] == ["rank 1 killed by SIGKILL"]
+    assert losses(run) == losses(ref)
+    assert "retries: 1 (step" in run_cli("status", str(run)).stdout
+
+
+def test_the_same_step_failing_twice_stops_retrying(tmp_path, bpe_tokenizer, bpe_corpus):
+    """A deterministic crash after step 7 (a test switch): retried once from step 5, fails at 7
+    again, and the launcher stops instead of burning the allocation, saying why."""
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus, training__steps=30,
+                                                     training__log_every=1, checkpoint__every_steps=5,
+                                                     cluster__retries_on_failure=3))
+    r = run_cli("run", str(spec), env={"HPCTRAIN_FAULT_FAIL_AT_STEP": "7"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.count("retry ") == 1 and "step 7 failed twice in a row: not retrying" in r.stderr
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "failed" and st["step"] == 7 and len(st["retries"]) == 1
+    assert st["reason"].startswith("rank 0 exited with code 1") and "failed again at step 7" in st["reason"]
+    assert "trainer: failed at step 7/30" in run_cli("status", str(run)).stdout
+    assert trainer_pids(run) == []
