@@ -82,6 +82,11 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
             f"stopped at step {status.get('step')} with a checkpoint; run the same command to resume"
         )
         return 0
+    if state == "hung":  # the ranks' watchdog recorded it (trainers/watchdog.py): not retried
+        print(f"hpctrain: training hung: {status.get('reason')}; stacks of every rank are in their logs "
+              f"under {logs}", file=sys.stderr)
+        print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
+        return 1
     if rc == 2 or status.get("user_error"):
         print(f"hpctrain: error: {status.get('reason', 'see the rank logs in ' + str(logs))}",
               file=sys.stderr)

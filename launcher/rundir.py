@@ -85,7 +85,7 @@ def _write_status(run_dir: str | Path, **fields) -> None:
 
 
 # The run's status and its transitions: this module is the only writer of status.json.
-#   running -> preempted (checkpoint saved, resumable) | finished | failed
+#   running -> preempted (checkpoint saved, resumable) | finished | failed | hung
 #   preempted -> running (resumed) | stopped (Slurm would not requeue it)
 
 
@@ -134,6 +134,11 @@ def last_logged_step(run_dir: str | Path) -> int:
             if "loss" in rec:
                 step = max(step, int(rec.get("step", 0)))
     return step
+
+
+def mark_hung(run_dir: str | Path, step: int, total: int, reason: str) -> None:
+    """No step completed within the watchdog's limit; the job ends (not requeued)."""
+    _write_status(run_dir, state="hung", step=step, total_steps=total, reason=reason)
 
 
 def mark_stopped(run_dir: str | Path, reason: str) -> None:

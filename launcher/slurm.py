@@ -232,7 +232,7 @@ class NodeTask:
         if hasattr(self._proc, "pump"):
             self._proc.pump.join(timeout=10)
         reason = failure_reason(rc, tail, node)
-        if env.global_rank == 0 and status.get("state") != "failed":  # the trainer's own reason wins
+        if env.global_rank == 0 and status.get("state") not in ("failed", "hung"):  # the trainer's reason wins
             mark_failed(self.run_dir, reason)
         raise RuntimeError(f"{reason}; rank logs under {Path(self.run_dir) / 'logs'}")
 

@@ -269,6 +269,10 @@ class WandbSpec(_Strict):
 
 class MonitorSpec(_Strict):
     wandb: WandbSpec = Field(WandbSpec(), description="Weights & Biases (one run per run dir)")
+    hang_timeout_s: float | None = Field(
+        None, gt=0, description="the hang watchdog's limit: no step within it dumps every rank's stacks, "
+        "records status 'hung' and ends the job (default: 10 x the median step time, at least 5 minutes)"
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="peak TFLOP/s of one device for MFU (default: a table of common GPUs; "
         "on CPU only achieved TFLOP/s is reported)"

@@ -45,6 +45,7 @@ from hpctrain.trainers.monitor import (
     user_error_exit,
 )
 from hpctrain.trainers.preemption import StopRequest, die_with_parent
+from hpctrain.trainers.watchdog import Watchdog, clear_reports
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Launch:
     stop_path: Path | None = None  # the node task's per-attempt stop file
     fault_pause: tuple[int, float] | None = None  # tests: (step, seconds) to pause inside a save
     fault_fail_at: int | None = None  # tests: rank 0 crashes after this step, every attempt
+    fault_stall: tuple[int, int] | None = None  # tests: (rank, step) that stops making progress
     echo_to_log: bool = False  # console lines are copied to the rank log
 
 
@@ -88,6 +90,8 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
         stop_path=Path(args.stop_file) if args.stop_file else None,
         fault_pause=(int(fault_step), float(fault_s)) if fault else None,
         fault_fail_at=int(os.environ["HPCTRAIN_FAULT_FAIL_AT_STEP"]) if os.environ.get("HPCTRAIN_FAULT_FAIL_AT_STEP") else None,
+        fault_stall=tuple(map(int, os.environ["HPCTRAIN_FAULT_STALL"].split(":")))  # type: ignore[arg-type]
+        if os.environ.get("HPCTRAIN_FAULT_STALL") else None,
         echo_to_log=args.echo_to_log,
     )
     try:
@@ -162,6 +166,10 @@ class Run:
     def started(self, step: int, total: int) -> None:
         if self.d.is_main:
             self.restarts = mark_running(self.run_dir, step, total, os.getpid())
+            clear_reports(self.run_dir)
+        self.watchdog = Watchdog(self.run_dir, self.d.rank, self.d.world_size, self.spec.monitor.hang_timeout_s,
+                                 total)
+        self.watchdog.beat(step)
         # a start record, not a step's metric: metrics.jsonl only (W&B would file it under that step)
         self.mon.log({"step": step, "mem_base_mib": round(self.memory.base_mib, 1)}, to_sinks=False)
 
@@ -172,8 +180,12 @@ class Run:
         A checkpoint is saved on the spec's cadence, at the last step, when `force_save`,
         and whenever a rank asks to stop (signal, stop file, deadline near).
         """
+        self.watchdog.beat(step, step_seconds)
         if self.launch.fault_fail_at == step and self.d.is_main:
             raise RuntimeError(f"HPCTRAIN_FAULT_FAIL_AT_STEP: a deliberate crash after step {step} (tests)")
+        if self.launch.fault_stall == (self.d.rank, step):
+            print(f"HPCTRAIN_FAULT_STALL: rank {self.d.rank} stops at step {step} (tests)", file=sys.stderr, flush=True)
+            time.sleep(3600)
         due = checkpoint_due(self.spec.checkpoint, step, self.last_save)
         reason, save_now = self.stopper.agree(due, next_step_s=step_seconds + self.save_seconds)
         if save_now or reason or force_save or step == total:
@@ -189,6 +201,9 @@ class Run:
             self.mon.print(f"  checkpoint: {path} ({self.save_seconds:.1f}s)")
             # saves are synchronous: training was blocked for all of it
             self.mon.log({"step": step, "ckpt_save_s": round(self.save_seconds, 3)})
+            self.watchdog.beat(step)
+        if step == total or reason or force_save:
+            self.watchdog.stop()  # no step follows: the export and the exit are not watched
         return reason
 
     def preempted(self, step: int, total: int, reason: str) -> str:

@@ -115,3 +115,26 @@ def test_the_same_step_failing_twice_stops_retrying(tmp_path, bpe_tokenizer, bpe
     assert st["reason"].startswith("rank 0 exited with code 1") and "failed again at step 7" in st["reason"]
     assert "trainer: failed at step 7/30" in run_cli("status", str(run)).stdout
     assert trainer_pids(run) == []
+
+
+def test_a_stalled_rank_is_reported_as_hung_with_every_ranks_stacks(tmp_path, bpe_tokenizer, bpe_corpus):
+    """Rank 1 stops making progress at step 6 (a test switch); rank 0 waits in the stop
+    agreement's all-reduce. After monitor.hang_timeout_s both ranks dump their stacks into their
+    logs, status says "hung" naming rank 1 as the one that did not arrive, the run exits 1 (no
+    retry), and no process is left."""
+    run = tmp_path / "run"
+    spec = clm_spec(run, bpe_tokenizer, bpe_corpus, training__steps=30, training__log_every=1,
+                    checkpoint__every_steps=5, cluster__retries_on_failure=2)
+    spec["monitor"] = {"hang_timeout_s": 6}
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), env={"HPCTRAIN_FAULT_STALL": "1:6"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "hung" and st["step"] == 6, st
+    assert "ranks that did not arrive: [1]" in st["reason"] and "in after_step" in st["reason"], st["reason"]
+    assert "waiting in a collective: [0]" in st["reason"]
+    assert "training hung:" in r.stderr and "retry" not in r.stdout
+    logs = {int(p.parent.name): p.read_text() for p in (run / "logs").rglob("stderr.log")}
+    assert all("hung; stacks of every thread follow" in t and "Thread 0x" in t for t in logs.values()), logs
+    assert "all_reduce" in logs[0] or "agree" in logs[0]  # rank 0's stack: inside the collective
+    assert "trainer: hung at step 6/30" in run_cli("status", str(run)).stdout
+    assert trainer_pids(run) == []
