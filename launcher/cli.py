@@ -246,6 +246,13 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from hpctrain.launcher.plot import plot
+
+    print(f"plot written to {plot(args.run_dirs, args.out)}")
+    return 0
+
+
 def _cmd_logs(args: argparse.Namespace) -> int:
     from hpctrain.launcher.status import follow, node_logs
 
@@ -365,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--offline", action="store_true",
                     help="write the merged run as one offline run (RUN_DIR/wandb-merged/) instead of uploading")
     sy.set_defaults(func=_cmd_sync)
+
+    pt = sub.add_parser("plot", help="loss, validation loss, LR, tokens/s and MFU against step, restarts "
+                        "marked; several runs on one figure")
+    pt.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pt.add_argument("--out", metavar="FILE.png", help="where to write it (default RUN_DIR/plot.png)")
+    pt.set_defaults(func=_cmd_plot)
 
     lo = sub.add_parser("logs", help="show (or follow) the job's node logs")
     lo.add_argument("run_dir")

@@ -11,10 +11,10 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 "$python" -m venv "$tmp/venv"
 pip=("$tmp/venv/bin/python" -m pip install --disable-pip-version-check -q)
-echo "lock: resolving hpctrain[dev,qlora,examples,deepspeed,wandb] unpinned (about 2 minutes)" >&2
+echo "lock: resolving hpctrain[dev,qlora,examples,deepspeed,wandb,plot] unpinned (about 2 minutes)" >&2
 "${pip[@]}" "$torch_req"
 "${pip[@]}" --no-build-isolation "$torch_req" "deepspeed>=0.19,<0.20"
-"${pip[@]}" "$torch_req" ".[dev,qlora,examples,deepspeed,wandb]"
+"${pip[@]}" "$torch_req" ".[dev,qlora,examples,deepspeed,wandb,plot]"
 {
   echo "# Exact versions CI tested (Python 3.11, CPU): tools/setup.sh installs with '-c' this file."
   echo "# Refresh: bash tools/lock.sh   (a fresh unpinned install of every extra, then pip freeze)."

@@ -5,7 +5,7 @@
 #   bash tools/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh dev,qlora,examples,deepspeed,wandb
+bash tools/setup.sh dev,qlora,examples,deepspeed,wandb,plot
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check --quiet .
 

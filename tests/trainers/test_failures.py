@@ -98,6 +98,19 @@ def test_a_rank_killed_once_is_retried_and_the_run_finishes_bitwise(tmp_path, bp
     assert st["state"] == "finished" and [r["reason"] for r in st["retries"]] == ["rank 1 killed by SIGKILL"]
     assert losses(run) == losses(ref)
     assert "retries: 1 (step" in run_cli("status", str(run)).stdout
+    # the two runs on one figure, the restart marked
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (extra 'plot')")
+    from matplotlib.image import imread
+
+    r = run_cli("plot", str(run), str(ref), "--out", str(tmp_path / "cmp.png"))
+    assert r.returncode == 0 and "plot written to" in r.stdout, r.stderr
+    img = imread(tmp_path / "cmp.png")
+    assert img.shape[0] > 500 and img.shape[1] > 1000 and img[..., :3].std() > 0.05  # drawn, not blank
+    blue = (img[..., 2] > 0.6) & (img[..., 0] < 0.3)  # C0: the retried run and its restart line
+    orange = (img[..., 0] > 0.9) & (img[..., 1] > 0.4) & (img[..., 1] < 0.6) & (img[..., 2] < 0.2)  # C1: ref
+    assert blue.sum() > 500 and orange.sum() > 500
+    r = run_cli("plot", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
 
 
 def test_the_same_step_failing_twice_stops_retrying(tmp_path, bpe_tokenizer, bpe_corpus):

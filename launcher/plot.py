@@ -1,0 +1,90 @@
+"""`hpctrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]`: one figure to compare runs.
+
+Panels against the training step: training loss (line) with validation loss (dots), LR,
+tokens/s, and MFU (or achieved TFLOP/s per device where no MFU is known, as on CPU).
+Restarts (an attempt resuming from a checkpoint) are dashed vertical lines in the run's
+colour. Read from each run's metrics.jsonl (the last value of each step wins).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hpctrain.launcher.errors import UserError
+
+
+def series(run_dir: Path) -> dict:
+    """{step-keyed columns, restarts} from metrics.jsonl."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        raise UserError("no metrics.jsonl (has the run started?)", file=str(run_dir))
+    rows: dict[int, dict] = {}
+    starts: list[int] = []
+    for line in f.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if "mem_base_mib" in rec:
+            starts.append(int(rec["step"]))
+            continue
+        rows.setdefault(int(rec.get("step", 0)), {}).update(rec)
+    steps = sorted(rows)
+
+    def col(key: str) -> tuple[list[int], list[float]]:
+        xs = [s for s in steps if rows[s].get(key) is not None]
+        return xs, [float(rows[s][key]) for s in xs]
+
+    return {"loss": col("loss"), "val_loss": col("val_loss"), "lr": col("lr"), "tokens_per_s": col("tokens_per_s"),
+            "mfu": col("mfu"), "tflops": col("tflops_per_device"), "restarts": [s for s in starts if s > 0]}
+
+
+def plot(run_dirs: list[str], out: str | None) -> Path:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("matplotlib is not installed", field="hpctrain plot",
+                        expected="the extra: bash tools/setup.sh examples,plot") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(r), series(Path(r))) for r in run_dirs]
+    use_mfu = any(s["mfu"][0] for _, s in runs)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
+    (ax_loss, ax_lr), (ax_tok, ax_eff) = axes
+    for i, (path, s) in enumerate(runs):
+        color = f"C{i}"
+        name = path.name if path.name not in ("run", "") else f"{path.parent.name}/{path.name}"
+        ax_loss.plot(*s["loss"], color=color, lw=1.2, label=f"{name} train")
+        if s["val_loss"][0]:
+            ax_loss.plot(*s["val_loss"], "o", color=color, ms=4, label=f"{name} validation")
+        ax_lr.plot(*s["lr"], color=color, lw=1.2, label=name)
+        ax_tok.plot(*s["tokens_per_s"], color=color, lw=1.2, label=name)
+        if use_mfu:
+            xs, ys = s["mfu"]
+            ax_eff.plot(xs, [100 * y for y in ys], color=color, lw=1.2, label=name)
+        else:
+            ax_eff.plot(*s["tflops"], color=color, lw=1.2, label=name)
+        for step in s["restarts"]:
+            for ax in axes.flat:
+                ax.axvline(step, color=color, ls="--", lw=0.8, alpha=0.7)
+    ax_loss.set_title("loss (dots: validation)")
+    ax_lr.set_title("learning rate")
+    ax_tok.set_title("tokens/s")
+    ax_eff.set_title("MFU (%)" if use_mfu else "achieved TFLOP/s per device (no MFU on CPU)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    ax_loss.legend(fontsize=8)
+    if any(s["restarts"] for _, s in runs):
+        fig.text(0.01, 0.005, "dashed lines: restarts (resumed from a checkpoint)", fontsize=8)
+    fig.suptitle(", ".join(str(p) for p, _ in runs) if len(runs) > 1 else str(runs[0][0]), fontsize=10)
+    fig.tight_layout()
+    target = Path(out) if out else runs[0][0] / "plot.png"
+    tmp = target.with_name(f".{target.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(target)
+    return target
