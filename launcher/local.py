@@ -8,11 +8,13 @@ from pathlib import Path
 
 from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
 from hpctrain.launcher.rundir import (
+    aborted,
+    mark_cancelled,
     mark_failed,
     next_free_path,
     read_status,
     record_retry,
-    stop_file,
+    retry_verdict,
 )
 from hpctrain.launcher.spec import RunSpec
 
@@ -32,29 +34,26 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
             f"note: cluster.nodes={spec.cluster.nodes}; a local run uses this machine only "
             f"({spec.cluster.procs_per_node} process(es))"
         )
-    retries, failed_steps = spec.cluster.retries_on_failure, []
+    failed_steps: list[int] = []
     while True:
         rc = _attempt(spec, run_dir, log)
         if rc != RETRY:
             return rc
-        step = read_status(run_dir).get("step", 0)
-        if failed_steps and failed_steps[-1] == step:
-            reason = read_status(run_dir).get("reason", "")
-            mark_failed(run_dir, f"{reason}; failed again at step {step}: not retrying (the same step "
-                        "failed twice in a row, a deterministic failure)")
-            print(f"hpctrain: step {step} failed twice in a row: not retrying; fix the cause, then run the "
-                  "same command to resume", file=sys.stderr)
-            return 1
-        if len(failed_steps) >= retries or stop_file(run_dir).exists():  # no retry after Ctrl-C twice
-            if retries and len(failed_steps) >= retries:
-                print(f"hpctrain: {retries} retr{'y' if retries == 1 else 'ies'} used up "
-                      "(cluster.retries_on_failure)", file=sys.stderr)
+        status = read_status(run_dir)
+        step = status.get("step", 0)
+        retry, why = retry_verdict(failed_steps, step, spec.cluster.retries_on_failure)
+        if not retry:
+            if why.startswith("failed again"):
+                mark_failed(run_dir, f"{status.get('reason', '')}; {why}")
+                print(f"hpctrain: step {step} failed twice in a row: not retrying; fix the cause", file=sys.stderr)
+            elif why:
+                print(f"hpctrain: {why}", file=sys.stderr)
             print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
             return 1
         failed_steps.append(step)
-        record_retry(run_dir, read_status(run_dir).get("reason", ""), step)
-        log(f"hpctrain: retry {len(failed_steps)} of {retries} (cluster.retries_on_failure): resuming from the "
-            "newest checkpoint")
+        record_retry(run_dir, status.get("reason", ""), step, scope=f"local launch {os.getpid()}")
+        log(f"hpctrain: retry {len(failed_steps)} of {spec.cluster.retries_on_failure} "
+            "(cluster.retries_on_failure): resuming from the newest checkpoint")
 
 
 RETRY = -1000  # _attempt's answer for "failed; a retry may help"
@@ -87,6 +86,9 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
               f"under {logs}", file=sys.stderr)
         print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
         return 1
+    if rc != 0 and aborted(run_dir):  # Ctrl-C twice: the user ended it without a save
+        mark_cancelled(run_dir, "aborted with Ctrl-C twice (no save at the abort)")
+        return 130
     if rc == 2 or status.get("user_error"):
         print(f"hpctrain: error: {status.get('reason', 'see the rank logs in ' + str(logs))}",
               file=sys.stderr)

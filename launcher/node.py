@@ -145,6 +145,7 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
     """Run torchrun to completion, turning signals into a stop request; returns its exit code."""
     stop = stop_file(run_dir)
     stop.unlink(missing_ok=True)  # a stop request belongs to one launch only
+    stop.with_name("aborted").unlink(missing_ok=True)
     requests = {"n": 0}
     proc: subprocess.Popen | None = None
 
@@ -157,6 +158,7 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
             log(f"hpctrain: {name}: asking the trainers to checkpoint and stop (again to abort)")
         elif signum == signal.SIGINT and proc is not None:
             log("hpctrain: aborting; the last complete checkpoint is kept")
+            stop.with_name("aborted").write_text(name + "\n")
             os.killpg(proc.pid, signal.SIGKILL)
 
     old = {s: signal.signal(s, on_signal) for s in FORWARDED}

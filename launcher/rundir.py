@@ -87,6 +87,7 @@ def _write_status(run_dir: str | Path, **fields) -> None:
 # The run's status and its transitions: this module is the only writer of status.json.
 #   running -> preempted (checkpoint saved, resumable) | finished | failed | hung
 #   preempted -> running (resumed) | stopped (Slurm would not requeue it)
+#   any -> cancelled (the user ended it)
 
 
 def mark_running(run_dir: str | Path, step: int, total: int, pid: int) -> int:
@@ -97,7 +98,12 @@ def mark_running(run_dir: str | Path, step: int, total: int, pid: int) -> int:
 
 
 def mark_preempted(run_dir: str | Path, step: int, total: int, reason: str) -> None:
-    """The ranks saved a checkpoint at `step` and stopped: resumable."""
+    """The ranks saved a checkpoint at `step` and stopped: resumable. A run the user cancelled
+    (whose ranks saved on the way out) stays cancelled."""
+    old = read_status(run_dir)
+    if old.get("state") == "cancelled":
+        _write_status(run_dir, **{**old, "step": step, "total_steps": total})
+        return
     _write_status(run_dir, state="preempted", step=step, total_steps=total, reason=reason)
 
 
@@ -114,11 +120,24 @@ def mark_failed(run_dir: str | Path, reason: str, user_error: bool = False) -> N
                   **({"user_error": True} if user_error else {}))
 
 
-def record_retry(run_dir: str | Path, reason: str, step: int) -> None:
-    """A failed attempt is being retried: keep its reason and step in the status's history."""
+def record_retry(run_dir: str | Path, reason: str, step: int, scope: str = "") -> None:
+    """A failed attempt is being retried: keep its reason and step in the status's history
+    (`scope`: the launch or Slurm job the retry belongs to; its retry budget is its own)."""
     old = read_status(run_dir)
-    retries = [*old.get("retries", []), {"step": step, "reason": reason}]
+    retries = [*old.get("retries", []), {"step": step, "reason": reason, "scope": scope}]
     _write_status(run_dir, **{**old, "retries": retries})
+
+
+def retry_verdict(failed_steps: list[int], step: int, allowed: int) -> tuple[bool, str]:
+    """(retry?, why not) for a failure at `step` after earlier failures at `failed_steps`.
+    The failure policy: at most `allowed` retries, never the same step failing twice in a row."""
+    if failed_steps and failed_steps[-1] == step:
+        return False, (f"failed again at step {step}: not retrying (the same step failed twice in a row, "
+                       "a deterministic failure)")
+    if len(failed_steps) >= allowed:
+        return False, (f"{allowed} retr{'y' if allowed == 1 else 'ies'} used up (cluster.retries_on_failure)"
+                       if allowed else "")
+    return True, ""
 
 
 def last_logged_step(run_dir: str | Path) -> int:
@@ -139,6 +158,18 @@ def last_logged_step(run_dir: str | Path) -> int:
 def mark_hung(run_dir: str | Path, step: int, total: int, reason: str) -> None:
     """No step completed within the watchdog's limit; the job ends (not requeued)."""
     _write_status(run_dir, state="hung", step=step, total_steps=total, reason=reason)
+
+
+def mark_cancelled(run_dir: str | Path, reason: str) -> None:
+    """Ended by the user (Ctrl-C twice, `hpctrain cancel`); the step reached is kept."""
+    old = read_status(run_dir)
+    step = max(old.get("step", 0), last_logged_step(run_dir))
+    _write_status(run_dir, **{**old, "state": "cancelled", "step": step, "reason": reason})
+
+
+def aborted(run_dir: str | Path) -> bool:
+    """Whether the launcher's last torchrun was aborted by a second Ctrl-C."""
+    return (stop_file(run_dir).with_name("aborted")).is_file()
 
 
 def mark_stopped(run_dir: str | Path, reason: str) -> None:

@@ -35,7 +35,14 @@ from hpctrain.launcher.node import (
     show_command,
     start_torchrun,
 )
-from hpctrain.launcher.rundir import atomic_write_text, mark_failed, mark_stopped, read_status
+from hpctrain.launcher.rundir import (
+    atomic_write_text,
+    mark_failed,
+    mark_stopped,
+    read_status,
+    record_retry,
+    retry_verdict,
+)
 from hpctrain.launcher.spec import RunSpec
 
 JOBS_FILE = "jobs.json"
@@ -143,11 +150,13 @@ class NodeTask:
         procs_per_node: int,
         max_requeues: int,
         module: str = "hpctrain.trainers.pretrain",
+        retries_on_failure: int = 0,
     ):
         self.run_dir = run_dir
         self.procs_per_node = procs_per_node
         self.max_requeues = max_requeues
         self.module = module
+        self.retries_on_failure = retries_on_failure
         self._proc = None
         self._signalled = False
 
@@ -232,9 +241,31 @@ class NodeTask:
         if hasattr(self._proc, "pump"):
             self._proc.pump.join(timeout=10)
         reason = failure_reason(rc, tail, node)
+        reports = Path(self.run_dir) / "control" / f"failure-{job_id}.{_restart_count()}"
+        reports.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(reports / f"node{node}", reason + "\n")
         if env.global_rank == 0 and status.get("state") not in ("failed", "hung"):  # the trainer's reason wins
+            reason = root_cause(reports, nnodes, reason)
             mark_failed(self.run_dir, reason)
+            self._retry_or_give_up(job_id, reason)
         raise RuntimeError(f"{reason}; rank logs under {Path(self.run_dir) / 'logs'}")
+
+    def _retry_or_give_up(self, job_id: str, reason: str) -> None:
+        """cluster.retries_on_failure: requeue the job (it resumes from the newest checkpoint)
+        unless the budget of this job is spent or the same step failed twice in a row."""
+        status, scope = read_status(self.run_dir), f"slurm job {job_id}"
+        earlier = [r["step"] for r in status.get("retries", []) if r.get("scope") == scope]
+        step = status.get("step", 0)
+        retry, why = retry_verdict(earlier, step, self.retries_on_failure)
+        if not retry:
+            if why.startswith("failed again"):
+                mark_failed(self.run_dir, f"{reason}; {why}")
+            return
+        record_retry(self.run_dir, reason, step, scope=scope)
+        print(f"hpctrain: {reason} at step {step}: retry {len(earlier) + 1} of {self.retries_on_failure} "
+              "(cluster.retries_on_failure): requeueing the job", flush=True)
+        subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
+        time.sleep(600)  # the requeue ends this task
 
     def _requeue_after_deadline(self, job_id: str) -> None:
         """The trainer stopped ahead of the time limit without a signal: requeue like submitit would."""
@@ -253,8 +284,19 @@ class NodeTask:
             if read_status(self.run_dir).get("state") == "finished":
                 return None  # nothing left to do: no requeue
         return submitit.helpers.DelayedSubmission(
-            NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module)
+            NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module, self.retries_on_failure)
         )
+
+
+def root_cause(reports: Path, nnodes: int, mine: str, wait_s: float = 10.0) -> str:
+    """The failure to report for the job: every node task writes what its torchrun saw; a rank
+    killed by a signal is the cause and the others' errors its consequence (their peers
+    vanished), so a "killed by" report wins, else node 0's own."""
+    end = time.time() + wait_s
+    while len(list(reports.iterdir())) < nnodes and time.time() < end:
+        time.sleep(0.2)
+    seen = [p.read_text().strip() for p in sorted(reports.iterdir())]
+    return next((r for r in seen if "killed by" in r), mine)
 
 
 def _wait(proc) -> None:
@@ -276,7 +318,8 @@ def job_env(nproc: int) -> dict:
 def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
     """Submit one run; returns the Slurm job id and records it in RUN_DIR/slurm/jobs.json."""
     ex = make_executor(spec, run_dir, dependency)
-    task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues, spec.trainer_module)
+    task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues, spec.trainer_module,
+                    spec.cluster.retries_on_failure)
     try:
         job = ex.submit(task)
     except Exception as e:  # sbatch said no: a user-facing problem (partition, account, limits)

@@ -143,6 +143,9 @@ def cancel(run_dir: str) -> list[str]:
     if not ids:
         raise UserError("no Slurm job was submitted from this run dir", file=str(run))
     subprocess.run(["scancel", *ids], check=False)
+    from hpctrain.launcher.rundir import mark_cancelled
+
+    mark_cancelled(run, f"cancelled with hpctrain cancel (scancel {' '.join(ids)})")
     return ids
 
 

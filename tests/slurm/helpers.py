@@ -99,9 +99,13 @@ def submit(spec_path: Path, *extra: str, env: dict | None = None) -> subprocess.
     return r
 
 
-def preempted_run(tmp_path, tok, corpus, preemptions: int, first_at: int = 5, **cluster):
+def preempted_run(tmp_path, tok, corpus, preemptions: int, first_at: int = 5, monitor: dict | None = None,
+                  **cluster):
     run = tmp_path / "run"
-    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, tok, corpus, steps=60, **cluster))
+    raw = slurm_spec(run, tok, corpus, steps=60, **cluster)
+    if monitor:
+        raw["monitor"] = monitor
+    spec = write_spec(tmp_path / "s.yaml", raw)
     submit(spec)
     job = job_id(run)
     for i in range(preemptions):

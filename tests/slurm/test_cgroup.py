@@ -55,7 +55,8 @@ def cgroup_cluster():
 
 def test_preemption_under_cgroup_resumes_bitwise(cgroup_cluster, tmp_path, bpe_tokenizer, bpe_corpus,
                                                   local_reference):
-    run, job = preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1)
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (extra 'wandb')") and {"mode": "offline"}
+    run, job = preempted_run(tmp_path, bpe_tokenizer, bpe_corpus, preemptions=1, monitor={"wandb": wandb})
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
     assert st["state"] == "COMPLETED" and st["restarts"] == "1"
     log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
@@ -63,6 +64,13 @@ def test_preemption_under_cgroup_resumes_bitwise(cgroup_cluster, tmp_path, bpe_t
     assert "preempted (stop file)" in log and "preempted (SIGUSR2)" not in log, log[-3000:]
     assert losses(run) == local_reference
     assert trainer_processes(run) == []
+    # one W&B run across the requeue: two offline segments (one per attempt), one id
+    from hpctrain.launcher.wandb_files import merged_history, offline_segments, read_run
+
+    segments = offline_segments(run)
+    assert len(segments) == 2
+    assert {read_run(s)["id"] for s in segments} == {(run / "wandb_id").read_text().strip()}
+    assert {s: r["loss"] for s, r in merged_history(run).items() if "loss" in r} == local_reference
 
 
 @pytest.mark.deepspeed

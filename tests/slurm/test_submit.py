@@ -164,3 +164,30 @@ def test_zero3_two_node_job_preempted_once_resumes_bitwise(tmp_path, bpe_tokeniz
     requeued and finishes with the losses of an uninterrupted local 2-rank ZeRO-3 run."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
     zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus)
+
+
+def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
+    """cluster.retries_on_failure: 1 on Slurm: a trainer rank killed (an OOM kill, a lost GPU) fails
+    the attempt; the node task records why, requeues the job, and it finishes bitwise."""
+    import os
+    import signal
+
+    from tests.trainers.helpers import rank_of
+
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=60,
+                                                      retries_on_failure=1))
+    submit(spec)
+    job = job_id(run)
+    wait_state(job, ("RUNNING",))
+    from tests.slurm.helpers import wait_step
+
+    wait_step(run, 12)
+    os.kill(next(p for p in trainer_processes(run) if rank_of(p) == 1), signal.SIGKILL)
+    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the retry's requeue")
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    status = json.loads((run / "status.json").read_text())
+    assert [r["reason"] for r in status["retries"]] == ["rank 1 killed by SIGKILL on node 1"], status
+    assert losses(run) == local_reference
+    assert trainer_processes(run) == []

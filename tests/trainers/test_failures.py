@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -151,3 +152,20 @@ def test_a_stalled_rank_is_reported_as_hung_with_every_ranks_stacks(tmp_path, bp
     assert "all_reduce" in logs[0] or "agree" in logs[0]  # rank 0's stack: inside the collective
     assert "trainer: hung at step 6/30" in run_cli("status", str(run)).stdout
     assert trainer_pids(run) == []
+
+
+def test_ctrl_c_twice_is_recorded_as_cancelled(tmp_path, bpe_tokenizer, bpe_corpus):
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus, training__steps=200,
+                                                     training__log_every=1))
+    proc = start_run(spec)
+    wait_for(lambda: last_step(run) >= 5, timeout=120, what="step 5")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "aborting" in out, out
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "cancelled" and st["step"] >= 5 and "Ctrl-C twice" in st["reason"]
+    assert "trainer: cancelled at step" in run_cli("status", str(run)).stdout
+    wait_for(lambda: trainer_pids(run) == [], timeout=30, what="all ranks gone")
