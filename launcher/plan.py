@@ -38,6 +38,7 @@ A configuration fits when its estimate is at most FIT_FRACTION of the device's m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from hpctrain.launcher.paths import resolve_path
 from hpctrain.launcher.spec import RunSpec
@@ -213,7 +214,14 @@ def fits(e: Estimate, budget: float) -> bool:
 
 
 def warning(spec: RunSpec, world: int) -> str | None:
-    """validate's note when the chosen engine will not fit (None when it fits or nothing is known)."""
+    """validate's note when the chosen engine will not fit (None when it fits or nothing is known).
+
+    Only where a device's memory is known without cost - `cluster.device_memory_gb`, or a local
+    NVIDIA GPU - since counting parameters builds the model on the meta device (seconds).
+    """
+    if spec.cluster.device_memory_gb is None and not (spec.cluster.executor == "local"
+                                                      and Path("/dev/nvidiactl").exists()):
+        return None
     budget, source = device_memory(spec)
     if budget is None:
         return None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -74,13 +76,33 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+@contextlib.contextmanager
+def _deepspeed_only_if_imported():
+    """`save_pretrained` unwraps the model through accelerate, which imports DeepSpeed whenever
+    it is installed (2 s per rank, and its "Setting accelerator" line on the console) to test
+    whether the model is a DeepSpeed engine. A model can only be one if DeepSpeed is already
+    imported: answer that question from sys.modules while saving."""
+    try:
+        import accelerate.utils.other as other
+    except ImportError:
+        yield
+        return
+    original = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = original
+
+
 def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = None) -> None:
     """`save_pretrained` (safetensors) + tokenizer (+ label map), renamed into place when
     complete: an export is whole or absent, and a previous one is replaced only at the end."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _deepspeed_only_if_imported():
+        model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if labels is not None:

@@ -75,5 +75,6 @@ def test_preemption_under_cgroup_resumes_bitwise(cgroup_cluster, tmp_path, bpe_t
 
 @pytest.mark.deepspeed
 def test_zero3_preemption_under_cgroup_resumes_bitwise(cgroup_cluster, tmp_path, bpe_tokenizer, bpe_corpus):
+    """DeepSpeed ZeRO-3 on 2 nodes x 1 rank (run here only: the stricter signal path)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
     zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus)

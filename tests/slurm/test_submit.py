@@ -18,7 +18,6 @@ from tests.slurm.helpers import (
     submit,
     trainer_processes,
     wait_state,
-    zero3_preempted_once_resumes_bitwise,
 )
 from tests.trainers.helpers import losses, wait_for, write_spec
 
@@ -156,14 +155,6 @@ def test_pipeline_stages_are_chained_with_afterok(tmp_path, bpe_tokenizer, bpe_c
     first_step = json.loads((root / "more" / "metrics.jsonl").read_text().splitlines()[0])["time"]
     assert export_done < first_step
     assert yaml.safe_load((root / "more" / "spec.yaml").read_text())["model"]["path"] == str(root / "pretrain" / "export")
-
-
-@pytest.mark.deepspeed
-def test_zero3_two_node_job_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus):
-    """DeepSpeed ZeRO-3 on 2 nodes x 1 rank: USR2 once, every rank saves its shards, the job is
-    requeued and finishes with the losses of an uninterrupted local 2-rank ZeRO-3 run."""
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
-    zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus)
 
 
 def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):

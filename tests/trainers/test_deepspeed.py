@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
@@ -79,11 +81,31 @@ def test_zero_stop_and_resume_is_bitwise(tmp_path, zero_runs, bpe_tokenizer, bpe
                                                  {"type": "deepspeed", "zero_stage": stage}))
     stopped = stop_with_ctrl_c(spec, run, 5, timeout=600)
     assert 5 <= stopped < STEPS and trainer_pids(run) == []
+    if stage == 2:  # the same stopped run, resumed on one rank below
+        shutil.copytree(run, tmp_path / "one")
     r = run_cli("run", str(spec), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming from {run / 'checkpoints' / f'step_{stopped:08d}'}" in r.stdout
     got = losses(run)
     assert [got[s] for s in range(stopped + 1, STEPS + 1)] == [ref[s] for s in range(stopped + 1, STEPS + 1)]
+    if stage == 2:
+        _resume_on_one_rank(tmp_path, ref, stopped)
+
+
+def _resume_on_one_rank(tmp_path, ref: dict[int, float], stopped: int) -> None:
+    """Saved by 2 ranks, resumed by 1: the checkpoint is converted to DeepSpeed's universal
+    format once (kept beside it) and training continues with the 2-rank run's losses (1e-4)."""
+    one = tmp_path / "one"
+    spec = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    spec["run_dir"] = str(one)
+    spec["cluster"]["procs_per_node"] = 1
+    r = run_cli("run", str(write_spec(tmp_path / "one.yaml", spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "saved by 2 rank(s), now 1: loading its universal conversion" in r.stdout
+    assert f"step_{stopped:08d}/ds_universal" in r.stdout  # kept beside the ZeRO checkpoint
+    got = losses(one)
+    for s in range(stopped + 1, STEPS + 1):
+        assert abs(got[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, got[s], ref[s])
 
 
 def test_zero3_export_holds_every_weight_and_gives_the_trainers_validation_loss(zero_runs, bpe_corpus):
@@ -118,22 +140,6 @@ def test_zero3_export_holds_every_weight_and_gives_the_trainers_validation_loss(
     assert abs(sum(per_rank) / 2 - val[-1]["val_loss"]) < 1e-5
 
 
-def test_zero2_resume_on_one_rank_converts_to_universal(tmp_path, zero_runs, bpe_tokenizer, bpe_corpus):
-    """Saved by 2 ranks, resumed by 1: the checkpoint is converted to DeepSpeed's universal
-    format once (kept beside it) and training continues with the 2-rank run's losses (1e-4)."""
-    ref = losses(zero_runs[2][0])
-    run = tmp_path / "run"
-    spec = write_spec(tmp_path / "s.yaml", _spec(run, bpe_tokenizer, bpe_corpus, {"type": "deepspeed", "zero_stage": 2}))
-    stopped = stop_with_ctrl_c(spec, run, 5, timeout=600)
-    r = run_cli("run", str(spec), "--set", "cluster.procs_per_node=1", timeout=900)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "saved by 2 rank(s), now 1: loading its universal conversion" in r.stdout
-    assert f"step_{stopped:08d}/ds_universal" in r.stdout  # kept beside the ZeRO checkpoint
-    got = losses(run)
-    for s in range(stopped + 1, STEPS + 1):
-        assert abs(got[s] - ref[s]) <= 1e-4 * abs(ref[s]), (s, got[s], ref[s])
-
-
 def test_kill_9_during_a_zero3_save_keeps_the_previous_checkpoint(tmp_path, zero_runs, bpe_tokenizer, bpe_corpus):
     """Every rank has written its ZeRO shards into the temporary folder; rank 0 dies before the
     commit. The half-written step is invisible, the previous one resumes, bitwise."""
@@ -158,17 +164,16 @@ def test_kill_9_during_a_zero3_save_keeps_the_previous_checkpoint(tmp_path, zero
     assert [got[s] for s in range(5, STEPS + 1)] == [ref[s] for s in range(5, STEPS + 1)]
 
 
-@pytest.mark.parametrize("engine", [
-    {"zero_stage": 2, "offload_optimizer": "cpu"},
-    {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
-], ids=["zero2-offload-optimizer", "zero3-offload-all"])
-def test_cpu_offload_trains_with_ddps_losses_and_resumes(tmp_path, ddp_losses, bpe_tokenizer, bpe_corpus, engine):
-    """ZeRO-Offload under DS_ACCELERATOR=cpu works: the optimizer steps in DeepSpeed's CPU Adam
+def test_cpu_offload_trains_with_ddps_losses_and_resumes(tmp_path, ddp_losses, bpe_tokenizer, bpe_corpus):
+    """ZeRO-3 offloading both optimizer and parameters under DS_ACCELERATOR=cpu works (ZeRO-2's
+    optimizer offload runs the same CPU Adam path; tried by hand, not in the suite for time):
+    the optimizer steps in DeepSpeed's CPU Adam
     (AdamW mode; DeepSpeed refuses other client optimizers with offload). Stopped by Ctrl-C and
     resumed, every step stays within the DDP bound (1e-4 relative): CPU Adam is the same
     update as fused AdamW, evaluated in another order."""
     run = tmp_path / "run"
-    spec = write_spec(tmp_path / "s.yaml", _spec(run, bpe_tokenizer, bpe_corpus, {"type": "deepspeed", **engine}))
+    engine = {"type": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}
+    spec = write_spec(tmp_path / "s.yaml", _spec(run, bpe_tokenizer, bpe_corpus, engine))
     stopped = stop_with_ctrl_c(spec, run, 5, timeout=600)
     assert 5 <= stopped < STEPS
     r = run_cli("run", str(spec), timeout=900)
