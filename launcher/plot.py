@@ -8,10 +8,10 @@ colour. Read from each run's metrics.jsonl (the last value of each step wins).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.rundir import metrics_records
 
 
 def series(run_dir: Path) -> dict:
@@ -21,11 +21,7 @@ def series(run_dir: Path) -> dict:
         raise UserError("no metrics.jsonl (has the run started?)", file=str(run_dir))
     rows: dict[int, dict] = {}
     starts: list[int] = []
-    for line in f.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
+    for rec in metrics_records(run_dir):
         if "mem_base_mib" in rec:
             starts.append(int(rec["step"]))
             continue

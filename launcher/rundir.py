@@ -140,19 +140,21 @@ def retry_verdict(failed_steps: list[int], step: int, allowed: int) -> tuple[boo
     return True, ""
 
 
+def metrics_records(run_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl in order ([] when none; a line cut by a crash is skipped)."""
+    f = Path(run_dir) / "metrics.jsonl"
+    out = []
+    for line in f.read_text(errors="replace").splitlines() if f.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def last_logged_step(run_dir: str | Path) -> int:
     """The highest training step in metrics.jsonl (0 when none)."""
-    f = Path(run_dir) / "metrics.jsonl"
-    step = 0
-    if f.is_file():
-        for line in f.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if "loss" in rec:
-                step = max(step, int(rec.get("step", 0)))
-    return step
+    return max((int(r.get("step", 0)) for r in metrics_records(run_dir) if "loss" in r), default=0)
 
 
 def mark_hung(run_dir: str | Path, step: int, total: int, reason: str) -> None:
