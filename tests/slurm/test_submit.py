@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -163,7 +164,12 @@ def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe
     import os
     import signal
 
-    from tests.trainers.helpers import rank_of
+    def rank_1() -> int:  # the worker process with RANK=1 (torchrun's own has no RANK)
+        for pid in trainer_processes(run):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if b"RANK=1" in env:
+                return pid
+        raise AssertionError("no rank 1 process")
 
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=60,
@@ -174,7 +180,7 @@ def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe
     from tests.slurm.helpers import wait_step
 
     wait_step(run, 12)
-    os.kill(next(p for p in trainer_processes(run) if rank_of(p) == 1), signal.SIGKILL)
+    os.kill(rank_1(), signal.SIGKILL)
     wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the retry's requeue")
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
     assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
