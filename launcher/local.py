@@ -9,6 +9,7 @@ from pathlib import Path
 from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
 from hpctrain.launcher.rundir import (
     aborted,
+    give_up,
     mark_cancelled,
     mark_failed,
     next_free_path,
@@ -41,14 +42,14 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
             return rc
         status = read_status(run_dir)
         step = status.get("step", 0)
-        retry, why = retry_verdict(failed_steps, step, spec.cluster.retries_on_failure)
-        if not retry:
-            if why.startswith("failed again"):
-                mark_failed(run_dir, f"{status.get('reason', '')}; {why}")
+        verdict = retry_verdict(failed_steps, step, spec.cluster.retries_on_failure)
+        if not verdict.retry:
+            give_up(run_dir, verdict, status.get("reason", ""))
+            if verdict.repeated_step:
                 print(f"hpctrain: step {step} failed twice in a row: not retrying; fix the cause", file=sys.stderr)
-            elif why:
-                print(f"hpctrain: {why}", file=sys.stderr)
-            print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
+            elif verdict.why:
+                print(f"hpctrain: {verdict.why}", file=sys.stderr)
+            print(RESUME_HINT, file=sys.stderr)
             return 1
         failed_steps.append(step)
         record_retry(run_dir, status.get("reason", ""), step, scope=f"local launch {os.getpid()}")
@@ -57,6 +58,7 @@ def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
 
 
 RETRY = -1000  # _attempt's answer for "failed; a retry may help"
+RESUME_HINT = "hpctrain: the same command resumes from the newest checkpoint"
 
 
 def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
@@ -84,7 +86,7 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
     if state == "hung":  # the ranks' watchdog recorded it (trainers/watchdog.py): not retried
         print(f"hpctrain: training hung: {status.get('reason')}; stacks of every rank are in their logs "
               f"under {logs}", file=sys.stderr)
-        print("hpctrain: the same command resumes from the newest checkpoint", file=sys.stderr)
+        print(RESUME_HINT, file=sys.stderr)
         return 1
     if rc != 0 and aborted(run_dir):  # Ctrl-C twice: the user ended it without a save
         mark_cancelled(run_dir, "aborted with Ctrl-C twice (no save at the abort)")

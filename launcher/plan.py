@@ -184,18 +184,24 @@ def device_memory(spec: RunSpec, override_gb: float | None = None) -> tuple[floa
     if spec.cluster.device_memory_gb is not None:
         return spec.cluster.device_memory_gb * GiB, "cluster.device_memory_gb"
     if spec.cluster.executor == "local":
-        try:
-            import torch
+        if local_nvidia_gpu():
+            try:
+                import torch
 
-            if torch.cuda.is_available():
-                return float(torch.cuda.get_device_properties(0).total_memory), "this machine's GPU"
-        except Exception:  # noqa: BLE001 - no usable CUDA: fall back to host memory
-            pass
+                if torch.cuda.is_available():
+                    return float(torch.cuda.get_device_properties(0).total_memory), "this machine's GPU"
+            except Exception:  # noqa: BLE001 - no usable CUDA: fall back to host memory
+                pass
         avail = _mem_available()
         if avail:
             procs = spec.cluster.procs_per_node
             return avail / procs, f"this machine's available memory / {procs} rank(s)"
     return None, ""
+
+
+def local_nvidia_gpu() -> bool:
+    """Whether this machine has an NVIDIA driver (its control device), known without importing torch."""
+    return Path("/dev/nvidiactl").exists()
 
 
 def _mem_available() -> float | None:
@@ -219,8 +225,7 @@ def warning(spec: RunSpec, world: int) -> str | None:
     Only where a device's memory is known without cost - `cluster.device_memory_gb`, or a local
     NVIDIA GPU - since counting parameters builds the model on the meta device (seconds).
     """
-    if spec.cluster.device_memory_gb is None and not (spec.cluster.executor == "local"
-                                                      and Path("/dev/nvidiactl").exists()):
+    if spec.cluster.device_memory_gb is None and not (spec.cluster.executor == "local" and local_nvidia_gpu()):
         return None
     budget, source = device_memory(spec)
     if budget is None:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from hpctrain.launcher.errors import UserError
@@ -128,16 +129,33 @@ def record_retry(run_dir: str | Path, reason: str, step: int, scope: str = "") -
     _write_status(run_dir, **{**old, "retries": retries})
 
 
-def retry_verdict(failed_steps: list[int], step: int, allowed: int) -> tuple[bool, str]:
-    """(retry?, why not) for a failure at `step` after earlier failures at `failed_steps`.
-    The failure policy: at most `allowed` retries, never the same step failing twice in a row."""
+@dataclass(frozen=True)
+class RetryVerdict:
+    """What the failure policy says about a failed attempt."""
+
+    retry: bool
+    repeated_step: bool = False  # the same step failed twice in a row: a deterministic failure
+    why: str = ""  # why not retrying ("" when retrying or no retries were allowed)
+
+
+def retry_verdict(failed_steps: list[int], step: int, allowed: int) -> RetryVerdict:
+    """The failure policy for a failure at `step` after earlier failures at `failed_steps`:
+    at most `allowed` retries, never the same step failing twice in a row."""
     if failed_steps and failed_steps[-1] == step:
-        return False, (f"failed again at step {step}: not retrying (the same step failed twice in a row, "
-                       "a deterministic failure)")
+        return RetryVerdict(False, repeated_step=True, why=(
+            f"failed again at step {step}: not retrying (the same step failed twice in a row, "
+            "a deterministic failure)"))
     if len(failed_steps) >= allowed:
-        return False, (f"{allowed} retr{'y' if allowed == 1 else 'ies'} used up (cluster.retries_on_failure)"
-                       if allowed else "")
-    return True, ""
+        return RetryVerdict(False, why=(
+            f"{allowed} retr{'y' if allowed == 1 else 'ies'} used up (cluster.retries_on_failure)"
+            if allowed else ""))
+    return RetryVerdict(True)
+
+
+def give_up(run_dir: str | Path, verdict: RetryVerdict, reason: str) -> None:
+    """Record a verdict not to retry: a step that failed twice in a row joins the failure's reason."""
+    if verdict.repeated_step:
+        mark_failed(run_dir, f"{reason}; {verdict.why}")
 
 
 def metrics_records(run_dir: str | Path) -> list[dict]:

@@ -37,6 +37,7 @@ from hpctrain.launcher.node import (
 )
 from hpctrain.launcher.rundir import (
     atomic_write_text,
+    give_up,
     mark_failed,
     mark_stopped,
     read_status,
@@ -256,10 +257,9 @@ class NodeTask:
         status, scope = read_status(self.run_dir), f"slurm job {job_id}"
         earlier = [r["step"] for r in status.get("retries", []) if r.get("scope") == scope]
         step = status.get("step", 0)
-        retry, why = retry_verdict(earlier, step, self.retries_on_failure)
-        if not retry:
-            if why.startswith("failed again"):
-                mark_failed(self.run_dir, f"{reason}; {why}")
+        verdict = retry_verdict(earlier, step, self.retries_on_failure)
+        if not verdict.retry:
+            give_up(self.run_dir, verdict, reason)
             return
         record_retry(self.run_dir, reason, step, scope=scope)
         print(f"hpctrain: {reason} at step {step}: retry {len(earlier) + 1} of {self.retries_on_failure} "

@@ -61,6 +61,19 @@ class Launch:
     echo_to_log: bool = False  # console lines are copied to the rank log
 
 
+def _fault(name: str, *types: type):
+    """A test-only fault switch from the environment: None when unset, else its colon-separated
+    fields converted by `types` (one type: the value itself)."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    fields = raw.split(":")
+    if len(fields) != len(types):
+        raise SystemExit(f"{name}={raw!r}: expected {len(types)} colon-separated field(s)")
+    values = tuple(t(f) for t, f in zip(types, fields, strict=True))
+    return values[0] if len(values) == 1 else values
+
+
 def entry_parser(doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir")
@@ -82,16 +95,13 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
     """Start one trainer rank: frozen spec, process group, train; a user error exits cleanly."""
     die_with_parent()
     # the environment is read here, at the entry point, and passed down as values
-    fault = os.environ.get("HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", "")  # "STEP:SECONDS"
-    fault_step, _, fault_s = fault.partition(":")
     launch = Launch(
         run_dir=Path(args.run_dir),
         deadline=args.deadline,
         stop_path=Path(args.stop_file) if args.stop_file else None,
-        fault_pause=(int(fault_step), float(fault_s)) if fault else None,
-        fault_fail_at=int(os.environ["HPCTRAIN_FAULT_FAIL_AT_STEP"]) if os.environ.get("HPCTRAIN_FAULT_FAIL_AT_STEP") else None,
-        fault_stall=tuple(map(int, os.environ["HPCTRAIN_FAULT_STALL"].split(":")))  # type: ignore[arg-type]
-        if os.environ.get("HPCTRAIN_FAULT_STALL") else None,
+        fault_pause=_fault("HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", int, float),  # "STEP:SECONDS"
+        fault_fail_at=_fault("HPCTRAIN_FAULT_FAIL_AT_STEP", int),  # "STEP"
+        fault_stall=_fault("HPCTRAIN_FAULT_STALL", int, int),  # "RANK:STEP"
         echo_to_log=args.echo_to_log,
     )
     try:
