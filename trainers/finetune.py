@@ -39,7 +39,13 @@ from hpctrain.trainers.data.examples import (
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
 from hpctrain.trainers.engine import build_engine
-from hpctrain.trainers.model import fresh_modules_note, load_tokenizer, quiet_libraries
+from hpctrain.trainers.model import (
+    flops_per_token,
+    fresh_modules_note,
+    load_tokenizer,
+    mean_context,
+    quiet_libraries,
+)
 from hpctrain.trainers.monitor import format_eta
 from hpctrain.trainers.peft_model import build_model, export, load_exported, merge, parameter_report
 from hpctrain.trainers.skeleton import (
@@ -155,6 +161,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
         mon.print(f"{t.epochs:g} epoch(s) of {len(train_set)} examples = {total} steps")
     batches = TrainBatches([], None, t.seed, t.global_batch, t.micro_batch, d.rank, d.world_size,
                            dataset=train_set)
+    # achieved FLOP/s counts real tokens (padding is not model work) at their own lengths
+    run.measure(flops_per_token(model, mean_context(len(x) for x in train_set.tk.input_ids)))
     engine = build_engine(spec, model, d, total, batches.accum, trainable_only=ft.method != "full")
     metric = ft.best_metric or ("accuracy" if ft.kind == "classify" else "val_loss")
     meta = run.resume(engine, batches)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -115,17 +116,42 @@ def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def flops_per_token(model, seq_len: int) -> float:
+def flops_per_token(model, seq_len: float) -> float:
     """Training FLOPs per token, torchtitan's count: 6·(N − N_embedding) + 12·L·H·Dh·T.
 
     N parameters, L layers, H·Dh the hidden size, T the sequence length: 6 FLOPs per
     parameter and token (forward 2, backward 4) for every weight but the embedding lookup,
-    plus attention's score and value products, which no parameter counts. Call it before
-    the engine partitions the parameters (ZeRO-3).
+    plus attention's score and value products, which no parameter counts. A frozen weight
+    (the base under LoRA or QLoRA, counted unquantized) costs 4: its backward passes the
+    gradient on (2) but computes no weight gradient. Call it before the engine partitions the
+    parameters (ZeRO-3).
     """
     cfg = model.config
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    n_emb = model.get_input_embeddings().weight.numel()
+    emb = model.get_input_embeddings().weight
+    trainable = frozen = 0
+    seen = {id(emb)}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or ".original_module." in name:  # peft keeps an unused copy of a saved module
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += _unquantized_numel(p)
     layers = getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0)
     hidden = getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0)
-    return 6.0 * (n - n_emb) + 12.0 * layers * hidden * seq_len
+    return 6.0 * trainable + 4.0 * frozen + 12.0 * layers * hidden * seq_len
+
+
+def _unquantized_numel(p) -> int:
+    """Elements of a weight as the model computes with it (a 4-bit weight packs two per byte)."""
+    qs = getattr(p, "quant_state", None)
+    return math.prod(qs.shape) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
+
+
+def mean_context(lengths) -> float:
+    """The sequence length an average token attends over when sequences differ in length:
+    Σ l² / Σ l (attention costs each token its own sequence's length)."""
+    lengths = list(lengths)
+    total = sum(lengths)
+    return sum(n * n for n in lengths) / total if total else 0.0

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
@@ -123,8 +124,32 @@ def test_sft_loss_falls_and_only_the_adapter_is_trained(tmp_path, tiny_llama, me
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    model = PeftModel.from_pretrained(base, tmp_path / "run" / "export")
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "export", is_trainable=True)
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    if method == "lora":
+        _check_finetune_flops(tmp_path / "run", model)
+
+
+def _check_finetune_flops(run, model):
+    """Achieved FLOP/s of fine-tuning: 6 per trainable and 4 per frozen weight (no weight gradient)
+    and token, embeddings aside, plus 12 L H T with T each real token's own sequence length."""
+    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.trainers.finetune import load_examples
+    from hpctrain.trainers.model import load_tokenizer
+
+    spec = spec_from_dict(yaml.safe_load((run / "spec.yaml").read_text()), "spec.yaml")
+    train = load_examples(spec, load_tokenizer(spec))[0]
+    lengths = [len(x) for x in train.tk.input_ids]
+    context = sum(n * n for n in lengths) / sum(lengths)
+    emb = model.get_input_embeddings().weight
+    used = [(n, p) for n, p in model.named_parameters() if p is not emb and ".original_module." not in n]
+    cfg = model.config
+    per_token = (6 * sum(p.numel() for _, p in used if p.requires_grad)
+                 + 4 * sum(p.numel() for _, p in used if not p.requires_grad)
+                 + 12 * cfg.num_hidden_layers * cfg.hidden_size * context)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    x = [r for r in recs if "loss" in r][-1]
+    assert abs(x["tflops_per_device"] - per_token * x["tokens_per_s"] / 1e12) < 1e-9 * max(1.0, x["tflops_per_device"])
 
 
 def test_prompt_tokens_carry_no_loss(tiny_llama):
