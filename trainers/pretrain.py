@@ -56,6 +56,21 @@ class Objective:
                 )
             self.mask_id = tokenizer.mask_token_id
             self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        self.keep: torch.Tensor | None = None  # mlm: the positions the output layer runs on
+
+    def attach(self, model) -> None:
+        """MLM: run the vocabulary projection only where a loss is taken. Only the masked ~15%
+        of positions carry loss, and the projection (vocab x hidden) costs as much as a small
+        encoder: a pre-hook on the model's output layer selects those rows of its input, so the
+        model (through DDP or DeepSpeed, whose hooks stay in place) returns their logits only.
+        Call before the engine wraps the model."""
+        if self.kind == "mlm" and model.get_output_embeddings() is not None:
+            model.get_output_embeddings().register_forward_pre_hook(self._select_masked)
+
+    def _select_masked(self, _module, args):
+        if self.keep is None:
+            return None
+        return (args[0][self.keep], *args[1:])
 
     def __call__(self, module, batch: dict, device) -> torch.Tensor:
         tokens = batch["tokens"].to(device)
@@ -65,13 +80,18 @@ class Objective:
                 logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)
             )
         inputs, labels = self.mask(tokens[:, :-1].cpu(), batch["positions"])
-        logits = module(input_ids=inputs.to(device)).logits
         labels = labels.to(device)
-        if not (labels != -100).any():  # nothing masked in this micro-batch: contribute zero
+        keep = labels != -100
+        self.keep = keep
+        try:
+            logits = module(input_ids=inputs.to(device)).logits
+        finally:
+            self.keep = None
+        if logits.dim() == 3:  # a model whose output layer the hook could not reach: all positions
+            logits = logits[keep]
+        if not bool(keep.any()):  # nothing masked in this micro-batch: contribute zero
             return logits.sum() * 0.0
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
-        )
+        return F.cross_entropy(logits.float(), labels[keep])
 
     def mask(
         self, inputs: torch.Tensor, positions: torch.Tensor
@@ -131,6 +151,7 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     vocab_size = model.get_input_embeddings().num_embeddings
     sources = open_sources(spec, vocab_size)
     objective = Objective(spec, tokenizer, vocab_size)
+    objective.attach(model)
     total = spec.total_steps_for(sum(s.num_samples for s in sources))
     batches = TrainBatches(sources, [c.weight for c in spec.data.corpora], t.seed, t.global_batch,
                            t.micro_batch, d.rank, d.world_size, num_workers=spec.data.num_workers)
