@@ -133,6 +133,11 @@ class CheckpointSpec(_Strict):
     keep_last: int = Field(
         2, ge=1, description="complete checkpoints kept (older ones are deleted)"
     )
+    background: bool = Field(
+        True,
+        description="training goes on while a thread writes the checkpoint (blocked only for a copy "
+        "to host memory); DeepSpeed engines save synchronously",
+    )
 
 
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY")

