@@ -57,15 +57,21 @@ class Objective:
             self.mask_id = tokenizer.mask_token_id
             self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.keep: torch.Tensor | None = None  # mlm: the positions the output layer runs on
+        self.targets: torch.Tensor | None = None  # clm: next tokens, for the loss in chunks
 
-    def attach(self, model) -> None:
+    def attach(self, model, whole_weights: bool = True) -> None:
         """MLM: run the vocabulary projection only where a loss is taken. Only the masked ~15%
         of positions carry loss, and the projection (vocab x hidden) costs as much as a small
         encoder: a pre-hook on the model's output layer selects those rows of its input, so the
         model (through DDP or DeepSpeed, whose hooks stay in place) returns their logits only.
-        Call before the engine wraps the model."""
-        if self.kind == "mlm" and model.get_output_embeddings() is not None:
-            model.get_output_embeddings().register_forward_pre_hook(self._select_masked)
+        CLM: the output layer takes the loss in chunks (`chunked_loss_head`) where the engine
+        keeps whole weights on every rank (not ZeRO-3, whose partitioned weights would be gone
+        when the backward recomputes a chunk)."""
+        head = model.get_output_embeddings()
+        if self.kind == "mlm" and head is not None:
+            head.register_forward_pre_hook(self._select_masked)
+        if self.kind == "clm" and isinstance(head, torch.nn.Linear) and whole_weights:
+            chunked_loss_head(head, self)
 
     def _select_masked(self, _module, args):
         if self.keep is None:
@@ -75,10 +81,14 @@ class Objective:
     def __call__(self, module, batch: dict, device) -> torch.Tensor:
         tokens = batch["tokens"].to(device)
         if self.kind == "clm":
-            logits = module(input_ids=tokens[:, :-1]).logits
-            return F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)
-            )
+            self.targets = tokens[:, 1:]
+            try:
+                out = module(input_ids=tokens[:, :-1]).logits
+            finally:
+                self.targets = None
+            if out.dim() == 0:  # the output layer took the loss itself, in chunks
+                return out
+            return F.cross_entropy(out.float().reshape(-1, out.size(-1)), tokens[:, 1:].reshape(-1))
         inputs, labels = self.mask(tokens[:, :-1].cpu(), batch["positions"])
         labels = labels.to(device)
         keep = labels != -100
@@ -112,6 +122,71 @@ class Objective:
             swap = masked & (r >= 0.8) & (r < 0.9)
             inputs[row, swap] = rand_tok[swap]
         return inputs, labels
+
+
+CHUNK_LOGITS = 1 << 25  # fp32 logits per chunk of the clm loss (128 MiB)
+
+
+def chunked_loss_head(head: torch.nn.Linear, objective: Objective) -> None:
+    """CLM without the micro-batch's whole logits: while the objective holds targets, the output
+    layer returns the mean next-token loss instead of logits (`FusedLinearCrossEntropy`), so peak
+    memory holds one chunk's logits (CHUNK_LOGITS elements), not tokens x vocabulary. One chunk
+    (small vocabularies, short micro-batches): the plain loss, as before. Its state_dict is
+    unchanged (the instance's forward is replaced, not the module); evaluation and export see
+    plain logits when no targets are set."""
+    plain = head.forward
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        targets = objective.targets
+        if targets is None:
+            return plain(hidden)
+        h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+        rows = max(1, CHUNK_LOGITS // head.out_features)
+        if h.size(0) <= rows:
+            return F.cross_entropy(plain(h).float(), t)
+        return FusedLinearCrossEntropy.apply(h, head.weight, head.bias, t, rows)
+
+    head.forward = forward
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i W^T + b, t_i) over chunks of rows, with its gradients computed in the
+    forward, chunk by chunk, from each chunk's softmax: no logits are kept for the backward and
+    none recomputed (the same three matmuls as forward + backward of the plain loss)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, rows):
+        n = h.size(0)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, rows):
+            hc, tc = h[i:i + rows], targets[i:i + rows]
+            logits = F.linear(hc, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(g.size(0), device=g.device), tc] -= 1.0
+            g = g.div_(n).to(hc.dtype)  # d(mean loss)/d logits
+            grad_h[i:i + rows] = g @ weight.to(hc.dtype)
+            if grad_w is not None:
+                grad_w += g.t() @ hc
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        scale = grad_out.float()
+        grad_h = grad_h.mul_(scale.to(grad_h.dtype))
+        grad_w = None if grad_w is None else grad_w.mul_(scale).to(ctx.dtypes[0])
+        grad_b = None if grad_b is None else grad_b.mul_(scale).to(ctx.dtypes[1])
+        return grad_h, grad_w, grad_b, None, None
 
 
 def open_sources(spec: RunSpec, vocab_size: int) -> list[PackedSource]:
@@ -151,13 +226,13 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     vocab_size = model.get_input_embeddings().num_embeddings
     sources = open_sources(spec, vocab_size)
     objective = Objective(spec, tokenizer, vocab_size)
-    objective.attach(model)
     total = spec.total_steps_for(sum(s.num_samples for s in sources))
     batches = TrainBatches(sources, [c.weight for c in spec.data.corpora], t.seed, t.global_batch,
                            t.micro_batch, d.rank, d.world_size, num_workers=spec.data.num_workers)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     run.measure(flops_per_token(model, spec.data.seq_len))
     engine = build_engine(spec, model, d, total, batches.accum)
+    objective.attach(model, whole_weights=getattr(engine, "stage", 0) != 3)
     valid = None
     if spec.data.validation is not None:
         vref = spec.data.validation
