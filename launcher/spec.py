@@ -112,6 +112,9 @@ class TrainingSpec(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="autocast precision of forward/backward"
     )
+    compile: bool = Field(
+        False, description="torch.compile the model (ddp engine; the first steps compile, minutes on a CPU)"
+    )
     eval_every: int | None = Field(None, gt=0, description="steps between validation passes")
     eval_batches: int = Field(4, gt=0, description="micro-batches per rank in a validation pass")
     log_every: int = Field(1, gt=0, description="steps between progress lines")
@@ -317,6 +320,9 @@ class FinetuneSpec(_Strict):
     label_field: str = Field("label", description="classify: label field / column")
     labels: list[str] | None = Field(None, description="classify: label names in id order (default: sorted from train)")
     packing: bool = Field(False, description="sft: pack short examples into seq_len sequences")
+    group_by_length: bool = Field(
+        True, description="batch examples of similar length together (less padding; seeded, exact on resume)"
+    )
     best_metric: str | None = Field(None, description="val_loss | accuracy | f1 (default: val_loss; accuracy to classify)")
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
     merge: bool = Field(False, description="lora/qlora: also export the merged full model")
@@ -349,6 +355,8 @@ class RunSpec(_Strict):
             if self.finetune.method != "full" and self.model.path is None:
                 raise ValueError(f"{self.finetune.method} adapts saved weights: give model.path (a pretrained "
                                  "or exported model), or use method: full from model.config")
+        if self.training.compile and self.engine.type != "ddp":
+            raise ValueError("training.compile needs engine.type: ddp (DeepSpeed compiles through its own config)")
         return self
 
     @property

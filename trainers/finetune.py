@@ -159,8 +159,9 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     total = spec.total_steps_for(len(train_set))
     if t.epochs is not None:
         mon.print(f"{t.epochs:g} epoch(s) of {len(train_set)} examples = {total} steps")
+    lengths = [len(x) for x in train_set.tk.input_ids] if ft.group_by_length else None
     batches = TrainBatches([], None, t.seed, t.global_batch, t.micro_batch, d.rank, d.world_size,
-                           dataset=train_set)
+                           dataset=train_set, lengths=lengths)
     # achieved FLOP/s counts real tokens (padding is not model work) at their own lengths
     run.measure(flops_per_token(model, mean_context(len(x) for x in train_set.tk.input_ids)))
     engine = build_engine(spec, model, d, total, batches.accum, trainable_only=ft.method != "full")

@@ -142,3 +142,47 @@ def test_token_ids_beyond_the_model_vocab_are_found_at_start(tmp_path):
     with_manifest = Corpus(str(tmp_path), {"splits": {"train": {"max_token_id": 5000}}})
     with pytest.raises(UserError, match="5000"):
         check_token_ids(with_manifest, 4096)
+
+
+class _Examples:
+    """Examples of random lengths; a micro-batch is padded to its longest (as ExampleDataset)."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitems__(self, keys):
+        return {"idx": [k[1] for k in keys], "width": max(self.lengths[k[1]] for k in keys)}
+
+
+def _steps(batches, n):
+    return [[(mb["idx"], mb["width"]) for mb in batches.next_step()] for _ in range(n)]
+
+
+def test_length_grouping_cuts_padding_keeps_every_example_and_resumes_exactly():
+    lengths = np.random.default_rng(0).integers(5, 300, size=503).tolist()
+    ex = _Examples(lengths)
+
+    def make(rank=0, world=1, grouped=True):
+        return TrainBatches([], None, 11, 16, 4, rank, world, dataset=ex, lengths=lengths if grouped else None)
+
+    plain, grouped = _steps(make(grouped=False), 100), _steps(make(), 100)  # 2 windows, ~3 epochs
+    padded = lambda steps: sum(w * len(i) for s in steps for i, w in s)  # noqa: E731
+    real = lambda steps: sum(lengths[j] for s in steps for i, _ in s for j in i)  # noqa: E731
+    assert padded(plain) > 1.4 * real(plain) and padded(grouped) < 1.1 * real(grouped)
+    # the same examples as often as the plain order, window by window (50 steps of 16)
+    flat = lambda steps: [i for s in steps for idx, _ in s for i in idx]  # noqa: E731
+    assert sorted(flat(grouped[:50])) == sorted(flat(plain[:50]))
+    assert sorted(flat(grouped)) == sorted(flat(plain))
+    # resume at step 37 (inside the first window) and on 2 ranks: the same global steps
+    b = make()
+    _steps(b, 37)
+    again = make()
+    again.load_state_dict(b.state_dict())
+    assert _steps(again, 63) == grouped[37:]
+    ranks = [make(r, 2) for r in (0, 1)]
+    for step in grouped[:60]:
+        both = [i for r in ranks for mb in r.next_step() for i in mb["idx"]]
+        assert both == [i for idx, _ in step for i in idx]

@@ -45,9 +45,13 @@ def test_stage_references_and_overrides(tmp_path, bpe_tokenizer, bpe_corpus):
 
 
 def test_local_pipeline_runs_stages_in_order_from_the_export(tmp_path, bpe_tokenizer, bpe_corpus):
+    """...and, with W&B offline, each stage is its own W&B run in the pipeline's group (read
+    back from the W&B files)."""
     root = tmp_path / "p"
     spec = tmp_path / "pipe.yaml"
-    spec.write_text(yaml.safe_dump(pipeline(root, bpe_tokenizer, bpe_corpus)))
+    data = pipeline(root, bpe_tokenizer, bpe_corpus)
+    data["defaults"]["monitor"] = {"wandb": {"mode": "offline"}}
+    spec.write_text(yaml.safe_dump(data))
     assert run_cli("validate", str(spec)).returncode == 0
     r = run_cli("run", str(spec))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -59,5 +63,10 @@ def test_local_pipeline_runs_stages_in_order_from_the_export(tmp_path, bpe_token
     assert frozen["model"]["path"] == str(root / "pretrain" / "export")
     for stage in ("pretrain", "more"):
         assert json.loads((root / stage / "status.json").read_text())["state"] == "finished"
+    from hpctrain.launcher.wandb_files import offline_segments, read_run
+
+    runs = [read_run(seg) for stage in ("pretrain", "more") for seg in offline_segments(root / stage)]
+    assert [w["group"] for w in runs] == ["pipe", "pipe"] and runs[0]["id"] != runs[1]["id"]
+    assert [max(w["history"]) for w in runs] == [10, 4]
     r = run_cli("run", str(spec))  # again: both stages are done
     assert r.returncode == 0 and r.stdout.count("already finished") == 2

@@ -57,20 +57,68 @@ def collate(batch: dict) -> dict:
     return batch
 
 
+class LengthGroups:
+    """A single source's sample order regrouped so that every step holds examples of similar
+    length (less padding: a micro-batch is padded to its longest example).
+
+    The order is cut into windows of `steps` global batches at fixed positions; inside a
+    window the samples are sorted by length (longest first, ties by position) and cut into
+    global batches, whose order is then shuffled with the seed and the window's number. What
+    a position holds depends only on the seed and the position, so any resume point and any
+    number of ranks see the same steps; every sample still appears exactly as often.
+    """
+
+    def __init__(self, order: SampleOrder, lengths, global_batch: int, steps: int = 50) -> None:
+        if len(order.sizes) != 1:
+            raise ValueError("length grouping needs a single source")
+        self.sizes, self.seed = list(order.sizes), order.seed
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.global_batch, self.window = global_batch, global_batch * steps
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def take(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source ids, sample indices) at positions start .. start + n of the grouped order."""
+        src, idx = [], []
+        for w in range(start // self.window, (start + n - 1) // self.window + 1):
+            ws, wi = self._window_samples(w)
+            lo, hi = max(start, w * self.window) - w * self.window, min(start + n, (w + 1) * self.window) - w * self.window
+            src.append(ws[lo:hi])
+            idx.append(wi[lo:hi])
+        return np.concatenate(src), np.concatenate(idx)
+
+    def _window_samples(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cached is not None and self._cached[0] == w:
+            return self._cached[1], self._cached[2]
+        order = SampleOrder(self.sizes, None, self.seed)
+        order.load_state_dict({**order.state_dict(), "position": w * self.window, "counts": [w * self.window]})
+        src, idx = order.take(self.window)
+        by_length = np.lexsort((np.arange(self.window), -self.lengths[idx]))
+        steps = by_length.reshape(-1, self.global_batch)
+        shuffled = steps[np.random.default_rng([self.seed, w, 0x9E3779B9]).permutation(len(steps))].reshape(-1)
+        self._cached = (w, src[shuffled], idx[shuffled])
+        return self._cached[1], self._cached[2]
+
+
 class _RankMicroBatches:
     """Batch sampler: yields this rank's micro-batches of keys, step after step, forever."""
 
     def __init__(
-        self, order: SampleOrder, global_batch: int, micro_batch: int, rank: int, world: int
+        self, order: SampleOrder, global_batch: int, micro_batch: int, rank: int, world: int,
+        groups: LengthGroups | None = None,
     ):
         self.order, self.global_batch, self.micro_batch = order, global_batch, micro_batch
         self.mine = rank_slice(global_batch, rank, world)
+        self.groups = groups
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         ahead = max(1, 4096 // self.global_batch)  # draw many steps at once: numpy work is per call
         while True:
             start = self.order.position
-            src, idx = self.order.take(self.global_batch * ahead)
+            if self.groups is None:
+                src, idx = self.order.take(self.global_batch * ahead)
+            else:
+                src, idx = self.groups.take(start, self.global_batch * ahead)
+                self.order.advance(self.global_batch * ahead)
             for step in range(ahead):
                 lo, hi = (
                     step * self.global_batch + self.mine.start,
@@ -106,6 +154,7 @@ class TrainBatches:
         num_workers: int = 0,
         with_boundaries: bool = False,
         dataset=None,
+        lengths=None,
     ) -> None:
         per_rank = rank_slice(global_batch, rank, world_size)
         per_rank_n = per_rank.stop - per_rank.start
@@ -123,11 +172,14 @@ class TrainBatches:
         self.order = SampleOrder(sizes, weights, seed)
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        # `lengths` (one per example of `dataset`): steps of examples of similar length
+        self.groups = LengthGroups(self.order, lengths, global_batch) if lengths is not None else None
         self._it: Iterator | None = None
 
     def _iterator(self) -> Iterator[dict]:
         sampler = _RankMicroBatches(
-            self.order.clone(), self.global_batch, self.micro_batch, self.rank, self.world_size
+            self.order.clone(), self.global_batch, self.micro_batch, self.rank, self.world_size,
+            self.groups,
         )
         if self.num_workers == 0:
             return (self.dataset.__getitems__(keys) for keys in sampler)
