@@ -86,7 +86,7 @@ def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
     optimizer = adamw(groups, t.lr, t.betas, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
     return DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum,
-                     trainable_only)
+                     trainable_only, compile_model=t.compile)
 
 
 class DDPEngine:
@@ -100,13 +100,16 @@ class DDPEngine:
         dist_info,
         accum: int = 1,
         trainable_only: bool = False,
+        compile_model: bool = False,
     ) -> None:
         self.model = model.to(dist_info.device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_clip = grad_clip
         self.device = dist_info.device
         self.rank = dist_info.rank
-        self.module = DDP(self.model) if dist_info.world_size > 1 else self.model
+        # training runs through the compiled wrapper; state, evaluation and export use the model
+        compiled = torch.compile(self.model) if compile_model else self.model
+        self.module = DDP(compiled) if dist_info.world_size > 1 else compiled
         self._autocast = precision == "bf16"
         self.accum = accum
         self.trainable_only = trainable_only

@@ -100,8 +100,13 @@ def test_resume_compatible_changes(good):
             "data.validation.path",
             "no split 'test'",
         ),
+        (
+            lambda s: (s["training"].update(compile=True), s.update(engine={"type": "deepspeed"})),
+            "(top level)",
+            "training.compile needs engine.type: ddp",
+        ),
     ],
-    ids=["type", "unknown", "missing-corpus", "batch", "vocab", "tokenizer", "split"],
+    ids=["type", "unknown", "missing-corpus", "batch", "vocab", "tokenizer", "split", "compile"],
 )
 def test_bad_specs_exit_2_naming_file_and_field(tmp_path, good, mutate, field, text):
     mutate(good)
