@@ -136,7 +136,7 @@ def hf(root: Path, cfg: dict, seq: int) -> dict:
     dts = np.diff(marks)  # dts[k] ends at step k + 2
     typical = float(np.median(dts[4:]))
     # HF saves after on_step_end of the save step: the next step's interval holds the save
-    blocked = float(dts[SAVE_AT - 1] - typical) if len(dts) > SAVE_AT - 1 else None
+    blocked = max(0.0, float(dts[SAVE_AT - 1] - typical)) if len(dts) > SAVE_AT - 1 else None
     return {"tokens_per_s": GLOBAL * seq / typical,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "ckpt_blocked_s": blocked}
