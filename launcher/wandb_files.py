@@ -89,7 +89,10 @@ def merged_history(run_dir: Path) -> dict[int, dict]:
     merged: dict[int, dict] = {}
     for seg in offline_segments(run_dir):
         for step, row in read_run(seg)["history"].items():
-            merged[step] = row  # the newer segment wins: it continued from the checkpoint
+            # the newer segment wins each value (it continued from the checkpoint); a value only
+            # the older one logged at that step (a background save that ended there) stays, as
+            # in metrics.jsonl read as the last value per step and key
+            merged.setdefault(step, {}).update(row)
     return dict(sorted(merged.items()))
 
 

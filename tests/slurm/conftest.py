@@ -35,9 +35,10 @@ def slurm_cluster() -> None:
     pytest.skip(f"*** SKIPPING SLURM TESTS: {problem} ***")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_reference(tmp_path_factory, bpe_tokenizer, bpe_corpus):
-    """The same spec run locally, uninterrupted, with the same world size (2 ranks)."""
+    """The same spec run locally, uninterrupted, with the same world size (2 ranks); one run
+    for every Slurm test module."""
     d = tmp_path_factory.mktemp("localref")
     spec = slurm_spec(d / "run", bpe_tokenizer, bpe_corpus, steps=60)
     spec["cluster"] = {"procs_per_node": 2}
