@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.fast_exit import exit_process
 from hpctrain.launcher.paths import resolve_path
 from hpctrain.launcher.spec import RunSpec
 from hpctrain.trainers.data.examples import (
@@ -281,4 +282,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

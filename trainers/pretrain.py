@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.fast_exit import exit_process
 from hpctrain.launcher.paths import resolve_path
 from hpctrain.launcher.spec import RunSpec
 from hpctrain.trainers.data.corpus import check_token_ids, open_corpus
@@ -38,7 +38,13 @@ from hpctrain.trainers.model import (
     save_hf_model,
 )
 from hpctrain.trainers.monitor import format_eta
-from hpctrain.trainers.skeleton import Launch, Run, entry_parser, run_entry, seed_everything
+from hpctrain.trainers.skeleton import (
+    Launch,
+    Run,
+    entry_parser,
+    run_entry,
+    seed_everything,
+)
 
 
 class Objective:
@@ -144,7 +150,7 @@ def chunked_loss_head(head: torch.nn.Linear, objective: Objective) -> None:
         rows = max(1, CHUNK_LOGITS // head.out_features)
         if h.size(0) <= rows:
             return F.cross_entropy(plain(h).float(), t)
-        return FusedLinearCrossEntropy.apply(h, head.weight, head.bias, t, rows)
+        return FusedLinearCrossEntropy.apply(h, head.weight, head.bias, t, rows, torch.is_grad_enabled())
 
     head.forward = forward
 
@@ -152,20 +158,24 @@ def chunked_loss_head(head: torch.nn.Linear, objective: Objective) -> None:
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(h_i W^T + b, t_i) over chunks of rows, with its gradients computed in the
     forward, chunk by chunk, from each chunk's softmax: no logits are kept for the backward and
-    none recomputed (the same three matmuls as forward + backward of the plain loss)."""
+    none recomputed (the same three matmuls as forward + backward of the plain loss). Under
+    no_grad (evaluation) `with_grads` is False: the same loss, one matmul per chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, rows):
+    def forward(ctx, h, weight, bias, targets, rows, with_grads):
         n = h.size(0)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+        grad_h = torch.empty_like(h) if with_grads else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight.requires_grad else None
+        grad_b = (torch.zeros_like(bias, dtype=torch.float32)
+                  if with_grads and bias is not None and bias.requires_grad else None)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, n, rows):
             hc, tc = h[i:i + rows], targets[i:i + rows]
             logits = F.linear(hc, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if not with_grads:
+                continue
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             g[torch.arange(g.size(0), device=g.device), tc] -= 1.0
             g = g.div_(n).to(hc.dtype)  # d(mean loss)/d logits
@@ -186,7 +196,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h.mul_(scale.to(grad_h.dtype))
         grad_w = None if grad_w is None else grad_w.mul_(scale).to(ctx.dtypes[0])
         grad_b = None if grad_b is None else grad_b.mul_(scale).to(ctx.dtypes[1])
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def open_sources(spec: RunSpec, vocab_size: int) -> list[PackedSource]:
@@ -301,4 +311,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -222,11 +222,14 @@ class Run:
             )
             self.last_save = time.time()
             blocked = waited + saved.blocked_s
-            self.save_seconds = max(self.save_seconds, blocked) if saved.background else blocked
             if saved.background:
+                # the deadline check's estimate of a save: the last write's time (set when it is
+                # reported), unless blocking alone took longer
+                self.save_seconds = max(self.save_seconds, blocked)
                 self.mon.print(f"  checkpoint: {saved.path} (writing in the background; training blocked "
                                f"{blocked:.1f}s)")
             else:
+                self.save_seconds = blocked
                 self.mon.print(f"  checkpoint: {saved.path} ({blocked:.1f}s)")
             # how long training was blocked by the save (all of it when synchronous; a background
             # save also waits for the write before it, if still in flight)

@@ -27,7 +27,7 @@ def test_fused_linear_cross_entropy_matches_the_plain_loss_and_gradients(bias):
     t = torch.randint(0, 33, (50,))
     plain = F.cross_entropy(head(h), t)
     want = torch.autograd.grad(plain * 0.25, [h, *head.parameters()])
-    fused = FusedLinearCrossEntropy.apply(h, head.weight, head.bias, t, 7)  # 8 chunks, the last short
+    fused = FusedLinearCrossEntropy.apply(h, head.weight, head.bias, t, 7, True)  # 8 chunks, the last short
     got = torch.autograd.grad(fused * 0.25, [h, *head.parameters()])
     assert torch.allclose(fused, plain, atol=1e-6)
     for g, w in zip(got, want, strict=True):
@@ -57,6 +57,8 @@ def test_clm_in_chunks_gives_the_whole_logits_loss_and_gradients(monkeypatch):
     assert torch.allclose(got, ref, atol=1e-5)
     for (name, a), b in zip(chunked.named_parameters(), whole.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    with torch.no_grad():  # evaluation: the same loss, without the gradients' matmuls
+        assert objective(chunked, {"tokens": tokens}, torch.device("cpu")) == got.detach()
     # evaluation, generation and export still see logits; the checkpoint's keys are unchanged
     assert chunked(input_ids=tokens).logits.shape == (2, 17, 97)
     assert list(chunked.state_dict()) == keys
