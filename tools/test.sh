@@ -25,4 +25,7 @@ if ! sinfo -h >/dev/null 2>&1; then
 fi
 stop_slurm() { [ -n "$started_slurm" ] && bash slurm/stop.sh "$state" >/dev/null || true; }
 trap stop_slurm EXIT
-.venv/bin/python -m pytest "$@"
+# two pytest-xdist workers, a test module at a time on each (its module fixtures run once; the
+# Slurm modules take turns, tests/slurm/conftest.py): the runs leave ~20% of the 2 cores idle
+# while they import and start up, which the other worker fills
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"

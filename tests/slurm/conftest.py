@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -33,6 +34,17 @@ def slurm_cluster() -> None:
     if os.environ.get("CI") == "true" or os.environ.get("HPCTRAIN_REQUIRE_SLURM") == "1":
         pytest.fail(f"SLURM REQUIRED (CI) BUT UNAVAILABLE: {problem}")
     pytest.skip(f"*** SKIPPING SLURM TESTS: {problem} ***")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_slurm_module_at_a_time(tmp_path_factory):
+    """tools/test.sh runs test modules on two pytest-xdist workers: the Slurm modules take turns,
+    since they share the two-node cluster (a job waiting for nodes that another test's job holds
+    could run past its test's timeouts)."""
+    lock = tmp_path_factory.getbasetemp().parent / "slurm-tests.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")
