@@ -38,13 +38,7 @@ from hpctrain.trainers.model import (
     save_hf_model,
 )
 from hpctrain.trainers.monitor import format_eta
-from hpctrain.trainers.skeleton import (
-    Launch,
-    Run,
-    entry_parser,
-    run_entry,
-    seed_everything,
-)
+from hpctrain.trainers.skeleton import Launch, Run, entry_parser, run_entry, seed_everything
 
 
 class Objective:
