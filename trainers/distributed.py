@@ -43,13 +43,17 @@ def init_distributed(backend: str = "auto", always_group: bool = False) -> Dist:
         torch.set_num_threads(max(1, threads))
     if (world > 1 or always_group) and not dist.is_initialized():
         chosen = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+        if chosen == "nccl":
+            # the control collectives (stop/save flags, loss means, eval totals) are small CPU
+            # tensors, which NCCL refuses: they go over gloo, the model's tensors over NCCL
+            chosen = "cpu:gloo,cuda:nccl"
         init = None
         if "MASTER_ADDR" not in env:  # one process started without torchrun
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
         dist.init_process_group(chosen, init_method=init, rank=rank, world_size=world,
-                                device_id=device if chosen == "nccl" else None)
+                                device_id=device if cuda and "nccl" in chosen else None)
     return Dist(rank, world, local_rank, local_world, device, int(env.get("GROUP_RANK", 0)))
 
 
