@@ -167,6 +167,14 @@ class Checkpointer:
             saved.total_s = saved.blocked_s  # this rank's part is done
         return saved
 
+    def prepare(self, engine) -> None:
+        """Once the optimizer has its state: an engine that copies its state to host memory
+        for background saves allocates that memory now, in a thread (`prepare_host_state`),
+        so the first save blocks training no longer than the next."""
+        prepare = getattr(engine, "prepare_host_state", None) if self.background else None
+        if prepare is not None:
+            prepare(self.rank)
+
     def _write(self, files: dict, tmp: Path, final: Path, meta: dict, pause: float, t0: float,
                saved: Saved) -> None:
         try:

@@ -11,6 +11,7 @@ The interface every engine implements (the loops use nothing else):
     engine.save(directory, rank) / engine.load(directory)   # called by every rank
     engine.host_state(rank)                         # optional: what save writes, copied to host
                                                     # memory, for a background write
+    engine.prepare_host_state(rank)                 # optional: allocate that memory ahead
     engine.export(write)                            # every rank calls it; the engine gathers the
                                                     # full model if it must and calls write(model)
                                                     # on the rank that writes
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +115,8 @@ class DDPEngine:
         self._autocast = precision == "bf16"
         self.accum = accum
         self.trainable_only = trainable_only
+        self._host_copy: dict | None = None  # the last save's host copy, reused by the next
+        self._host_prep: threading.Thread | None = None
 
     def _autocast_ctx(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast)
@@ -172,15 +176,46 @@ class DDPEngine:
                 directory / "optim.pt",
             )
 
+    def _state(self) -> dict:
+        return {"model.pt": self._model_state(),
+                "optim.pt": {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}}
+
+    def prepare_host_state(self, rank: int) -> None:
+        """Rank 0: allocate the host memory `host_state` copies into, in a thread, once the
+        optimizer has its state (after the first step), so that every save, the first included
+        (often the one a preemption asks for, with a grace period running), only copies.
+        Measured: on the CPU the first save of a 162M model + AdamW blocked 1.05 s before and
+        0.30 s now, as later saves do (fresh pages are what cost). On an H100 (1.1B model, 13 GB
+        of state) the first save blocked 10.2 s pinning that memory; allocated here, it blocks
+        0.28 s, but the pinning still stalls the training thread's CUDA calls while it runs
+        (step 2 took 11.6 s): the cost moves to the start of the run, it does not vanish.
+        A failed allocation only leaves the first save to allocate."""
+        if rank != 0 or self._host_copy is not None or self._host_prep is not None:
+            return
+        layout = host_layout(self._state())  # shapes and dtypes, read in the training thread
+        device = self.device
+
+        def allocate() -> None:
+            try:
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # pinned memory belongs to this GPU's context
+                self._host_copy = empty_host(layout, pinned=device.type == "cuda")
+            except Exception:  # noqa: BLE001 - the first save allocates instead
+                self._host_copy = None
+
+        self._host_prep = threading.Thread(target=allocate, name="checkpoint-host-memory", daemon=True)
+        self._host_prep.start()
+
     def host_state(self, rank: int) -> dict:
         """What `save` writes, copied to host memory (rank 0; {} elsewhere): training may go on
         while a thread writes it (checkpoint.Checkpointer)."""
         if rank != 0:
             return {}
-        state = {"model.pt": self._model_state(),
-                 "optim.pt": {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}}
+        if self._host_prep is not None:  # memory allocated ahead (prepare_host_state)
+            self._host_prep.join()
+            self._host_prep = None
         # the previous copy's memory is reused: no write is in flight when a save begins
-        self._host_copy = to_host(state, getattr(self, "_host_copy", None))
+        self._host_copy = to_host(self._state(), self._host_copy)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the non-blocking copies have landed
         return dict(self._host_copy)
@@ -207,6 +242,32 @@ class DDPEngine:
         """Every rank calls it; rank 0 holds the full model and writes it."""
         if self.rank == 0:
             write(self.model)
+
+
+def host_layout(obj):
+    """A state's structure with each tensor replaced by its (shape, dtype): what `empty_host`
+    allocates. Other values are left out (`to_host` copies them at each save)."""
+    if isinstance(obj, torch.Tensor):
+        return (tuple(obj.shape), obj.dtype)
+    if isinstance(obj, dict):
+        return {k: host_layout(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [host_layout(v) for v in obj]
+    return None
+
+
+def empty_host(layout, pinned: bool):
+    """Host tensors for a `host_layout`, their pages resident (page-locked when `pinned`, for a
+    GPU's non-blocking copies; zeroed otherwise): `to_host(state, into=...)` then only copies."""
+    if isinstance(layout, tuple):
+        shape, dtype = layout
+        t = torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        return t if pinned else t.zero_()  # page-locked memory is resident already
+    if isinstance(layout, dict):
+        return {k: empty_host(v, pinned) for k, v in layout.items()}
+    if isinstance(layout, list):
+        return [empty_host(v, pinned) for v in layout]
+    return None
 
 
 def to_host(obj, into=None):

@@ -151,6 +151,7 @@ class Run:
         self.last_save, self.save_seconds = time.time(), 0.0
         self.checkpointer = Checkpointer(self.run_dir, d.rank, spec.checkpoint.keep_last,
                                          background=spec.checkpoint.background)
+        self._host_prepared = False  # Checkpointer.prepare, after the first step
         if spec.engine.type == "deepspeed":  # imported before the memory baseline is taken
             from hpctrain.trainers.engine_deepspeed import import_deepspeed
 
@@ -208,6 +209,9 @@ class Run:
             print(f"HPCTRAIN_FAULT_STALL: rank {self.d.rank} stops at step {step} (tests)", file=sys.stderr, flush=True)
             time.sleep(3600)
         self._report_written(step)
+        if not self._host_prepared:  # the first step gave the optimizer its state
+            self._host_prepared = True
+            self.checkpointer.prepare(engine)
         due = checkpoint_due(self.spec.checkpoint, step, self.last_save)
         reason, save_now = self.stopper.agree(due, next_step_s=step_seconds + self.save_seconds)
         if save_now or reason or force_save or step == total:
