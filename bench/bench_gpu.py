@@ -6,12 +6,12 @@
 Same model config (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads,
 4 KV heads, vocabulary 32,000, from scratch, seed 0), same packed samples (the
 shipped domain text x 10, tokenized with MiniLM's tokenizer: bench_trainer's corpus), micro-batch 4,
-global batch 8, 30 steps, AdamW (fused), bf16 autocast over fp32 weights, a
-checkpoint at step 20. Printed for each: tokens/s (median of the steps after the
+global batch 8, 40 steps, AdamW (fused), bf16 autocast over fp32 weights, a
+checkpoint at step 30. Printed for each: tokens/s (median of the steps after the
 first 5), peak GPU memory (torch.cuda.max_memory_allocated), MFU = achieved
 FLOP/s / peak, with FLOPs per token = 6·(N − N_embedding) + 12·L·H·T
 (torchtitan's count) and the peak from hpctrain's table (H100 989 TFLOP/s bf16
-dense; `--peak-tflops` overrides), and how long the step-20 checkpoint blocked
+dense; `--peak-tflops` overrides), and how long the step-30 checkpoint blocked
 training (hpctrain: `ckpt_save_s`, written in the background; HF Trainer: the
 step's time minus the median step, its save being synchronous).
 """
@@ -35,7 +35,7 @@ BIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "interme
        "max_position_embeddings": 2048, "tie_word_embeddings": False}
 TINY = {**BIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 128}
-STEPS, MICRO, GLOBAL, SAVE_AT = 30, 4, 8, 20
+STEPS, MICRO, GLOBAL, SAVE_AT = 40, 4, 8, 30
 
 
 def flops_per_token(cfg: dict, seq: int) -> float:
@@ -156,8 +156,12 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only", who, "--out", str(root)] + (["--tiny"] if args.tiny else [])
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        (root / f"{who}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode:
+            sys.exit(f"{who} failed (exit {proc.returncode}); its output, in {root / f'{who}.log'}, ends:\n"
+                     + (proc.stdout + proc.stderr)[-4000:])
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
         res["tflops"] = per_token * res["tokens_per_s"] / 1e12
         if peak:
             res["mfu"] = res["tflops"] / peak
