@@ -169,8 +169,8 @@ class Checkpointer:
 
     def prepare(self, engine) -> None:
         """Once the optimizer has its state: an engine that copies its state to host memory
-        for background saves allocates that memory now, in a thread (`prepare_host_state`),
-        so the first save blocks training no longer than the next."""
+        for background saves may allocate that memory now, in a thread (`prepare_host_state`:
+        the DDP engine on a GPU), so the first save blocks training no longer than the next."""
         prepare = getattr(engine, "prepare_host_state", None) if self.background else None
         if prepare is not None:
             prepare(self.rank)

@@ -181,25 +181,27 @@ class DDPEngine:
                 "optim.pt": {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}}
 
     def prepare_host_state(self, rank: int) -> None:
-        """Rank 0: allocate the host memory `host_state` copies into, in a thread, once the
-        optimizer has its state (after the first step), so that every save, the first included
-        (often the one a preemption asks for, with a grace period running), only copies.
-        Measured: on the CPU the first save of a 162M model + AdamW blocked 1.05 s before and
-        0.30 s now, as later saves do (fresh pages are what cost). On an H100 (1.1B model, 13 GB
-        of state) the first save blocked 10.2 s pinning that memory; allocated here, it blocks
-        0.28 s, but the pinning still stalls the training thread's CUDA calls while it runs
-        (step 2 took 11.6 s): the cost moves to the start of the run, it does not vanish.
+        """On a GPU, rank 0: allocate the pinned host memory `host_state` copies into, in a
+        thread, once the optimizer has its state (after the first step), so that every save,
+        the first included (often the one a preemption asks for, with a grace period running),
+        only copies. On an H100 (1.1B model, 13 GB of state) the first save blocked 10.2 s
+        pinning that memory; allocated here, it blocks 0.28 s, but the pinning still stalls the
+        training thread's CUDA calls while it runs (step 2 took 11.6 s): the cost moves to the
+        start of the run, it does not vanish. Not on a CPU: there the copy shares the memory
+        training uses, and holding it from step 1 (instead of from the first save) would raise
+        the run's peak above `hpctrain plan`'s estimate for runs that save only at the end; the
+        first save there blocks 1.05 s instead of 0.30 s (162M model + AdamW).
         A failed allocation only leaves the first save to allocate."""
-        if rank != 0 or self._host_copy is not None or self._host_prep is not None:
+        if (rank != 0 or self.device.type != "cuda" or self._host_copy is not None
+                or self._host_prep is not None):
             return
         layout = host_layout(self._state())  # shapes and dtypes, read in the training thread
         device = self.device
 
         def allocate() -> None:
             try:
-                if device.type == "cuda":
-                    torch.cuda.set_device(device)  # pinned memory belongs to this GPU's context
-                self._host_copy = empty_host(layout, pinned=device.type == "cuda")
+                torch.cuda.set_device(device)  # pinned memory belongs to this GPU's context
+                self._host_copy = empty_host(layout, pinned=True)
             except Exception:  # noqa: BLE001 - the first save allocates instead
                 self._host_copy = None
 

@@ -1,5 +1,6 @@
-"""The host copy a background checkpoint writes: allocated ahead after the first step
-(`prepare_host_state`), it holds exactly the state at the save, and later steps leave it alone."""
+"""The host copy a background checkpoint writes holds exactly the state at the save, later
+steps leave it alone, and the next save reuses its memory (`prepare_host_state`, which allocates
+it ahead on a GPU, is a no-op here on the CPU)."""
 
 import torch
 
@@ -34,7 +35,7 @@ def _same(a, b) -> bool:
 def test_copy_allocated_ahead_holds_the_state_at_each_save():
     engine = _engine()
     _train_step(engine)
-    engine.prepare_host_state(rank=0)  # as the trainer does after its first step
+    engine.prepare_host_state(rank=0)  # as the trainer does after its first step (GPU only)
     _train_step(engine)
     first = engine.host_state(rank=0)
     expected = {"model.pt": engine.model.state_dict(),
