@@ -201,7 +201,7 @@ class DDPEngine:
         def allocate() -> None:
             try:
                 torch.cuda.set_device(device)  # pinned memory belongs to this GPU's context
-                self._host_copy = empty_host(layout, pinned=True)
+                self._host_copy = empty_pinned(layout)
             except Exception:  # noqa: BLE001 - the first save allocates instead
                 self._host_copy = None
 
@@ -247,7 +247,7 @@ class DDPEngine:
 
 
 def host_layout(obj):
-    """A state's structure with each tensor replaced by its (shape, dtype): what `empty_host`
+    """A state's structure with each tensor replaced by its (shape, dtype): what `empty_pinned`
     allocates. Other values are left out (`to_host` copies them at each save)."""
     if isinstance(obj, torch.Tensor):
         return (tuple(obj.shape), obj.dtype)
@@ -258,17 +258,16 @@ def host_layout(obj):
     return None
 
 
-def empty_host(layout, pinned: bool):
-    """Host tensors for a `host_layout`, their pages resident (page-locked when `pinned`, for a
-    GPU's non-blocking copies; zeroed otherwise): `to_host(state, into=...)` then only copies."""
+def empty_pinned(layout):
+    """Page-locked host tensors for a `host_layout` (resident once allocated), for a GPU's
+    non-blocking copies: `to_host(state, into=...)` then only copies."""
     if isinstance(layout, tuple):
         shape, dtype = layout
-        t = torch.empty(shape, dtype=dtype, pin_memory=pinned)
-        return t if pinned else t.zero_()  # page-locked memory is resident already
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
     if isinstance(layout, dict):
-        return {k: empty_host(v, pinned) for k, v in layout.items()}
+        return {k: empty_pinned(v) for k, v in layout.items()}
     if isinstance(layout, list):
-        return [empty_host(v, pinned) for v in layout]
+        return [empty_pinned(v) for v in layout]
     return None
 
 
