@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from hpctrain.launcher.rundir import metrics_records
 from tests.conftest import REPO
 
 DATA = REPO / "examples" / "data"  # the shipped fine-tuning examples
@@ -64,8 +65,7 @@ def write_spec(path: Path, spec: dict) -> Path:
 def losses(run_dir: Path) -> dict[int, float]:
     """Per-step training loss from metrics.jsonl (a re-logged step keeps its last value)."""
     out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    for rec in metrics_records(run_dir):
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
@@ -92,11 +92,9 @@ def wait_for(pred, timeout: float = 120, what: str = "condition") -> None:
 
 
 def last_step(run_dir: Path) -> int:
-    f = Path(run_dir) / "metrics.jsonl"
-    if not f.exists():
-        return 0
-    steps = [json.loads(x).get("step", 0) for x in f.read_text().splitlines() if x.strip()]
-    return max(steps, default=0)
+    """The highest step of any record so far; read while the run writes, so through the
+    project's reader, which skips a line still being written."""
+    return max((r.get("step", 0) for r in metrics_records(run_dir)), default=0)
 
 
 def trainer_pids(run_dir: Path) -> list[int]:
