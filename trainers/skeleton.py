@@ -14,6 +14,7 @@ model, objective and evaluation, and their loop, which reads top to bottom:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import random
 import socket
@@ -106,6 +107,7 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
     )
     try:
         spec = frozen_spec(launch.run_dir)
+        keep_freed_memory()
         deterministic_algorithms()
         d = init_distributed(spec.cluster.backend, always_group=spec.engine.type == "deepspeed")
         train(spec, launch, d)
@@ -114,6 +116,40 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
     finally:
         shutdown()
     return 0
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # the largest mmap threshold glibc accepts on 64-bit
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def keep_freed_memory() -> bool:
+    """glibc malloc: keep the memory a training step frees for the next step instead of giving
+    it back to the kernel and faulting it in again. True when set.
+
+    A CPU step allocates and frees the same large tensors every time (activations, logits and
+    their gradients). glibc serves blocks above its mmap threshold with fresh mappings, and
+    trims the heap top once the free space there passes its trim threshold (dynamic: twice the
+    largest block freed so far, at most 64 MiB); every step's first touch of that memory is
+    then a page fault per 4 KiB. Measured with bench_trainer's tiny Llama (vocab 30,522, logits
+    31 MiB per step), each loop in its own process: 15,000-18,000 minor faults per step, 50-63
+    ms of a 117 ms step in the kernel; with trimming off and the mmap threshold at its maximum,
+    250-300 faults per step (all in the first steps) and 79-94 ms per step. The trainer's peak
+    memory does not change (the same blocks, reused); memory it frees stays with the process.
+    Blocks of 32 MiB or more are still mapped fresh each time (glibc's ceiling).
+
+    Left alone when the environment tunes malloc itself (MALLOC_*_ variables, GLIBC_TUNABLES
+    with glibc.malloc), and off glibc (no mallopt)."""
+    if sys.platform != "linux" or any(k in os.environ for k in MALLOC_ENV):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # -1: never trim (glibc reads it as SIZE_MAX)
+    return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
 
 
 def deterministic_algorithms() -> None:
