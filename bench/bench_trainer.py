@@ -1,12 +1,17 @@
 """Trainer overhead: `hpctrain run` vs a bare PyTorch loop vs HF `Trainer`, same job.
 
-    .venv/bin/python bench/bench_trainer.py --steps 300 --rounds 2
+    .venv/bin/python bench/bench_trainer.py --steps 300 --rounds 3
 
 Same tiny Llama (from one config and seed), same packed samples (seq 64,
-batch 4), AdamW, one process, fp32, on the CPU. Each contender times its own
-training steps (first to last, no start-up); steps are short (tens of ms) so
-per-step overhead shows. Rounds interleave the contenders (A B C, C B A).
-Then: checkpoint save time against model size.
+batch 4), AdamW, fp32, on the CPU, each loop in a fresh process of its own
+(malloc's state and the page faults it causes depend on a process's history).
+Each contender's time is the wall clock from the end of step 50 to the end of
+its last step (start-up and warm-up excluded, everything else in the loop
+included); steps are short (tens of ms) so per-step overhead shows. Rounds
+interleave the contenders (A B C D, D C B A, ...). "bare, memory kept" is the
+bare loop with the trainer's malloc setting (`keep_freed_memory`): the loop
+overhead proper is hpctrain against it. Then: checkpoint save time against
+model size.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR = 64, 4, 1e-3
+WARM = 50  # steps before the clock starts (one log window of the trainer)
 CONFIG = {
     "model_type": "llama",
     "vocab_size": 30522,
@@ -91,7 +97,11 @@ def model():
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
 
 
-def bare(corpus: Path, steps: int) -> float:
+def bare(corpus: Path, steps: int, keep_memory: bool = False) -> float:
+    if keep_memory:
+        from hpctrain.trainers.skeleton import keep_freed_memory
+
+        assert keep_freed_memory(), "the malloc setting did not apply"
     data = torch.from_numpy(samples(corpus, steps * BATCH)).view(steps, BATCH, SEQ + 1)
     m = model().train()
     opt = torch.optim.AdamW(
@@ -99,6 +109,8 @@ def bare(corpus: Path, steps: int) -> float:
     )
     t0 = time.perf_counter()
     for s in range(steps):
+        if s == WARM:
+            t0 = time.perf_counter()
         x = data[s]
         logits = m(input_ids=x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(
@@ -109,7 +121,7 @@ def bare(corpus: Path, steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
-    return steps / (time.perf_counter() - t0)
+    return (steps - WARM) / (time.perf_counter() - t0)
 
 
 def hf_trainer(corpus: Path, steps: int, root: Path) -> float:
@@ -127,11 +139,12 @@ def hf_trainer(corpus: Path, steps: int, root: Path) -> float:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 0:
+            if state.global_step == WARM:
                 self.t0 = time.perf_counter()
 
-        def on_train_end(self, args, state, control, **kw):
-            self.t1 = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == steps:
+                self.t1 = time.perf_counter()
 
     class ShiftFree(Trainer):  # labels are already shifted, as in the other two loops
         def compute_loss(self, m, inputs, return_outputs=False, **kw):
@@ -160,7 +173,7 @@ def hf_trainer(corpus: Path, steps: int, root: Path) -> float:
         data_seed=0,
     )
     ShiftFree(model=model(), args=args, train_dataset=DS(), callbacks=[clock]).train()
-    return steps / (clock.t1 - clock.t0)
+    return (steps - WARM) / (clock.t1 - clock.t0)
 
 
 def hpctrain(corpus: Path, steps: int, root: Path) -> float:
@@ -176,7 +189,7 @@ def hpctrain(corpus: Path, steps: int, root: Path) -> float:
             "steps": steps,
             "lr": LR,
             "schedule": "constant",
-            "log_every": 50,
+            "log_every": WARM,
             "seed": 0,
         },
         "cluster": {"procs_per_node": 1},
@@ -191,10 +204,21 @@ def hpctrain(corpus: Path, steps: int, root: Path) -> float:
         stdout=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
-    last = [
-        json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
-    ][-1]
-    return last["tokens_per_s"] / (BATCH * SEQ)
+    # logged at the end of steps WARM, 2*WARM, ..., steps (before the step's save/stop check):
+    # the wall clock between the first and the last record spans steps WARM+1 .. steps whole
+    logged = {r["step"]: r["time"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    return (steps - WARM) / (logged[steps] - logged[WARM])
+
+
+def in_own_process(name: str, steps: int, root: Path) -> float:
+    """Run one in-process contender in a fresh interpreter (`--one NAME`)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", name, "--steps", str(steps), "--out", str(root)],
+        check=True, cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["steps_per_s"]
 
 
 def checkpoint_times(root: Path) -> list[dict]:
@@ -250,14 +274,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="/tmp/hpctrain-bench-trainer")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one contender, in this process
     args = ap.parse_args()
+    if args.steps % WARM or args.steps <= WARM:
+        ap.error(f"--steps must be a multiple of {WARM} above {WARM}")
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(root)
+    if args.one:
+        one = {"bare": lambda: bare(corpus, args.steps),
+               "bare_memory_kept": lambda: bare(corpus, args.steps, keep_memory=True),
+               "hf_trainer": lambda: hf_trainer(corpus, args.steps, root)}[args.one]
+        print(json.dumps({"steps_per_s": one()}))
+        return
     runs = {
-        "bare": lambda: bare(corpus, args.steps),
+        "bare": lambda: in_own_process("bare", args.steps, root),
+        "bare_memory_kept": lambda: in_own_process("bare_memory_kept", args.steps, root),
         "hpctrain": lambda: hpctrain(corpus, args.steps, root),
-        "hf_trainer": lambda: hf_trainer(corpus, args.steps, root),
+        "hf_trainer": lambda: in_own_process("hf_trainer", args.steps, root),
     }
     res: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(args.rounds):
@@ -268,6 +302,7 @@ def main() -> None:
     summary = {
         "steps_per_s": med,
         "hpctrain_over_bare": med["hpctrain"] / med["bare"],
+        "hpctrain_over_bare_memory_kept": med["hpctrain"] / med["bare_memory_kept"],
         "hpctrain_over_hf_trainer": med["hpctrain"] / med["hf_trainer"],
         "checkpoint_save": checkpoint_times(root),
         "threads": torch.get_num_threads(),
