@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 
 from hpctrain.launcher.rundir import atomic_write_text, mark_hung
@@ -37,7 +38,7 @@ class Watchdog:
     def __init__(self, run_dir: Path, rank: int, world_size: int, limit_s: float | None, total: int) -> None:
         self.run_dir, self.rank, self.world, self.fixed, self.total = run_dir, rank, world_size, limit_s, total
         self.step, self.last = 0, time.monotonic()
-        self.times: list[float] = []
+        self.times: deque[float] = deque(maxlen=50)  # the last steps' times (the limit's median)
         self.main = threading.main_thread()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hpctrain-watchdog", daemon=True)
@@ -48,7 +49,7 @@ class Watchdog:
             return self.fixed
         if not self.times:
             return 2 * FLOOR_S
-        return max(FLOOR_S, 10 * statistics.median(self.times[-50:]))
+        return max(FLOOR_S, 10 * statistics.median(list(self.times)))  # a snapshot: the main thread appends
 
     def beat(self, step: int, step_seconds: float | None = None) -> None:
         self.step = step
