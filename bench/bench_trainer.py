@@ -206,8 +206,9 @@ def hpctrain(corpus: Path, steps: int, root: Path) -> float:
     )
     # logged at the end of steps WARM, 2*WARM, ..., steps (before the step's save/stop check):
     # the wall clock between the first and the last record spans steps WARM+1 .. steps whole
-    logged = {r["step"]: r["time"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r}
+    from hpctrain.launcher.rundir import metrics_records
+
+    logged = {r["step"]: r["time"] for r in metrics_records(run) if "loss" in r}
     return (steps - WARM) / (logged[steps] - logged[WARM])
 
 
