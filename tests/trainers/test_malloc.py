@@ -34,12 +34,10 @@ def _steps(mode: str, **env) -> dict:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc (Linux) only")
 def test_later_steps_reuse_the_memory_earlier_steps_freed():
-    default = _steps("default")
+    # (glibc's defaults usually fault 20,448 pages per step here, for good, but not always: its
+    # thresholds adapt to the process's history; a fixed small trim threshold always does, below)
     kept = _steps("trainer")
     assert kept["applied"] is True
-    # glibc's defaults give the freed heap top back to the kernel: every step faults part of it
-    # in again (here 20,448 pages per step, for good)
-    assert min(default["faults"][4:]) > PAGES_PER_STEP // 2, default
     # kept: the first steps fault the memory in (the heap grows), later steps only reuse it
     assert kept["faults"][0] > PAGES_PER_STEP // 2, kept
     assert max(kept["faults"][4:]) < PAGES_PER_STEP // 50, kept
