@@ -10,6 +10,12 @@ per step, bf16 autocast over fp32 weights, fused AdamW, grad clipping at 1.0. Va
 - whole:       hpctrain's Objective without `attach` (whole fp32 logits, then the loss)
 - chunked:     hpctrain's Objective as the trainer runs it (the loss in chunks)
 - chunked+syncs: chunked, plus the trainer's host reads (each micro-batch's loss, the norm)
+- +deterministic: chunked+syncs under the trainer's deterministic-algorithms flag (bitwise
+                 resume), the only variant with it on
+
+cuBLAS's workspace is fixed at ":4096:8" for the whole run, as the trainer sets it (without it
+the flag makes PyTorch warn on every cuBLAS call); `--no-cublas-config` leaves it unset, as the
+trainer did before 2026-11-28 (the H100 run in the README), to measure that difference.
 
 Rounds interleave the variants (forward, then reversed order); each step ends with a
 device synchronize; printed: the median step time over the timed steps and the peak memory.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -32,7 +39,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--tiny", action="store_true", help="tiny model, seq 64, any device (a check)")
+    ap.add_argument("--no-cublas-config", action="store_true",
+                    help="leave CUBLAS_WORKSPACE_CONFIG unset (the trainer before 2026-11-28)")
     args = ap.parse_args()
+    from hpctrain.trainers.skeleton import CUBLAS_CONFIG, CUBLAS_DETERMINISTIC
+
+    if args.no_cublas_config:
+        os.environ.pop(CUBLAS_CONFIG, None)
+    else:  # before any CUDA work: cuBLAS reads it when its first handle is made
+        os.environ[CUBLAS_CONFIG] = CUBLAS_DETERMINISTIC
     if args.tiny:
         args.seq = 64
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -58,6 +73,8 @@ def main() -> None:
     batches = [torch.randint(0, BIG["vocab_size"], (MICRO, args.seq + 1)) for _ in range(2)]
 
     def step(way: str) -> None:
+        torch._C._set_deterministic_algorithms(way == "+deterministic", warn_only=True)
+        torch._C._set_deterministic_fill_uninitialized_memory(False)  # as the trainer does
         reads = []
         for mb in batches:
             with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -69,15 +86,15 @@ def main() -> None:
                 else:
                     loss = chunked(model, {"tokens": mb}, dev)
             (loss / len(batches)).backward()
-            if way == "chunked+syncs":
+            if way in ("chunked+syncs", "+deterministic"):
                 reads.append(float(loss.detach()))
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if way == "chunked+syncs":
+        if way in ("chunked+syncs", "+deterministic"):
             reads.append(float(norm))
 
-    ways = ["hf", "whole", "chunked", "chunked+syncs"]
+    ways = ["hf", "whole", "chunked", "chunked+syncs", "+deterministic"]
     times: dict[str, list[float]] = {w: [] for w in ways}
     peaks: dict[str, float] = {}
     for r in range(args.rounds):
@@ -98,7 +115,8 @@ def main() -> None:
     tokens = 2 * MICRO * args.seq
     for way in ways:
         med = statistics.median(times[way])
-        print(json.dumps({"way": way, "step_s": round(med, 4), "tokens_per_s": round(tokens / med),
+        print(json.dumps({"way": way, "cublas_config": os.environ.get(CUBLAS_CONFIG),
+                          "step_s": round(med, 4), "tokens_per_s": round(tokens / med),
                           "spread_s": round(max(times[way]) - min(times[way]), 4),
                           "peak_mem_gib": round(peaks[way], 2)}), flush=True)
     assert model.lm_head.forward is not plain_forward  # the chunked head stayed attached

@@ -152,6 +152,9 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
 
 
+CUBLAS_CONFIG, CUBLAS_DETERMINISTIC = "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+
+
 def deterministic_algorithms() -> None:
     """`torch.use_deterministic_algorithms(True, warn_only=True)` without its import of
     torch._inductor.config (2.5 s per rank here), which only tells torch.compile, which the
@@ -164,7 +167,15 @@ def deterministic_algorithms() -> None:
     3 interleaved rounds): deterministic with the fill 9.45 steps/s, without it 10.11,
     deterministic off 9.84 (the profiler: 5.6x the fill calls with it). In the trainer itself the
     difference stayed inside this VM's noise (two rounds each way, 9.1-10.2 steps/s); on a GPU
-    each fill is a pass over device memory. Resume stays bitwise (the test suite)."""
+    each fill is a pass over device memory. Resume stays bitwise (the test suite).
+
+    On a GPU, cuBLAS is deterministic only with a fixed workspace (`CUBLAS_WORKSPACE_CONFIG`
+    ":4096:8" or ":16:8", read when the first cuBLAS handle is made, so set here, before any
+    CUDA work). Without it PyTorch, under this flag with warn_only, builds and raises a
+    warning on every cuBLAS call (hundreds per step, each through Python's warnings machinery)
+    and the results may still differ between runs. ":4096:8" is 32 MiB of workspace, what
+    PyTorch picks on Hopper anyway. A value the user set is left alone."""
+    os.environ.setdefault(CUBLAS_CONFIG, CUBLAS_DETERMINISTIC)
     torch._C._set_deterministic_algorithms(True, warn_only=True)
     torch._C._set_deterministic_fill_uninitialized_memory(False)
     if "torch._inductor.config" in sys.modules:
