@@ -173,8 +173,8 @@ def deterministic_algorithms() -> None:
     ":4096:8" or ":16:8", read when the first cuBLAS handle is made, so set here, before any
     CUDA work). Without it PyTorch, under this flag with warn_only, builds and raises a
     warning on every cuBLAS call (hundreds per step, each through Python's warnings machinery)
-    and the results may still differ between runs. ":4096:8" is 32 MiB of workspace, what
-    PyTorch picks on Hopper anyway. A value the user set is left alone."""
+    and the results may still differ between runs. ":4096:8" is 32 MiB of workspace, PyTorch's
+    default on Hopper and Blackwell (8 MiB before them). A value the user set is left alone."""
     os.environ.setdefault(CUBLAS_CONFIG, CUBLAS_DETERMINISTIC)
     torch._C._set_deterministic_algorithms(True, warn_only=True)
     torch._C._set_deterministic_fill_uninitialized_memory(False)
