@@ -10,8 +10,9 @@ its last step (start-up and warm-up excluded, everything else in the loop
 included); steps are short (tens of ms) so per-step overhead shows. Rounds
 interleave the contenders (A B C D, D C B A, ...). "bare, memory kept" is the
 bare loop with the trainer's malloc setting (`keep_freed_memory`): the loop
-overhead proper is hpctrain against it. Then: checkpoint save time against
-model size.
+overhead proper is hpctrain against it; that ratio is also printed round by
+round, which shows the noise a single ratio hides. Then: checkpoint save time
+against model size.
 """
 
 from __future__ import annotations
@@ -305,6 +306,10 @@ def main() -> None:
         "hpctrain_over_bare": med["hpctrain"] / med["bare"],
         "hpctrain_over_bare_memory_kept": med["hpctrain"] / med["bare_memory_kept"],
         "hpctrain_over_hf_trainer": med["hpctrain"] / med["hf_trainer"],
+        # the same ratio round by round (each round's two runs minutes apart): this VM's noise
+        "per_round_hpctrain_over_bare_memory_kept": [
+            round(h / b, 3) for h, b in zip(res["hpctrain"], res["bare_memory_kept"], strict=True)
+        ],
         "checkpoint_save": checkpoint_times(root),
         "threads": torch.get_num_threads(),
     }
