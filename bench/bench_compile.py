@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
-from bench_trainer import build_corpus, tokenizer_path  # the shared corpus and model
+from bench_trainer import build_corpus, run_spec, tokenizer_path  # the shared corpus and model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,12 +32,8 @@ def one(root: Path, precision: str, compile_: bool, steps: int) -> dict:
                          "precision": precision, "compile": compile_, "log_every": 1},
             "checkpoint": {"every_steps": 100_000}, "export": {"enabled": False},
             "cluster": {"procs_per_node": 1}}
-    path = root / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "hpctrain.launcher.cli", "run", str(path)], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    recs = [r for r in run_spec(spec, root) if "loss" in r]
     return {"precision": precision, "compile": compile_,
             "step_s": round(statistics.median(r["step_time_s"] for r in recs[10:]), 3),
             "until_step_1_s": round(recs[0]["time"] - t0, 1), "last_loss": round(recs[-1]["loss"], 4)}

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_trainer import tokenizer_path  # the pretrained MiniLM (model and tokenizer)
+from bench_trainer import run_spec, tokenizer_path  # the pretrained MiniLM (model and tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR, WARMUP = 256, 16, 5e-5, 20
@@ -86,8 +86,6 @@ def build_data(root: Path) -> tuple[Path, Path]:
 
 
 def run_hpctrain(train: Path, valid: Path, epochs: int, root: Path, group: bool) -> dict:
-    import yaml
-
     run = root / f"hpctrain-{time.time_ns()}"
     spec = {"name": "bench-finetune", "run_dir": str(run), "task": "finetune", "model": {"path": tokenizer_path()},
             "finetune": {"kind": "classify", "method": "full", "train_file": str(train), "valid_file": str(valid),
@@ -98,11 +96,7 @@ def run_hpctrain(train: Path, valid: Path, epochs: int, root: Path, group: bool)
             "checkpoint": {"every_steps": 100_000},
             "export": {"enabled": False},
             "cluster": {"procs_per_node": 1}}
-    path = root / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    subprocess.run([sys.executable, "-m", "hpctrain.launcher.cli", "run", str(path)], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = run_spec(spec, root)
     steps = [r for r in recs if "loss" in r]
     # wall time from the end of step 1 to the end of the last step, scaled to all steps
     wall = (steps[-1]["time"] - steps[0]["time"]) * len(steps) / (len(steps) - 1)

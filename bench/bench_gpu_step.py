@@ -75,7 +75,7 @@ def main() -> None:
     def step(way: str) -> None:
         torch._C._set_deterministic_algorithms(way == "+deterministic", warn_only=True)
         torch._C._set_deterministic_fill_uninitialized_memory(False)  # as the trainer does
-        reads = []
+        reads, syncs = [], way in ("chunked+syncs", "+deterministic")
         for mb in batches:
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 if way == "hf":
@@ -86,12 +86,12 @@ def main() -> None:
                 else:
                     loss = chunked(model, {"tokens": mb}, dev)
             (loss / len(batches)).backward()
-            if way in ("chunked+syncs", "+deterministic"):
+            if syncs:
                 reads.append(float(loss.detach()))
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if way in ("chunked+syncs", "+deterministic"):
+        if syncs:
             reads.append(float(norm))
 
     ways = ["hf", "whole", "chunked", "chunked+syncs", "+deterministic"]

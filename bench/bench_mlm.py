@@ -30,17 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench_trainer import build_corpus, tokenizer_path  # the shared text, corpus and model
+from bench_trainer import build_corpus, run_spec, tokenizer_path  # the shared text, corpus, model
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, LR = 128, 16, 1e-4
 
 
 def run_hpctrain(root: Path, steps: int, warm: int) -> dict:
-    import yaml
-
-    from hpctrain.launcher.rundir import metrics_records
-
     run = root / f"hpctrain-{time.time_ns()}"
     spec = {"name": "bench-mlm", "run_dir": str(run), "model": {"path": tokenizer_path()},
             "objective": {"type": "mlm"},
@@ -49,11 +45,7 @@ def run_hpctrain(root: Path, steps: int, warm: int) -> dict:
                          "schedule": "constant", "log_every": 1, "seed": 0},
             "checkpoint": {"every_steps": 100_000}, "export": {"enabled": False},
             "cluster": {"procs_per_node": 1}}
-    path = root / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    subprocess.run([sys.executable, "-m", "hpctrain.launcher.cli", "run", str(path)], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
-    at = {r["step"]: r["time"] for r in metrics_records(run) if "loss" in r}
+    at = {r["step"]: r["time"] for r in run_spec(spec, root) if "loss" in r}
     wall = at[steps] - at[warm]
     real = (steps - warm) * BATCH * SEQ  # packed: every token is real
     return {"real_tokens_per_s": round(real / wall, 1), "padding": 0.0, "s_per_step": round(wall / (steps - warm), 3)}

@@ -177,6 +177,23 @@ def hf_trainer(corpus: Path, steps: int, root: Path) -> float:
     return (steps - WARM) / (clock.t1 - clock.t0)
 
 
+def run_spec(spec: dict, root: Path, threads: int | None = None) -> list[dict]:
+    """`hpctrain run` of a spec (written to ROOT/spec.yaml), console silenced, with `threads`
+    OpenMP threads (this machine's cores by default): the run's metrics records."""
+    from hpctrain.launcher.rundir import metrics_records
+
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    subprocess.run(
+        [sys.executable, "-m", "hpctrain.launcher.cli", "run", str(path)],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count())},
+    )
+    return metrics_records(spec["run_dir"])
+
+
 def hpctrain(corpus: Path, steps: int, root: Path) -> float:
     run = Path(tempfile.mkdtemp(dir=root, prefix="run-"))
     spec = {
@@ -196,20 +213,10 @@ def hpctrain(corpus: Path, steps: int, root: Path) -> float:
         "cluster": {"procs_per_node": 1},
         "export": {"enabled": False},
     }
-    p = root / "spec.yaml"
-    p.write_text(yaml.safe_dump(spec))
-    subprocess.run(
-        [sys.executable, "-m", "hpctrain.launcher.cli", "run", str(p)],
-        check=True,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
+    records = run_spec(spec, root, threads=torch.get_num_threads())
     # logged at the end of steps WARM, 2*WARM, ..., steps (before the step's save/stop check):
     # the wall clock between the first and the last record spans steps WARM+1 .. steps whole
-    from hpctrain.launcher.rundir import metrics_records
-
-    logged = {r["step"]: r["time"] for r in metrics_records(run) if "loss" in r}
+    logged = {r["step"]: r["time"] for r in records if "loss" in r}
     return (steps - WARM) / (logged[steps] - logged[WARM])
 
 
