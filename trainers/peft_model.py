@@ -48,6 +48,8 @@ def load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quant
             )
         model, info = _auto(ft.kind).from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
         model.hpctrain_new_modules = missing_modules(info)
+        if quantize:
+            keep_4bit_layout(model)
     else:
         cfg = dict(spec.model.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, **kw)
@@ -56,6 +58,24 @@ def load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quant
     if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id  # sequence classification finds the last token by it
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX-512 BF16, a `Linear4bit` whose input needs no gradient and that is in eval
+    mode (our validation pass) rewrites its weight in place into a blocked layout and from then on
+    computes through a kernel that has no backward: the training steps after the first evaluation
+    pass no gradient through the frozen base (measured: the input's gradient is None), and under
+    ZeRO-3 the rewritten tensor is not the one DeepSpeed partitioned, so the next gather hands
+    back the old layout and saving fails ("packed_weight should be [N, K/2]"). Without the
+    repack, evaluation computes the function that is trained, as on every other CPU and GPU.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # the switch Linear4bit.forward reads
 
 
 def apply_lora(model, spec: RunSpec):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from tests.trainers.helpers import DATA, cls_spec, losses, sft_spec, stop_with_c
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
 pytestmark = [pytest.mark.multiproc, pytest.mark.deepspeed]
 STEPS = 20
+BNB_CPU_PATH = Path(__file__).parent / "bnb_cpu_path"
 
 
 def _val(run_dir) -> list[dict]:
@@ -113,11 +116,15 @@ def test_full_finetune_under_zero2_matches_ddp(tmp_path, minilm_path):
     assert (tmp_path / "zero2" / "export" / "model.safetensors").is_file()
 
 
-def test_qlora_sft_trains_under_zero3(tmp_path, tiny_llama):
+@pytest.mark.parametrize("avx512_bf16", ["1", "0"], ids=["avx512bf16-path", "plain-path"])
+def test_qlora_sft_trains_under_zero3(tmp_path, tiny_llama, avx512_bf16):
+    """On either of bitsandbytes' CPU paths (forced in every process: tests/trainers/bnb_cpu_path)."""
     spec = sft_spec(tmp_path / "run", tiny_llama, "qlora", steps=12)
     spec["cluster"]["procs_per_node"] = 2
     spec["engine"] = {"type": "deepspeed", "zero_stage": 3}
-    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    env = {"HPCTRAIN_TEST_BNB_AVX512BF16": avx512_bf16,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(BNB_CPU_PATH), os.environ.get("PYTHONPATH")]))}
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), env=env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     ls = losses(tmp_path / "run")
     assert sum(ls[s] for s in (10, 11, 12)) < sum(ls[s] for s in (1, 2, 3)) - 0.3
