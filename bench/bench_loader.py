@@ -6,7 +6,7 @@
 Same job for every contender: shuffled packed batches of 8 x (2048 + 1) tokens
 from one ~200M-token corpus, read in the main process (on 2 cores, worker
 processes slowed every loader down). Files are read once before timing so the
-page cache is warm for everyone (see FIELD_NOTES: cold reads measure the disk).
+page cache is warm for everyone (the VM pages idle files out: a cold read measures the disk).
 Rounds interleave the contenders (A B C C B A) and the table reports medians.
 """
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.rundir import latest_checkpoint, read_status
+from hpctrain.launcher.rundir import latest_checkpoint, metrics_records, read_status
 
 
 def _require_run_dir(run_dir: str) -> Path:
@@ -23,15 +23,8 @@ def _require_run_dir(run_dir: str) -> Path:
 
 
 def last_metrics(run_dir: Path) -> dict:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return {}
-    last: dict = {}
-    for line in f.read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            last = rec
-    return last
+    """The newest training record (a line still being written is skipped by the one reader)."""
+    return next((r for r in reversed(metrics_records(run_dir)) if "loss" in r), {})
 
 
 def rank_logs(run_dir: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO behind the engine interface of trainers/engine.py.
 
-What differs from DDP, and why (see shared/FIELD_NOTES.md, DeepSpeed):
+What differs from DDP, and why (docs/cluster-notes.md, DeepSpeed):
 - `engine.backward` already divides by the accumulation count, and `engine.step()` is
   called after every micro-batch (it steps the optimizer and the LR schedule only at
   the window's end): so our `backward` does both and our `step` only reads the norm.

@@ -1,7 +1,7 @@
 """The preemption protocol, trainer side. Read this file to know how a run stops.
 
 1. A stop request reaches a trainer rank in one of two ways, and either is enough
-   (clusters differ in who gets Slurm's signal, see shared/FIELD_NOTES.md):
+   (clusters differ in who gets Slurm's signal, see docs/cluster-notes.md):
    - a signal delivered to the rank itself: SIGUSR2 (Slurm/submitit's preemption
      and time-limit signal), SIGTERM, or SIGINT. The handler only sets a flag:
      saving inside a handler has been seen to hang;
