@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
 from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
 from hpctrain.launcher.rundir import (
     aborted,
@@ -15,7 +16,6 @@ from hpctrain.launcher.rundir import (
     next_free_path,
     read_status,
     record_retry,
-    retry_verdict,
 )
 from hpctrain.launcher.spec import RunSpec
 
@@ -71,27 +71,27 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
     tail: list[str] = []
     rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log, stderr_tail=tail)
     status = read_status(run_dir)
-    state = status.get("state")
-    if rc == 0 and state == "finished":
+    outcome = attempt_outcome(rc, status, aborted(run_dir))
+    if outcome is Outcome.FINISHED:
         log(f"done: {spec.name} trained {status.get('step')} steps")
         log(f"  checkpoints: {run_dir / 'checkpoints'}\n  metrics:     {run_dir / 'metrics.jsonl'}")
         if spec.export.enabled:
             log(f"  export:      {run_dir / 'export'}")
         return 0
-    if rc == 0 and state == "preempted":
+    if outcome is Outcome.PREEMPTED:
         log(
             f"stopped at step {status.get('step')} with a checkpoint; run the same command to resume"
         )
         return 0
-    if state == "hung":  # the ranks' watchdog recorded it (trainers/watchdog.py): not retried
+    if outcome is Outcome.HUNG:  # the ranks' watchdog recorded it (trainers/watchdog.py): not retried
         print(f"hpctrain: training hung: {status.get('reason')}; stacks of every rank are in their logs "
               f"under {logs}", file=sys.stderr)
         print(RESUME_HINT, file=sys.stderr)
         return 1
-    if rc != 0 and aborted(run_dir):  # Ctrl-C twice: the user ended it without a save
+    if outcome is Outcome.CANCELLED:  # Ctrl-C twice: the user ended it without a save
         mark_cancelled(run_dir, "aborted with Ctrl-C twice (no save at the abort)")
         return 130
-    if rc == 2 or status.get("user_error"):
+    if outcome is Outcome.USER_ERROR:  # the same command would fail the same way: no hint, no retry
         print(f"hpctrain: error: {status.get('reason', 'see the rank logs in ' + str(logs))}",
               file=sys.stderr)
         return 2

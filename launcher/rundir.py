@@ -15,9 +15,9 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from hpctrain.launcher.attempt import RetryVerdict
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.spec import (
     RunSpec,
@@ -127,29 +127,6 @@ def record_retry(run_dir: str | Path, reason: str, step: int, scope: str = "") -
     old = read_status(run_dir)
     retries = [*old.get("retries", []), {"step": step, "reason": reason, "scope": scope}]
     _write_status(run_dir, **{**old, "retries": retries})
-
-
-@dataclass(frozen=True)
-class RetryVerdict:
-    """What the failure policy says about a failed attempt."""
-
-    retry: bool
-    repeated_step: bool = False  # the same step failed twice in a row: a deterministic failure
-    why: str = ""  # why not retrying ("" when retrying or no retries were allowed)
-
-
-def retry_verdict(failed_steps: list[int], step: int, allowed: int) -> RetryVerdict:
-    """The failure policy for a failure at `step` after earlier failures at `failed_steps`:
-    at most `allowed` retries, never the same step failing twice in a row."""
-    if failed_steps and failed_steps[-1] == step:
-        return RetryVerdict(False, repeated_step=True, why=(
-            f"failed again at step {step}: not retrying (the same step failed twice in a row, "
-            "a deterministic failure)"))
-    if len(failed_steps) >= allowed:
-        return RetryVerdict(False, why=(
-            f"{allowed} retr{'y' if allowed == 1 else 'ies'} used up (cluster.retries_on_failure)"
-            if allowed else ""))
-    return RetryVerdict(True)
 
 
 def give_up(run_dir: str | Path, verdict: RetryVerdict, reason: str) -> None:

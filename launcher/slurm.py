@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.node import (
     build_torchrun_command,
@@ -42,7 +43,6 @@ from hpctrain.launcher.rundir import (
     mark_stopped,
     read_status,
     record_retry,
-    retry_verdict,
 )
 from hpctrain.launcher.spec import RunSpec
 
@@ -233,12 +233,18 @@ class NodeTask:
             raise
         rc = self._proc.returncode
         status = read_status(self.run_dir)
-        if rc == 0 and status.get("state") == "finished":
+        outcome = attempt_outcome(rc, status)
+        if outcome is Outcome.FINISHED:
             return "finished"
-        if rc == 0 and status.get("state") == "preempted":
+        if outcome is Outcome.PREEMPTED:
             if env.global_rank == 0 and not self._signalled:
                 self._requeue_after_deadline(job_id)
             return "preempted"
+        if outcome is Outcome.USER_ERROR:  # recorded by the trainer; a requeue would fail the same way
+            reason = status.get("reason") or "a user error (see the rank logs)"
+            print(f"hpctrain: error: {reason}\nhpctrain: not requeued or retried: fix it and submit again",
+                  flush=True)
+            raise UserError(reason, hint=f"rank logs under {Path(self.run_dir) / 'logs'}")
         if hasattr(self._proc, "pump"):
             self._proc.pump.join(timeout=10)
         reason = failure_reason(rc, tail, node)

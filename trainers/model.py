@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.paths import resolve_path
 from hpctrain.launcher.spec import RunSpec
 
@@ -26,16 +27,42 @@ def load_tokenizer(spec: RunSpec):
     )
 
 
+@contextlib.contextmanager
+def model_files_errors(spec: RunSpec):
+    """Model loading that fails on the user's files (a config transformers refuses, weights that
+    are missing or do not fit) is a user error: one line naming the field, exit 2, no retry.
+    `validate` refuses these first; this covers files that changed after it ran."""
+    field = "model.path" if spec.model.path is not None else "model.config"
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the file system failing (EIO, ENOSPC): not the user's files, maybe transient
+        raise UserError(str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__,
+                        file=spec.model.path, field=field) from e
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "Error(s) in loading" not in str(e):
+            raise
+        raise UserError(str(e).strip().splitlines()[0][:400], file=spec.model.path, field=field) from e
+
+
 def build_model(spec: RunSpec):
     """The pretraining model: from `model.path` (pretrained) or `model.config` (from scratch).
 
     Sets `model.hpctrain_new_modules`: modules the checkpoint lacked and that start fresh
     (an MLM head missing from an encoder checkpoint), reported once on the console.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForCausalLM if spec.objective.type == "clm" else AutoModelForMaskedLM
     dtype = torch.bfloat16 if spec.model.dtype == "bf16" else torch.float32
+    with model_files_errors(spec):
+        return _build_model(spec, auto, dtype)
+
+
+def _build_model(spec: RunSpec, auto, dtype):
+    from transformers import AutoConfig
+
     if spec.model.path is not None:
         path = resolve_path(spec.model.path, field="model.path")
         model, info = auto.from_pretrained(

@@ -15,7 +15,7 @@ import torch
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.paths import resolve_path
 from hpctrain.launcher.spec import RunSpec
-from hpctrain.trainers.model import LABELS_FILE, missing_modules, save_hf_model
+from hpctrain.trainers.model import LABELS_FILE, missing_modules, model_files_errors, save_hf_model
 
 
 def _auto(kind: str):
@@ -31,6 +31,12 @@ def load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quant
     initialized (a classifier head, BERT's pooler after MLM training). An adapter must
     train and save them, or a reload would initialize them again, differently.
     """
+
+    with model_files_errors(spec):
+        return _load_base(spec, labels, pad_id, quantize)
+
+
+def _load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quantize: bool):
     from transformers import AutoConfig
 
     ft = spec.finetune

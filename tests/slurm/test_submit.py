@@ -188,3 +188,28 @@ def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe
     assert [r["reason"] for r in status["retries"]] == ["rank 1 killed by SIGKILL on node 1"], status
     assert losses(run) == local_reference
     assert trainer_processes(run) == []
+
+
+def test_a_user_error_found_after_the_queue_is_reported_and_never_retried(tmp_path, bpe_tokenizer, bpe_corpus):
+    """The corpus is cut after `submit` validated it (a copy to scratch still running): the
+    trainer's start-up refuses it; the job ends with that one line, not requeued or retried."""
+    import os
+    import shutil
+
+    corpus = Path(shutil.copytree(bpe_corpus, tmp_path / "corpus"))
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, str(corpus), steps=10,
+                                                      retries_on_failure=1))
+    submit(spec)
+    shard = corpus / "train-00000.bin"
+    os.truncate(shard, shard.stat().st_size // 2)
+    job = job_id(run)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"), eligible=False)
+    assert st["state"] == "FAILED" and st["restarts"] == "0", st
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
+    assert f"hpctrain: error: {shard}" in log and "truncated" in log, log
+    assert "torchrun exited with code" not in log and "retry 1 of 1" not in log, log
+    status = json.loads((run / "status.json").read_text())
+    assert status["user_error"] and "retries" not in status, status
+    shown = run_cli("status", str(run)).stdout
+    assert "trainer: failed" in shown and "truncated" in shown, shown

@@ -1,0 +1,39 @@
+"""The attempt policy both launchers apply: what an attempt ended as (pure, no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
+
+USER = {"state": "failed", "reason": "data.corpora: all blend weights are zero", "user_error": True}
+
+
+@pytest.mark.parametrize(
+    ("rc", "status", "aborted", "outcome"),
+    [
+        (0, {"state": "finished", "step": 9}, False, Outcome.FINISHED),
+        (0, {"state": "preempted", "step": 4}, False, Outcome.PREEMPTED),
+        (1, {"state": "hung", "reason": "no step in 60 s"}, False, Outcome.HUNG),
+        (-9, {"state": "running"}, True, Outcome.CANCELLED),
+        # a trainer under torchrun records a user error and exits 0: never "torchrun exited with code 0"
+        (0, USER, False, Outcome.USER_ERROR),
+        (1, USER, False, Outcome.USER_ERROR),  # another rank crashed on its way out
+        (2, {}, False, Outcome.USER_ERROR),  # a trainer run without torchrun
+        (1, {"state": "running"}, False, Outcome.FAILED),
+        (0, {"state": "running"}, False, Outcome.FAILED),  # exited without saying how
+        (-9, {"state": "failed", "reason": "rank 1 killed by SIGKILL"}, False, Outcome.FAILED),
+    ],
+)
+def test_what_an_attempt_ended_as(rc, status, aborted, outcome):
+    assert attempt_outcome(rc, status, aborted) is outcome
+
+
+def test_retries_stop_at_the_budget_and_at_a_step_that_fails_twice():
+    assert retry_verdict([], 5, 2).retry
+    assert retry_verdict([3], 5, 2).retry
+    again = retry_verdict([5], 5, 2)
+    assert not again.retry and again.repeated_step and "twice in a row" in again.why
+    spent = retry_verdict([3, 5], 8, 2)
+    assert not spent.retry and "2 retries used up" in spent.why
+    assert retry_verdict([], 0, 0) == retry_verdict([], 0, 0).__class__(False)
