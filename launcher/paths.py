@@ -41,6 +41,9 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+# a tokenizer loads from one of these: its fast file, or a slow tokenizer's vocabulary
+TOKENIZER_VOCABS = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
 
 
 def tokenizer_fingerprint(path: str) -> str:

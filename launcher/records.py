@@ -16,11 +16,18 @@ def iter_records(path: str) -> Iterator[tuple[int, dict]]:
     if not p.is_file():
         raise UserError("file not found", file=path, expected="a JSONL or CSV file of examples")
     if p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            yield from enumerate(csv.DictReader(f), 2)
+        try:
+            with open(p, newline="", encoding="utf-8") as f:
+                yield from enumerate(csv.DictReader(f), 2)
+        except UnicodeDecodeError:
+            raise _not_utf8(path, _first_bad_line(p)) from None
         return
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _not_utf8(path, n) from None
             if not line.strip():
                 continue
             try:
@@ -30,3 +37,18 @@ def iter_records(path: str) -> Iterator[tuple[int, dict]]:
             if not isinstance(rec, dict):
                 raise UserError(f"line {n} is not a JSON object", file=path)
             yield n, rec
+
+
+def _first_bad_line(p: Path) -> int:
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return 0
+
+
+def _not_utf8(path: str, line: int) -> UserError:
+    return UserError(f"line {line} is not UTF-8 text", file=path,
+                     expected="a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)")

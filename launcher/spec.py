@@ -79,6 +79,13 @@ class DataSpec(_Strict):
         0, ge=0, description="DataLoader worker processes per rank (0: read in the trainer)"
     )
 
+    @model_validator(mode="after")
+    def _some_weight(self) -> DataSpec:
+        if not any(c.weight > 0 for c in self.corpora):
+            raise ValueError("every blend weight (data.corpora.N.weight) is zero: at least one "
+                             "corpus needs a weight above 0")
+        return self
+
 
 class TrainingSpec(_Strict):
     global_batch: int = Field(gt=0, description="sequences per optimizer step over all ranks")

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from hpctrain.launcher.errors import UserError, UserErrors
-from hpctrain.launcher.paths import resolve_path, tokenizer_fingerprint
+from hpctrain.launcher.model_files import check_model_type, model_dir_problems
+from hpctrain.launcher.paths import TOKENIZER_VOCABS, resolve_path, tokenizer_fingerprint
 from hpctrain.launcher.records import iter_records
 from hpctrain.launcher.spec import RunSpec
 
@@ -27,7 +28,16 @@ def _manifest(path: str, field: str, file: str | None, errors: list[UserError]) 
                 )
             )
             return None
-        return json.loads(m.read_text())
+        try:
+            manifest = json.loads(m.read_text())
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict) \
+                    or not isinstance(manifest.get("tokenizer"), dict):
+                raise ValueError("no 'splits' and 'tokenizer' objects")
+        except (ValueError, UnicodeDecodeError) as e:
+            errors.append(UserError(f"manifest.json does not parse ({str(e)[:200]})", file=str(m), field=field,
+                                    expected="the manifest `hpctrain prepare` writes (prepare the corpus again)"))
+            return None
+        return manifest
     if Path(path + ".idx").is_file() and Path(path + ".bin").is_file():
         return None  # a bare Megatron prefix: no manifest to compare
     errors.append(
@@ -177,6 +187,12 @@ def check_files(
                         expected="a Hugging Face model directory with config.json",
                     )
                 )
+            else:
+                errors += model_dir_problems(Path(model_path), file)
+        if spec.model.config is not None:
+            bad = check_model_type(spec.model.config.get("model_type"), "model.config.model_type", file)
+            if bad is not None:
+                errors.append(bad)
         tok_path = resolve_path(spec.model.tokenizer_path, field="model.tokenizer", file=file)
     except UserError as e:
         raise UserErrors([e]) from None
@@ -188,8 +204,18 @@ def check_files(
         errors.append(
             UserError(f"tokenizer directory not found ({tok_path})", file=file, field=tok_field)
         )
+    elif not any((Path(tok_path) / f).is_file() for f in TOKENIZER_VOCABS):
+        errors.append(UserError(f"no tokenizer files in {tok_path}", file=file, field=tok_field,
+                                expected=f"a Hugging Face tokenizer directory (one of {', '.join(TOKENIZER_VOCABS)})"))
     else:
         tok_hash = tokenizer_fingerprint(tok_path)
+        tok_json = Path(tok_path) / "tokenizer.json"
+        try:
+            if tok_json.is_file():
+                json.loads(tok_json.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            errors.append(UserError(f"tokenizer.json does not parse ({str(e)[:200]})", file=str(tok_json),
+                                    field=tok_field))
     vocab = _model_vocab(spec, model_path)
 
     refs = []
