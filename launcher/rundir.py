@@ -1,7 +1,8 @@
 """The run directory: frozen spec, checkpoint discovery, status. No torch here.
 
 RUN_DIR/spec.yaml              resolved spec, frozen at the first launch
-RUN_DIR/checkpoints/step_N/    complete checkpoints (meta.json inside = complete)
+RUN_DIR/checkpoints/step_N/    complete checkpoints (meta.json inside = complete; it records
+                               every file's size and crc32, checked before a resume trusts it)
 RUN_DIR/checkpoints/latest     name of the newest one (a derived view, written last)
 RUN_DIR/metrics.jsonl          one JSON line per logged step / evaluation
 RUN_DIR/status.json            running | preempted | finished | failed | stopped (the mark_* transitions below)
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+import zlib
 from pathlib import Path
 
 from hpctrain.launcher.attempt import RetryVerdict
@@ -58,6 +60,55 @@ def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         if m and (p / META).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def file_records(directory: Path) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of every file under a checkpoint folder but its meta.json:
+    what a resume checks before it trusts the checkpoint (a copy cut short, a failing disk)."""
+    out = {}
+    for f in sorted(Path(directory).rglob("*")):
+        if f.is_file() and f.name != META:
+            out[f.relative_to(directory).as_posix()] = [f.stat().st_size, file_crc32(f)]
+    return out
+
+
+def file_crc32(path: Path, chunk: int = 4 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def checkpoint_damage(path: Path, checksums: bool = True) -> str | None:
+    """Why a complete checkpoint cannot be trusted, or None when every file is as it was saved
+    (sizes always; contents with `checksums`). A checkpoint saved before files were recorded
+    is trusted as it is."""
+    try:
+        recorded = json.loads((path / META).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return f"{META} does not read ({e})"
+    for rel, (size, crc) in (recorded or {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        on_disk = f.stat().st_size
+        if on_disk != size:
+            return f"{rel} has {on_disk:,} bytes on disk, {size:,} when it was saved"
+        if checksums and file_crc32(f) != crc:
+            return f"{rel} differs from what was saved (checksum)"
+    return None
+
+
+def newest_whole_checkpoint(run_dir: str | Path, checksums: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint whose files are whole, and the newer ones skipped (with why)."""
+    skipped = []
+    for _, path in reversed(complete_checkpoints(run_dir)):
+        why = checkpoint_damage(path, checksums)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -4,7 +4,8 @@
     checkpoints/step_N/        complete: it holds meta.json, written last before the rename
       model.pt optim.pt        engine state (rank 0 for DDP; DeepSpeed writes its own files)
       rng_rank{R}.pt           every rank's RNG states
-      meta.json                step, tokens seen, sampler state, world size, time
+      meta.json                step, tokens seen, sampler state, world size, time, and each
+                               file's size and crc32 (a resume skips a checkpoint that differs)
     checkpoints/latest         "step_N" of the newest complete checkpoint
 
 Loading uses torch.load(weights_only=True): only tensors and plain containers.
@@ -30,6 +31,7 @@ from hpctrain.launcher.rundir import (
     META,
     atomic_write_text,
     complete_checkpoints,
+    file_records,
     latest_checkpoint,
 )
 
@@ -189,7 +191,8 @@ class Checkpointer:
         """Rank 0, once every file is written: meta last, rename, `latest`, prune."""
         if pause_before_commit_s:  # fault injection for tests: a window to kill a rank mid-save
             time.sleep(pause_before_commit_s)
-        atomic_write_text(tmp / META, json.dumps({**meta, "saved_at": time.time()}, indent=2))
+        files = file_records(tmp)  # every rank's files are written: sizes and checksums for resume
+        atomic_write_text(tmp / META, json.dumps({**meta, "saved_at": time.time(), "files": files}, indent=2))
         _fsync_dir(tmp)
         if final.exists():  # same step saved again (e.g. stop right after an interval save)
             shutil.rmtree(final)

@@ -29,15 +29,16 @@ import torch
 
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.rundir import (
-    latest_checkpoint,
+    CHECKPOINTS,
     mark_finished,
     mark_preempted,
     mark_running,
+    newest_whole_checkpoint,
     stop_file,
 )
 from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
 from hpctrain.trainers.checkpoint import Checkpointer, checkpoint_due, load_checkpoint
-from hpctrain.trainers.distributed import Dist, init_distributed, shutdown
+from hpctrain.trainers.distributed import Dist, from_main_rank, init_distributed, shutdown
 from hpctrain.trainers.monitor import (
     Monitor,
     PeakMemory,
@@ -231,7 +232,7 @@ class Run:
 
     def resume(self, engine, batches) -> dict:
         """Load the newest complete checkpoint (found by scanning); its meta, or {}."""
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = self.whole_checkpoint()
         if ckpt is None:
             return {}
         meta = load_checkpoint(ckpt, engine, self.d.rank)
@@ -241,6 +242,22 @@ class Run:
             f"saved by {meta['world_size']} rank(s), now {self.d.world_size})"
         )
         return meta
+
+    def whole_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose files are as saved (rank 0 checks, every rank takes its
+        answer): a damaged one is skipped and said; none whole is refused, naming the file."""
+        choice, skipped = -1, []
+        if self.d.is_main:
+            ckpt, skipped = newest_whole_checkpoint(self.run_dir)
+            for path, why in skipped:
+                self.mon.print(f"checkpoint {path.name} is damaged ({why}): skipped")
+            choice = -2 if ckpt is None and skipped else (-1 if ckpt is None else int(ckpt.name.split("_")[1]))
+        choice = from_main_rank(choice)
+        if choice == -2:
+            path, why = skipped[0] if skipped else (self.run_dir / CHECKPOINTS, "damaged")
+            raise UserError(f"no checkpoint is whole; the newest: {why}", file=str(path),
+                            hint="restore the checkpoint files, or move checkpoints/ away to start over")
+        return None if choice == -1 else self.run_dir / CHECKPOINTS / f"step_{choice:08d}"
 
     def started(self, step: int, total: int) -> None:
         if self.d.is_main:
