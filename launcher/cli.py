@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hpctrain.launcher import lock
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.fast_exit import exit_process
 
@@ -149,7 +150,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from hpctrain.launcher.local import run_local
-    from hpctrain.launcher.rundir import freeze_run_dir, latest_checkpoint, read_status
+    from hpctrain.launcher.rundir import newest_whole_checkpoint, read_status
 
     stages, future = _load_stages(args)
     _check(stages, future, args.spec)
@@ -160,17 +161,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 print(f"stage {name}: already finished ({spec.run_path})")
                 continue
             print(f"== stage {name}", flush=True)
-        spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
-        ckpt = latest_checkpoint(run_dir)
-        print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
-        rc = run_local(spec, run_dir)
+        owner = lock.process_owner("hpctrain run")
+        spec, run_dir = _hold_run_dir(spec, not args.no_resume, owner)
+        try:
+            ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
+            print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
+            rc = run_local(spec, run_dir)
+        finally:
+            lock.release(run_dir, owner)
         if rc != 0 or read_status(run_dir).get("state") != "finished":
             return rc
     return 0
 
 
+def _hold_run_dir(spec, resume: bool, owner: dict):
+    """Take the run dir's lock (refused at once while another run or job holds it), then
+    freeze the spec there; --no-resume may move the run to RUN_DIR.N, whose lock is taken."""
+    from hpctrain.launcher.rundir import freeze_run_dir
+
+    first = Path(spec.run_path)
+    lock.acquire(first, owner)
+    try:
+        spec, run_dir = freeze_run_dir(spec, resume=resume)
+    except BaseException:
+        lock.release(first, owner)
+        raise
+    if run_dir != first:
+        lock.release(first, owner)
+        lock.acquire(run_dir, owner)
+    return spec, run_dir
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from hpctrain.launcher.rundir import freeze_run_dir, latest_checkpoint
+    from hpctrain.launcher.rundir import newest_whole_checkpoint
     from hpctrain.launcher.slurm import dry_run, submit
 
     stages, future = _load_stages(args)
@@ -183,9 +206,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         return 0
     previous = None
     for name, spec in stages:
-        spec, run_dir = freeze_run_dir(spec, resume=not args.no_resume)
-        ckpt = latest_checkpoint(run_dir)
-        job = submit(spec, run_dir, dependency=f"afterok:{previous}" if previous else None)
+        owner = lock.process_owner("hpctrain submit")
+        spec, run_dir = _hold_run_dir(spec, not args.no_resume, owner)
+        ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
+        try:
+            job = submit(spec, run_dir, dependency=f"afterok:{previous}" if previous else None)
+        except BaseException:
+            lock.release(run_dir, owner)
+            raise
+        lock.hand_over(run_dir, lock.job_owner(job))  # the job, its requeues and node tasks hold it
         label = f"stage {name}: " if name else ""
         print(
             f"{label}submitted job {job}: {spec.cluster.nodes} node(s) x {spec.cluster.procs_per_node} process(es)"

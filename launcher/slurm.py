@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from hpctrain.launcher import lock
 from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.node import (
@@ -186,6 +187,8 @@ class NodeTask:
             flush=True,
         )
 
+        if env.global_rank == 0:  # the job holds the run dir (submit handed it the lock; a requeue keeps it)
+            lock.acquire(self.run_dir, lock.job_owner(job_id))
         submitit_handler = signal.getsignal(signal.SIGUSR2)
 
         def forward(signum, frame):
@@ -235,6 +238,7 @@ class NodeTask:
         status = read_status(self.run_dir)
         outcome = attempt_outcome(rc, status)
         if outcome is Outcome.FINISHED:
+            self._release(env, job_id)
             return "finished"
         if outcome is Outcome.PREEMPTED:
             if env.global_rank == 0 and not self._signalled:
@@ -244,6 +248,7 @@ class NodeTask:
             reason = status.get("reason") or "a user error (see the rank logs)"
             print(f"hpctrain: error: {reason}\nhpctrain: not requeued or retried: fix it and submit again",
                   flush=True)
+            self._release(env, job_id)
             raise UserError(reason, hint=f"rank logs under {Path(self.run_dir) / 'logs'}")
         if hasattr(self._proc, "pump"):
             self._proc.pump.join(timeout=10)
@@ -254,8 +259,14 @@ class NodeTask:
         if env.global_rank == 0 and status.get("state") not in ("failed", "hung"):  # the trainer's reason wins
             reason = root_cause(reports, nnodes, reason)
             mark_failed(self.run_dir, reason)
-            self._retry_or_give_up(job_id, reason)
+            self._retry_or_give_up(job_id, reason)  # returns only when not retrying
+        self._release(env, job_id)
         raise RuntimeError(f"{reason}; rank logs under {Path(self.run_dir) / 'logs'}")
+
+    def _release(self, env, job_id: str) -> None:
+        """The job's last attempt is over: the run dir is free for the next run or submit."""
+        if env.global_rank == 0:
+            lock.release(self.run_dir, lock.job_owner(job_id))
 
     def _retry_or_give_up(self, job_id: str, reason: str) -> None:
         """cluster.retries_on_failure: requeue the job (it resumes from the newest checkpoint)
