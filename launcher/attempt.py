@@ -7,6 +7,8 @@ An attempt is one torchrun launch. It ends as:
   hung        the watchdog stopped a run that made no progress    -> give up (not retried)
   cancelled   the user aborted it (Ctrl-C twice)                  -> give up
   user_error  a mistake in the spec or its files, found late      -> give up, exit 2 (never retried)
+  disk_full   no space left in the run dir (the trainer said so)  -> give up (a retry cannot free
+                                                                     space); resumable once freed
   failed      anything else (a crash, a killed rank)              -> retry if cluster.retries_on_failure
                                                                      allows, else give up
 """
@@ -23,6 +25,7 @@ class Outcome(enum.Enum):
     HUNG = "hung"
     CANCELLED = "cancelled"
     USER_ERROR = "user_error"
+    DISK_FULL = "disk_full"
     FAILED = "failed"
 
 
@@ -35,6 +38,8 @@ def attempt_outcome(rc: int, status: dict, aborted: bool = False) -> Outcome:
     state = status.get("state")
     if status.get("user_error") and state == "failed":
         return Outcome.USER_ERROR
+    if status.get("disk_full") and state == "failed":
+        return Outcome.DISK_FULL
     if rc == 0 and state == "finished":
         return Outcome.FINISHED
     if rc == 0 and state == "preempted":

@@ -91,6 +91,9 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
     if outcome is Outcome.CANCELLED:  # Ctrl-C twice: the user ended it without a save
         mark_cancelled(run_dir, "aborted with Ctrl-C twice (no save at the abort)")
         return 130
+    if outcome is Outcome.DISK_FULL:  # one line (it names the newest checkpoint); a retry cannot help
+        print(f"hpctrain: {status.get('reason')}", file=sys.stderr)
+        return 1
     if outcome is Outcome.USER_ERROR:  # the same command would fail the same way: no hint, no retry
         print(f"hpctrain: error: {status.get('reason', 'see the rank logs in ' + str(logs))}",
               file=sys.stderr)

@@ -163,13 +163,14 @@ def mark_finished(run_dir: str | Path, step: int, total: int, **extra) -> None:
     _write_status(run_dir, state="finished", step=step, total_steps=total, **extra)
 
 
-def mark_failed(run_dir: str | Path, reason: str, user_error: bool = False) -> None:
-    """The attempt failed: its reason and the last step it logged (not the step it started at)."""
+def mark_failed(run_dir: str | Path, reason: str, user_error: bool = False, disk_full: bool = False) -> None:
+    """The attempt failed: its reason and the last step it logged (not the step it started at).
+    `user_error` and `disk_full` mark failures that a retry would only repeat."""
     old = read_status(run_dir)
     keep = {k: old[k] for k in ("step", "total_steps") if k in old}
     keep["step"] = max(keep.get("step", 0), last_logged_step(run_dir))
-    _write_status(run_dir, **keep, state="failed", reason=reason,
-                  **({"user_error": True} if user_error else {}))
+    flags = {k: True for k, v in (("user_error", user_error), ("disk_full", disk_full)) if v}
+    _write_status(run_dir, **keep, state="failed", reason=reason, **flags)
 
 
 def record_retry(run_dir: str | Path, reason: str, step: int, scope: str = "") -> None:

@@ -244,6 +244,10 @@ class NodeTask:
             if env.global_rank == 0 and not self._signalled:
                 self._requeue_after_deadline(job_id)
             return "preempted"
+        if outcome is Outcome.DISK_FULL:  # recorded by the trainer; a requeue cannot free the space
+            print(f"hpctrain: {status.get('reason')}\nhpctrain: not requeued or retried", flush=True)
+            self._release(env, job_id)
+            raise RuntimeError(status.get("reason"))
         if outcome is Outcome.USER_ERROR:  # recorded by the trainer; a requeue would fail the same way
             reason = status.get("reason") or "a user error (see the rank logs)"
             print(f"hpctrain: error: {reason}\nhpctrain: not requeued or retried: fix it and submit again",

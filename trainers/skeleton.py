@@ -39,6 +39,12 @@ from hpctrain.launcher.rundir import (
 from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
 from hpctrain.trainers.checkpoint import Checkpointer, checkpoint_due, load_checkpoint
 from hpctrain.trainers.distributed import Dist, from_main_rank, init_distributed, shutdown
+from hpctrain.trainers.exits import (
+    disk_full_cause,
+    disk_full_exit,
+    peer_recorded_failure,
+    under_torchrun,
+)
 from hpctrain.trainers.monitor import (
     Monitor,
     PeakMemory,
@@ -114,6 +120,15 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
         train(spec, launch, d)
     except UserError as e:
         return user_error_exit(e, launch.run_dir)
+    except Exception as e:
+        full = disk_full_cause(e)
+        if full is not None:
+            return disk_full_exit(full, launch.run_dir)
+        peer = peer_recorded_failure(launch.run_dir)
+        if peer is None:
+            raise
+        print(f"hpctrain: this rank stops because a peer ended the attempt: {peer}", file=sys.stderr)
+        return 0 if under_torchrun() else 1
     finally:
         shutdown()
     return 0

@@ -20,6 +20,7 @@ USER = {"state": "failed", "reason": "data.corpora: all blend weights are zero",
         (0, USER, False, Outcome.USER_ERROR),
         (1, USER, False, Outcome.USER_ERROR),  # another rank crashed on its way out
         (2, {}, False, Outcome.USER_ERROR),  # a trainer run without torchrun
+        (0, {"state": "failed", "reason": "disk full: ...", "disk_full": True}, False, Outcome.DISK_FULL),
         (1, {"state": "running"}, False, Outcome.FAILED),
         (0, {"state": "running"}, False, Outcome.FAILED),  # exited without saying how
         (-9, {"state": "failed", "reason": "rank 1 killed by SIGKILL"}, False, Outcome.FAILED),

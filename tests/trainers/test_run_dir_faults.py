@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 
 import pytest
 
@@ -14,6 +15,7 @@ from tests.trainers.helpers import (
     clm_spec,
     last_step,
     losses,
+    send,
     start_run,
     trainer_pids,
     wait_for,
@@ -75,3 +77,62 @@ def test_a_second_run_on_a_live_run_dir_is_refused_and_a_dead_holder_is_taken_ov
     assert f"hpctrain run (pid {first.pid}" in r.stdout and "is gone (no longer running): taking it over" in r.stdout
     assert "resuming from" in r.stdout and sorted(losses(run)) == list(range(1, 41))
     assert not (run / "control" / "lock").exists()  # released at the end
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB file system of its own (tmpfs) for the run dir: it fills up for real."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the disk-full test mounts a tmpfs and needs root (CI runs as root)")
+        pytest.skip("mounting a small file system needs root")
+    mnt = tmp_path / "small disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path, leave: int) -> None:
+    """Write zeros until only `leave` bytes are free on path's file system."""
+    with open(path, "wb") as f:
+        while (free := os.statvfs(path).f_bavail * os.statvfs(path).f_frsize) > leave:
+            f.write(b"\0" * min(1 << 20, free - leave))
+            f.flush()
+
+
+def test_a_disk_that_fills_up_during_a_save(tmp_path, small_disk, bpe_tokenizer, bpe_corpus):
+    """One line naming the file system and the newest complete checkpoint, exit 1, no retry; once
+    space is freed the same command resumes from that checkpoint with the same losses."""
+    run = small_disk / "run"
+    spec = write_spec(tmp_path / "s.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus, training__steps=30,
+                                                     training__log_every=1, checkpoint__every_steps=10,
+                                                     cluster__retries_on_failure=2))
+    proc = start_run(spec)
+    wait_for(lambda: (run / "checkpoints" / "step_00000010" / "meta.json").is_file() and last_step(run) >= 11,
+             timeout=120, what="the first checkpoint")
+    ranks = trainer_pids(run)
+    send(ranks, signal.SIGSTOP)  # held still while the disk fills: the next save (step 20) finds it full
+    try:
+        assert last_step(run) < 20
+        _fill(small_disk / "filler", leave=200_000)  # room for metrics lines, not for a checkpoint
+    finally:
+        send(ranks, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, out
+    lines = [x for x in out.splitlines() if "disk full" in x]
+    assert len(lines) == 1 and str(run) in lines[0], out
+    assert "newest complete checkpoint is step 10" in lines[0] and "free space" in lines[0], out
+    assert out.splitlines()[-1] == lines[0], out  # the progress lines, then that one line: no report
+    assert "Traceback" not in out and "Error" not in out and "retry" not in out, out
+    assert not list((run / "checkpoints").glob(".step_*.tmp"))  # the failed save's folder is gone
+    first = losses(run)
+    assert trainer_pids(run) == []
+    (small_disk / "filler").unlink()
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0 and "resuming from" in r.stdout and "(step 10," in r.stdout, r.stdout + r.stderr
+    again = losses(run)
+    assert sorted(again) == list(range(1, 31))
+    assert all(again[s] == first[s] for s in first)  # the steps trained twice: the same losses

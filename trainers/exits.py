@@ -1,0 +1,67 @@
+"""How a trainer rank ends on a failure it can name (besides a user error: monitor.user_error_exit).
+
+Under torchrun a rank that exits non-zero makes torchrun print its own error report over the
+console, so a rank that has recorded why the attempt ends in status.json exits 0 and the
+launcher (local or the Slurm node task) reads the record (launcher/attempt.py).
+
+- The disk filling up: the incomplete checkpoint folder is removed (it can never be used, and
+  removing it frees the space the failed save took, so the record can be written), the status
+  says where and which checkpoint is the newest complete one; not retried (nothing frees the
+  space but the user), and the same command resumes once there is room.
+- A rank whose peer went away after recording such a reason: its own error (a collective whose
+  peer vanished) is a consequence, not a second failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hpctrain.launcher.rundir import CHECKPOINTS, latest_checkpoint, mark_failed, read_status
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The "no space left" error behind `error` (torch.save wraps it in a RuntimeError), or None."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e
+        stack += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return None
+
+
+def disk_full_exit(cause: OSError, run_dir: Path) -> int:
+    """Record a full disk (see the module docstring); returns this rank's exit code."""
+    for tmp in (Path(run_dir) / CHECKPOINTS).glob(".step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    newest = latest_checkpoint(run_dir)
+    where = f"step {int(newest.name.split('_')[1])} ({newest})" if newest else "none"
+    reason = (f"disk full: {cause.strerror or 'no space left'} on the file system of {run_dir}; the newest "
+              f"complete checkpoint is {where}: free space, then the same command resumes from it")
+    print(f"hpctrain: {reason}", file=sys.stderr, flush=True)
+    try:
+        mark_failed(run_dir, reason, disk_full=True)
+    except OSError:
+        return 1  # not even the record fits: torchrun's report is all that is left
+    return 0 if under_torchrun() else 1
+
+
+def peer_recorded_failure(run_dir: Path) -> str | None:
+    """The reason a peer recorded for ending this attempt (a user error, a full disk), if any."""
+    st = read_status(run_dir)
+    if st.get("state") == "failed" and (st.get("user_error") or st.get("disk_full")):
+        return st.get("reason", "")
+    return None
