@@ -50,6 +50,37 @@ from hpctrain.launcher.spec import RunSpec
 JOBS_FILE = "jobs.json"
 
 
+def rank_cpus_needed(spec: RunSpec) -> int:
+    """CPUs one rank keeps busy: itself and its data-loader workers."""
+    return 1 + (spec.data.num_workers if spec.data is not None else 0)
+
+
+def node_task_cpus(spec: RunSpec) -> int | None:
+    """CPUs of each node task - torchrun and every rank of the node (pure): None for the whole
+    node (exclusive jobs), else cluster.cpus_per_task or procs_per_node x cpus_per_rank.
+
+    Slurm's default is one CPU per task, and with task/affinity or task/cgroup (most clusters)
+    every rank of the node would then run on that one core."""
+    c = spec.cluster
+    if c.cpus_per_task is not None:
+        return c.cpus_per_task
+    if c.exclusive:
+        return None
+    return c.procs_per_node * (c.cpus_per_rank or rank_cpus_needed(spec))
+
+
+def cpu_notes(spec: RunSpec) -> list[str]:
+    """validate's line on the node task's CPUs, and a warning when the ranks need more."""
+    c, cpus = spec.cluster, node_task_cpus(spec)
+    per = "the whole node (exclusive: true)" if cpus is None else f"{cpus}"
+    notes = [f"CPUs per node task: {per}, split evenly among its {c.procs_per_node} rank(s)"]
+    need = c.procs_per_node * rank_cpus_needed(spec)
+    if cpus is not None and cpus < need:
+        notes.append(f"warning: {c.procs_per_node} rank(s) x (1 + data.num_workers) need {need} CPUs, "
+                     f"the node task gets {cpus}: ranks share cores (raise cluster.cpus_per_task)")
+    return notes
+
+
 def executor_parameters(spec: RunSpec) -> dict:
     """submitit SlurmExecutor parameters for a spec (pure)."""
     c = spec.cluster
@@ -63,12 +94,16 @@ def executor_parameters(spec: RunSpec) -> dict:
         # The batch shell itself would die of a USR2 that lands before srun has started the
         # tasks (Slurm then signals the batch step): ignore it there; tasks get their own.
         "setup": ["trap '' USR2"]
+        # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: say it again
+        + [f"export SRUN_CPUS_PER_TASK={cpus_line(spec)}"]
         + [f"export {k}={shlex.quote(v)}" for k, v in sorted(c.env.items())]
         + list(c.setup),
     }
-    for name in ("partition", "account", "qos", "constraint", "cpus_per_task"):
+    for name in ("partition", "account", "qos", "constraint"):
         if getattr(c, name) is not None:
             params[name] = getattr(c, name)
+    if node_task_cpus(spec) is not None:
+        params["cpus_per_task"] = node_task_cpus(spec)
     if c.gpus_per_node:
         params["gpus_per_node"] = c.gpus_per_node
     if c.mem_gb is not None:
@@ -76,6 +111,12 @@ def executor_parameters(spec: RunSpec) -> dict:
     if c.exclusive:
         params["exclusive"] = True
     return params
+
+
+def cpus_line(spec: RunSpec) -> str:
+    """What the job script gives srun as the node task's CPUs (a number, or the node's count)."""
+    cpus = node_task_cpus(spec)
+    return '"$SLURM_CPUS_ON_NODE"' if cpus is None else str(cpus)
 
 
 def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
@@ -330,9 +371,10 @@ def job_env(nproc: int) -> dict:
     """Environment of torchrun on a node: threads from the CPUs Slurm gave this node."""
     from hpctrain.launcher.local import torch_env
 
-    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    cpus = len(os.sched_getaffinity(0))  # what Slurm bound this task to (all CPUs when unbound)
     env = torch_env(nproc)
     env["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
+    env["HPCTRAIN_RANK_CPUS"] = "split"  # each rank takes its own slice (trainers/distributed.py)
     return env
 
 

@@ -178,7 +178,12 @@ class ClusterSpec(_Strict):
     exclusive: bool = Field(False, description="whole nodes for this job")
     gpus_per_node: int = Field(0, ge=0, description="GPUs requested per node (0 on CPU clusters)")
     cpus_per_task: int | None = Field(
-        None, ge=1, description="CPUs for each node task (torchrun and its ranks)"
+        None, ge=1, description="CPUs for each node task (torchrun and its ranks); default: the whole "
+        "node with exclusive: true, else procs_per_node x cpus_per_rank"
+    )
+    cpus_per_rank: int | None = Field(
+        None, ge=1, description="CPUs per trainer rank when cpus_per_task is not given (default: "
+        "1 + data.num_workers: the rank and its loader workers)"
     )
     mem_gb: float | None = Field(None, gt=0, description="memory per node in GB")
     device_memory_gb: float | None = Field(

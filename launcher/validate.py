@@ -332,6 +332,10 @@ def check_files(
             errors += e.errors
         except UserError as e:
             errors.append(e)
+    if spec.cluster.executor == "slurm":
+        from hpctrain.launcher.slurm import cpu_notes
+
+        notes += cpu_notes(spec)
     run = Path(spec.run_path)
     probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
     try:

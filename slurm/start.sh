@@ -37,8 +37,16 @@ proctrack="${HPCTRAIN_SLURM_PROCTRACK:-linuxproc}"
 case "$proctrack" in linuxproc|cgroup) ;; *)
   echo "slurm/start.sh: HPCTRAIN_SLURM_PROCTRACK must be linuxproc or cgroup, not '$proctrack'" >&2; exit 2;;
 esac
-if [ -f "$state/proctrack" ] && [ "$(cat "$state/proctrack")" != "$proctrack" ]; then
-  echo "slurm/start.sh: switching process tracking to $proctrack: restarting the Slurm daemons" >&2
+# task placement: affinity (default) binds every task to the CPUs Slurm gave it, as the
+# task/affinity and task/cgroup plugins of most clusters do; none binds nothing
+taskplugin="${HPCTRAIN_SLURM_TASK_PLUGIN:-affinity}"
+case "$taskplugin" in affinity|none) ;; *)
+  echo "slurm/start.sh: HPCTRAIN_SLURM_TASK_PLUGIN must be affinity or none, not '$taskplugin'" >&2; exit 2;;
+esac
+cpus="${HPCTRAIN_SLURM_CPUS:-2}"
+layout="proctrack/$proctrack task/$taskplugin cpus=$cpus"
+if [ "$(cat "$state/layout" 2>/dev/null)" != "$layout" ]; then
+  echo "slurm/start.sh: switching to $layout: restarting the Slurm daemons" >&2
   for name in slurmd-n1 slurmd-n2 slurmctld; do
     f="$state/run/$name.pid"
     if alive "$f"; then
@@ -47,7 +55,7 @@ if [ -f "$state/proctrack" ] && [ "$(cat "$state/proctrack")" != "$proctrack" ];
     fi
   done
 fi
-echo "$proctrack" > "$state/proctrack"
+echo "$layout" > "$state/layout"
 if [ "$proctrack" = cgroup ]; then
   cat > "$state/cgroup.conf" <<'CG'
 CgroupPlugin=cgroup/v1
@@ -62,7 +70,7 @@ fi
 conf="$state/slurm.conf"
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
 sed -e "s|@HOST@|$(hostname -s)|" -e "s|@STATE@|$state|g" -e "s|@CTLD_PORT@|${HPCTRAIN_SLURM_PORT:-16817}|" \
-    -e "s|@N1_PORT@|17001|" -e "s|@N2_PORT@|17002|" -e "s|@CPUS@|${HPCTRAIN_SLURM_CPUS:-1}|g" -e "s|@MEM@|$mem|g" \
+    -e "s|@N1_PORT@|17001|" -e "s|@N2_PORT@|17002|" -e "s|@CPUS@|$cpus|g" -e "s|@TASKPLUGIN@|$taskplugin|" -e "s|@MEM@|$mem|g" \
     -e "s|@PROCTRACK@|$proctrack|" \
     "$here/slurm.conf.template" > "$conf.new"
 mv "$conf.new" "$conf"

@@ -57,6 +57,26 @@ def init_distributed(backend: str = "auto", always_group: bool = False) -> Dist:
     return Dist(rank, world, local_rank, local_world, device, int(env.get("GROUP_RANK", 0)))
 
 
+def rank_cpu_slice(cpus: list[int], local_rank: int, local_world: int) -> list[int]:
+    """This rank's contiguous share of its node task's CPUs (pure); when they do not divide,
+    the first ranks get one more; with fewer CPUs than ranks, ranks share one each."""
+    n = len(cpus)
+    if n < local_world:
+        return [cpus[local_rank % n]]
+    base, extra = divmod(n, local_world)
+    start = local_rank * base + min(local_rank, extra)
+    return cpus[start:start + base + (local_rank < extra)]
+
+
+def bind_rank_cpus(local_rank: int, local_world: int) -> list[int]:
+    """Pin this rank (and the threads it starts from now on) to its slice of the CPUs Slurm gave
+    the node task, with as many intra-op threads: run before torch starts any thread pool."""
+    mine = rank_cpu_slice(sorted(os.sched_getaffinity(0)), local_rank, local_world)
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+    return mine
+
+
 def agree_any(flags: list[bool]) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (one all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):

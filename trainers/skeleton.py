@@ -38,7 +38,13 @@ from hpctrain.launcher.rundir import (
 )
 from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
 from hpctrain.trainers.checkpoint import Checkpointer, checkpoint_due, load_checkpoint
-from hpctrain.trainers.distributed import Dist, from_main_rank, init_distributed, shutdown
+from hpctrain.trainers.distributed import (
+    Dist,
+    bind_rank_cpus,
+    from_main_rank,
+    init_distributed,
+    shutdown,
+)
 from hpctrain.trainers.exits import (
     disk_full_cause,
     disk_full_exit,
@@ -102,6 +108,10 @@ def frozen_spec(run_dir: Path) -> RunSpec:
 def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist], str]) -> int:
     """Start one trainer rank: frozen spec, process group, train; a user error exits cleanly."""
     die_with_parent()
+    if os.environ.get("HPCTRAIN_RANK_CPUS") == "split":  # the Slurm node task's CPUs, a slice per rank
+        local = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        cpus = bind_rank_cpus(*local)
+        print(f"hpctrain: local rank {local[0]} of {local[1]} runs on CPUs {cpus}", file=sys.stderr, flush=True)
     # the environment is read here, at the entry point, and passed down as values
     launch = Launch(
         run_dir=Path(args.run_dir),

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.slurm.helpers import (
     job_id,
+    metrics_step,
     preempt,
     preempt_while_training,
     preempted_run,
@@ -20,7 +21,7 @@ from tests.slurm.helpers import (
     trainer_processes,
     wait_state,
 )
-from tests.trainers.helpers import losses, wait_for, write_spec
+from tests.trainers.helpers import losses, trainer_pids, wait_for, write_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -213,3 +214,26 @@ def test_a_user_error_found_after_the_queue_is_reported_and_never_retried(tmp_pa
     assert status["user_error"] and "retries" not in status, status
     shown = run_cli("status", str(run)).stdout
     assert "trainer: failed" in shown and "truncated" in shown, shown
+
+
+def test_each_rank_of_a_node_task_runs_on_its_own_cpus(tmp_path, bpe_tokenizer, bpe_corpus):
+    """The local cluster binds tasks (task/affinity, 2 CPUs a node): the node task asks for a CPU
+    per rank, and each of its 2 ranks - every thread of it - runs on a CPU of its own."""
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=300, nodes=1,
+                                                      procs_per_node=2))
+    submit(spec)
+    job = job_id(run)
+    wait_state(job, ("RUNNING",))
+    wait_for(lambda: metrics_step(run) >= 3, timeout=180, what="step 3")
+    allowed = {}
+    for pid in trainer_pids(run):  # the ranks (not torchrun, which keeps the task's CPUs)
+        tasks = Path(f"/proc/{pid}/task")
+        masks = {(t / "status").read_text().split("Cpus_allowed_list:")[1].split()[0] for t in tasks.iterdir()}
+        allowed[pid] = masks
+    run_cli("cancel", str(run))
+    assert len(allowed) == 2, allowed
+    assert all(len(m) == 1 for m in allowed.values()), allowed  # every thread of a rank: one mask
+    assert sorted(next(iter(m)) for m in allowed.values()) == ["0", "1"], allowed
+    logs = "\n".join(p.read_text() for p in (run / "logs").rglob("stderr.log"))
+    assert "local rank 0 of 2 runs on CPUs [0]" in logs and "local rank 1 of 2 runs on CPUs [1]" in logs
