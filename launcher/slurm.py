@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hpctrain.launcher import lock
 from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
+from hpctrain.launcher.cpus import cpus_line, node_task_cpus
 from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.node import (
     build_torchrun_command,
@@ -48,37 +49,6 @@ from hpctrain.launcher.rundir import (
 from hpctrain.launcher.spec import RunSpec
 
 JOBS_FILE = "jobs.json"
-
-
-def rank_cpus_needed(spec: RunSpec) -> int:
-    """CPUs one rank keeps busy: itself and its data-loader workers."""
-    return 1 + (spec.data.num_workers if spec.data is not None else 0)
-
-
-def node_task_cpus(spec: RunSpec) -> int | None:
-    """CPUs of each node task - torchrun and every rank of the node (pure): None for the whole
-    node (exclusive jobs), else cluster.cpus_per_task or procs_per_node x cpus_per_rank.
-
-    Slurm's default is one CPU per task, and with task/affinity or task/cgroup (most clusters)
-    every rank of the node would then run on that one core."""
-    c = spec.cluster
-    if c.cpus_per_task is not None:
-        return c.cpus_per_task
-    if c.exclusive:
-        return None
-    return c.procs_per_node * (c.cpus_per_rank or rank_cpus_needed(spec))
-
-
-def cpu_notes(spec: RunSpec) -> list[str]:
-    """validate's line on the node task's CPUs, and a warning when the ranks need more."""
-    c, cpus = spec.cluster, node_task_cpus(spec)
-    per = "the whole node (exclusive: true)" if cpus is None else f"{cpus}"
-    notes = [f"CPUs per node task: {per}, split evenly among its {c.procs_per_node} rank(s)"]
-    need = c.procs_per_node * rank_cpus_needed(spec)
-    if cpus is not None and cpus < need:
-        notes.append(f"warning: {c.procs_per_node} rank(s) x (1 + data.num_workers) need {need} CPUs, "
-                     f"the node task gets {cpus}: ranks share cores (raise cluster.cpus_per_task)")
-    return notes
 
 
 def executor_parameters(spec: RunSpec) -> dict:
@@ -111,12 +81,6 @@ def executor_parameters(spec: RunSpec) -> dict:
     if c.exclusive:
         params["exclusive"] = True
     return params
-
-
-def cpus_line(spec: RunSpec) -> str:
-    """What the job script gives srun as the node task's CPUs (a number, or the node's count)."""
-    cpus = node_task_cpus(spec)
-    return '"$SLURM_CPUS_ON_NODE"' if cpus is None else str(cpus)
 
 
 def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
@@ -373,7 +337,8 @@ def job_env(nproc: int) -> dict:
 
     cpus = len(os.sched_getaffinity(0))  # what Slurm bound this task to (all CPUs when unbound)
     env = torch_env(nproc)
-    env["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
+    # a rank's slice of them, unless the user set a count (cluster.env, or the submitting shell)
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, cpus // nproc))
     env["HPCTRAIN_RANK_CPUS"] = "split"  # each rank takes its own slice (trainers/distributed.py)
     return env
 

@@ -333,7 +333,7 @@ def check_files(
         except UserError as e:
             errors.append(e)
     if spec.cluster.executor == "slurm":
-        from hpctrain.launcher.slurm import cpu_notes
+        from hpctrain.launcher.cpus import cpu_notes
 
         notes += cpu_notes(spec)
     run = Path(spec.run_path)

@@ -56,6 +56,7 @@ if [ "$(cat "$state/layout" 2>/dev/null)" != "$layout" ]; then
   done
 fi
 echo "$layout" > "$state/layout"
+echo "$proctrack" > "$state/proctrack"
 if [ "$proctrack" = cgroup ]; then
   cat > "$state/cgroup.conf" <<'CG'
 CgroupPlugin=cgroup/v1

@@ -70,10 +70,10 @@ def rank_cpu_slice(cpus: list[int], local_rank: int, local_world: int) -> list[i
 
 def bind_rank_cpus(local_rank: int, local_world: int) -> list[int]:
     """Pin this rank (and the threads it starts from now on) to its slice of the CPUs Slurm gave
-    the node task, with as many intra-op threads: run before torch starts any thread pool."""
+    the node task: run before torch starts any thread pool. The node task's OMP_NUM_THREADS
+    (its CPUs / ranks, unless the user set one) sizes the intra-op pool (init_distributed)."""
     mine = rank_cpu_slice(sorted(os.sched_getaffinity(0)), local_rank, local_world)
     os.sched_setaffinity(0, mine)
-    torch.set_num_threads(len(mine))
     return mine
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hpctrain.launcher.slurm import cpu_notes, executor_parameters, node_task_cpus
+from hpctrain.launcher.cpus import cpu_notes, node_task_cpus
+from hpctrain.launcher.slurm import executor_parameters
 from hpctrain.launcher.spec import spec_from_dict
 from hpctrain.trainers.distributed import rank_cpu_slice
 from tests.conftest import run_cli

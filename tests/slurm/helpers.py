@@ -88,8 +88,10 @@ def trainer_processes(run_dir: Path) -> list[int]:
 
 def slurm_spec(run_dir: Path, tok: str, corpus: str, steps: int = 40, **cluster) -> dict:
     spec = clm_spec(run_dir, tok, corpus, training__steps=steps)
+    # both CPUs of a node and one thread: the two "nodes" of the local cluster share this machine's
+    # cores, and task/affinity would put both ranks on CPU 0; one thread as in the local reference
     spec["cluster"] = {"executor": "slurm", "nodes": 2, "procs_per_node": 1, "time_min": 10,
-                       "max_requeues": 3, **cluster}
+                       "max_requeues": 3, "cpus_per_task": 2, "env": {"OMP_NUM_THREADS": "1"}, **cluster}
     return spec
 
 

@@ -221,7 +221,7 @@ def test_each_rank_of_a_node_task_runs_on_its_own_cpus(tmp_path, bpe_tokenizer, 
     per rank, and each of its 2 ranks - every thread of it - runs on a CPU of its own."""
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=300, nodes=1,
-                                                      procs_per_node=2))
+                                                      procs_per_node=2, cpus_per_task=None, env={}))
     submit(spec)
     job = job_id(run)
     wait_state(job, ("RUNNING",))
