@@ -59,8 +59,14 @@ def disk_full_exit(cause: OSError, run_dir: Path) -> int:
     return 0 if under_torchrun() else 1
 
 
-def peer_recorded_failure(run_dir: Path) -> str | None:
-    """The reason a peer recorded for ending this attempt (a user error, a full disk), if any."""
+def peer_recorded_failure(run_dir: Path, since: float) -> str | None:
+    """The reason a peer recorded for ending this attempt (a user error, a full disk), if any:
+    only a record written after `since` (this rank's start), never the last attempt's."""
+    try:
+        if (Path(run_dir) / "status.json").stat().st_mtime < since:
+            return None
+    except OSError:
+        return None
     st = read_status(run_dir)
     if st.get("state") == "failed" and (st.get("user_error") or st.get("disk_full")):
         return st.get("reason", "")

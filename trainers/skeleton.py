@@ -108,6 +108,7 @@ def frozen_spec(run_dir: Path) -> RunSpec:
 def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist], str]) -> int:
     """Start one trainer rank: frozen spec, process group, train; a user error exits cleanly."""
     die_with_parent()
+    started = time.time()
     if os.environ.get("HPCTRAIN_RANK_CPUS") == "split":  # the Slurm node task's CPUs, a slice per rank
         local = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cpus = bind_rank_cpus(*local)
@@ -134,7 +135,7 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
         full = disk_full_cause(e)
         if full is not None:
             return disk_full_exit(full, launch.run_dir)
-        peer = peer_recorded_failure(launch.run_dir)
+        peer = peer_recorded_failure(launch.run_dir, since=started)
         if peer is None:
             raise
         print(f"hpctrain: this rank stops because a peer ended the attempt: {peer}", file=sys.stderr)
