@@ -317,12 +317,15 @@ class NodeTask:
 def root_cause(reports: Path, nnodes: int, mine: str, wait_s: float = 10.0) -> str:
     """The failure to report for the job: every node task writes what its torchrun saw; a rank
     killed by a signal is the cause and the others' errors its consequence (their peers
-    vanished), so a "killed by" report wins, else node 0's own."""
+    vanished), so a "killed by" report wins, else node 0's own. A rank that aborted itself
+    (SIGABRT: the communication library's reaction to a vanished peer) is a consequence too
+    when another rank was killed from outside."""
     end = time.time() + wait_s
     while len(list(reports.iterdir())) < nnodes and time.time() < end:
         time.sleep(0.2)
     seen = [p.read_text().strip() for p in sorted(reports.iterdir())]
-    return next((r for r in seen if "killed by" in r), mine)
+    killed = [r for r in seen if "killed by" in r]
+    return next((r for r in killed if "SIGABRT" not in r), killed[0] if killed else mine)
 
 
 def _wait(proc) -> None:

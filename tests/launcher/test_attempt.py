@@ -38,3 +38,16 @@ def test_retries_stop_at_the_budget_and_at_a_step_that_fails_twice():
     spent = retry_verdict([3, 5], 8, 2)
     assert not spent.retry and "2 retries used up" in spent.why
     assert retry_verdict([], 0, 0) == retry_verdict([], 0, 0).__class__(False)
+
+
+def test_the_job_reports_the_rank_killed_from_outside(tmp_path):
+    from hpctrain.launcher.slurm import root_cause
+
+    (tmp_path / "node0").write_text("rank 0 killed by SIGABRT on node 0\n")  # aborted: its peer vanished
+    (tmp_path / "node1").write_text("rank 1 killed by SIGKILL on node 1\n")
+    assert root_cause(tmp_path, 2, "rank 0 killed by SIGABRT on node 0", wait_s=0) == "rank 1 killed by SIGKILL on node 1"
+    (tmp_path / "node1").write_text("rank 1 exited with code 1 on node 1\n")
+    assert root_cause(tmp_path, 2, "x", wait_s=0) == "rank 0 killed by SIGABRT on node 0"
+    for f in tmp_path.iterdir():
+        f.write_text("rank 0 exited with code 1\n")
+    assert root_cause(tmp_path, 2, "mine", wait_s=0) == "mine"
