@@ -123,13 +123,29 @@ _ROOT_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
 def failure_reason(rc: int, stderr_tail: list[str], node: int | None = None) -> str:
     """One line for status.json: which rank failed first and how, from torchrun's summary
-    ("Root Cause (first observed failure)": rank, exitcode; negative = killed by a signal)."""
+    ("Root Cause (first observed failure)": rank, exitcode; negative = killed by a signal).
+
+    A rank killed from outside (SIGKILL, SIGTERM...) listed among the other failures wins over
+    a root cause that aborted itself (SIGABRT): a rank whose peer vanished can die of abort at
+    exit ("terminate called without an active exception") before torchrun sees the killed one.
+    """
     where = f" on node {node}" if node is not None else ""
-    lines = stderr_tail[next((i for i, x in enumerate(stderr_tail) if "Root Cause" in x), 0):]
-    rank = next((int(m.group(1)) for x in lines if (m := _ROOT_RANK.match(x))), None)
-    code = next((int(m.group(1)) for x in lines if (m := _ROOT_EXIT.match(x))), None)
-    if rank is None or code is None:
+    start = next((i for i, x in enumerate(stderr_tail) if "Failures:" in x or "Root Cause" in x), 0)
+    ranks = [int(m.group(1)) for x in stderr_tail[start:] if (m := _ROOT_RANK.match(x))]
+    codes = [int(m.group(1)) for x in stderr_tail[start:] if (m := _ROOT_EXIT.match(x))]
+    failures = list(zip(ranks, codes, strict=False))
+    root_at = next((i for i, x in enumerate(stderr_tail) if "Root Cause" in x), None)
+    root = None
+    if root_at is not None:
+        r = next((int(m.group(1)) for x in stderr_tail[root_at:] if (m := _ROOT_RANK.match(x))), None)
+        c = next((int(m.group(1)) for x in stderr_tail[root_at:] if (m := _ROOT_EXIT.match(x))), None)
+        root = (r, c) if r is not None and c is not None else None
+    root = root or (failures[0] if failures else None)
+    if root is None:
         return f"torchrun exited with code {rc}{where}"
+    if root[1] == -signal.SIGABRT:
+        root = next(((r, c) for r, c in failures if c < 0 and c != -signal.SIGABRT), root)
+    rank, code = root
     if code < 0:
         try:
             how = f"killed by {signal.Signals(-code).name}"

@@ -51,3 +51,38 @@ def test_the_job_reports_the_rank_killed_from_outside(tmp_path):
     for f in tmp_path.iterdir():
         f.write_text("rank 0 exited with code 1\n")
     assert root_cause(tmp_path, 2, "mine", wait_s=0) == "mine"
+
+
+SUMMARY = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+hpctrain.trainers.pretrain FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-01_23:59:01
+  host      : vm
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4243)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4243
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_23:59:01
+  host      : vm
+  rank      : 0 (local_rank: 0)
+  exitcode  : -6 (pid: 4242)
+  error_file: <N/A>
+  traceback : Signal 6 (SIGABRT) received by PID 4242
+============================================================""".splitlines()
+
+
+def test_torchruns_summary_names_the_rank_killed_from_outside():
+    from hpctrain.launcher.node import failure_reason
+
+    assert failure_reason(1, SUMMARY) == "rank 1 killed by SIGKILL"  # not the rank that aborted after it
+    alone = [x.replace("-9 (pid", "1 (pid") for x in SUMMARY]  # the other rank exited with an error
+    assert failure_reason(1, alone) == "rank 0 killed by SIGABRT"
+    root_only = SUMMARY[SUMMARY.index("Root Cause (first observed failure):"):]
+    assert failure_reason(1, root_only, node=0) == "rank 0 killed by SIGABRT on node 0"
+    assert failure_reason(3, ["no summary"]) == "torchrun exited with code 3"
