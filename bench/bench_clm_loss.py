@@ -25,7 +25,7 @@ def one(way: str, vocab: int, seq: int, batch: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.trainers.pretrain import Objective
 
     torch.manual_seed(0)

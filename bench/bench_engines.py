@@ -58,8 +58,8 @@ def spec_for(root: Path, name: str, engine: dict, args) -> dict:
 
 
 def measure(root: Path, name: str, engine: dict, args) -> dict:
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.launcher.plan import chosen_name, estimates, load_bytes, model_size
-    from hpctrain.launcher.spec import spec_from_dict
 
     raw = spec_for(root, name, engine, args)
     path = root / f"{name}.yaml"

@@ -84,7 +84,7 @@ def hf(root: Path, cfg: dict, seq: int) -> dict:
         TrainingArguments,
     )
 
-    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.launcher.contract.corpus import open_corpus
     from hpctrain.trainers.data.sampler import PackedSource, SampleOrder
 
     src = PackedSource(open_corpus(build_corpus(root)).split(), seq)

@@ -52,7 +52,7 @@ def main() -> None:
         args.seq = 64
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.trainers.pretrain import Objective
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

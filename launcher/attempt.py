@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
+
+from hpctrain.launcher.contract.states import State, mark_failed
 
 
 class Outcome(enum.Enum):
@@ -36,15 +39,15 @@ def attempt_outcome(rc: int, status: dict, aborted: bool = False) -> Outcome:
     non-zero exit would bury its message); a trainer run without torchrun exits 2.
     """
     state = status.get("state")
-    if status.get("user_error") and state == "failed":
+    if status.get("user_error") and state == State.FAILED:
         return Outcome.USER_ERROR
-    if status.get("disk_full") and state == "failed":
+    if status.get("disk_full") and state == State.FAILED:
         return Outcome.DISK_FULL
-    if rc == 0 and state == "finished":
+    if rc == 0 and state == State.FINISHED:
         return Outcome.FINISHED
-    if rc == 0 and state == "preempted":
+    if rc == 0 and state == State.PREEMPTED:
         return Outcome.PREEMPTED
-    if state == "hung":
+    if state == State.HUNG:
         return Outcome.HUNG
     if rc != 0 and aborted:
         return Outcome.CANCELLED
@@ -74,3 +77,9 @@ def retry_verdict(failed_steps: list[int], step: int, allowed: int) -> RetryVerd
             f"{allowed} retr{'y' if allowed == 1 else 'ies'} used up (cluster.retries_on_failure)"
             if allowed else ""))
     return RetryVerdict(True)
+
+
+def give_up(run_dir: str | Path, verdict: RetryVerdict, reason: str) -> None:
+    """Record a verdict not to retry: a step that failed twice in a row joins the failure's reason."""
+    if verdict.repeated_step:
+        mark_failed(run_dir, f"{reason}; {verdict.why}")

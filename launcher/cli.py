@@ -2,9 +2,11 @@
 
     hpctrain prepare 'raw/*.jsonl' --field text --tokenizer TOK --out corpus/x --workers 4
     hpctrain corpus inspect corpus/x
+    hpctrain validate SPEC | plan SPEC | run SPEC | submit SPEC | status RUN_DIR
 
-No torch and no trainers import at module level: `hpctrain --help` must start
-instantly on a login node. Each verb imports what it needs when it runs.
+No torch at module level: `hpctrain --help` must start instantly on a login node, and each
+verb imports what it needs when it runs. The trainers and tools are reached through a
+command line only (torchrun, or `python -m` for merge, eval and the tool verbs).
 """
 
 from __future__ import annotations
@@ -14,56 +16,19 @@ import sys
 from pathlib import Path
 
 from hpctrain.launcher import lock
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.fast_exit import exit_process
-
-EXIT_USER_ERROR = 2
-
-
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from hpctrain.launcher.paths import resolve_path
-    from hpctrain.tools.prepare import PrepareOptions, prepare_corpus
-
-    opts = PrepareOptions(
-        inputs=args.inputs,
-        tokenizer=resolve_path(args.tokenizer, field="--tokenizer"),
-        out=args.out,
-        format=args.format,
-        field=args.field,
-        text_mode=args.text_mode,
-        workers=args.workers,
-        shard_tokens=args.shard_tokens,
-        valid_fraction=args.valid_fraction,
-        seed=args.seed,
-        eos_token=args.eos_token,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    manifest = prepare_corpus(opts)
-    for name, split in manifest["splits"].items():
-        print(
-            f"  {name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {len(split['shards'])} shard(s)"
-        )
-    print(f"corpus written to {args.out}  (inspect: hpctrain corpus inspect {args.out})")
-    return 0
-
-
-def _cmd_corpus_inspect(args: argparse.Namespace) -> int:
-    from hpctrain.tools.inspect_corpus import inspect_corpus
-
-    print(inspect_corpus(args.path, samples=args.samples, tokenizer=args.tokenizer))
-    return 0
+from hpctrain.launcher.contract.errors import run_command
+from hpctrain.launcher.contract.fast_exit import exit_process
 
 
 def _load_stages(args: argparse.Namespace):
     """[(stage name or None, spec)] for a single-run spec or a pipeline, plus exports to come."""
-    from hpctrain.launcher.pipeline import is_pipeline, load_pipeline, produced_paths
-    from hpctrain.launcher.spec import (
+    from hpctrain.launcher.contract.spec import (
         apply_overrides,
         load_spec_dict,
         spec_from_dict,
         with_absolute_paths,
     )
+    from hpctrain.launcher.pipeline import is_pipeline, load_pipeline, produced_paths
 
     data = load_spec_dict(args.spec)
     if is_pipeline(data):
@@ -74,7 +39,7 @@ def _load_stages(args: argparse.Namespace):
 
 
 def _check(stages, future, file) -> list[list[str]]:
-    from hpctrain.launcher.errors import UserErrors
+    from hpctrain.launcher.contract.errors import UserErrors
     from hpctrain.launcher.validate import check_files
 
     notes, errors = [], []
@@ -149,14 +114,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
+    from hpctrain.launcher.contract.states import State, read_status
     from hpctrain.launcher.local import run_local
-    from hpctrain.launcher.rundir import newest_whole_checkpoint, read_status
 
     stages, future = _load_stages(args)
     _check(stages, future, args.spec)
     for name, spec in stages:
         if name is not None:
-            done = read_status(spec.run_path).get("state") == "finished"
+            done = read_status(spec.run_path).get("state") == State.FINISHED
             if done and not args.no_resume:
                 print(f"stage {name}: already finished ({spec.run_path})")
                 continue
@@ -169,7 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             rc = run_local(spec, run_dir)
         finally:
             lock.release(run_dir, owner)
-        if rc != 0 or read_status(run_dir).get("state") != "finished":
+        if rc != 0 or read_status(run_dir).get("state") != State.FINISHED:
             return rc
     return 0
 
@@ -177,7 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _hold_run_dir(spec, resume: bool, owner: dict):
     """Take the run dir's lock (refused at once while another run or job holds it), then
     freeze the spec there; --no-resume may move the run to RUN_DIR.N, whose lock is taken."""
-    from hpctrain.launcher.rundir import freeze_run_dir
+    from hpctrain.launcher.contract.rundir import freeze_run_dir
 
     first = Path(spec.run_path)
     lock.acquire(first, owner)
@@ -193,7 +159,7 @@ def _hold_run_dir(spec, resume: bool, owner: dict):
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from hpctrain.launcher.rundir import newest_whole_checkpoint
+    from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
     from hpctrain.launcher.slurm import dry_run, submit
 
     stages, future = _load_stages(args)
@@ -227,11 +193,41 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trainer_tool(*args: str) -> int:
-    """merge/eval run in a trainer process (the launcher itself never imports torch)."""
+def run_module(module: str, *args: str) -> int:
+    """`python -m MODULE ARGS` in this interpreter; its exit code. The CLI reaches the trainers
+    and tools only through a command line: it never imports torch or their code. Ctrl-C
+    reaches the child too (one process group): the child reports it, not this process."""
+    import signal
     import subprocess
 
-    return subprocess.call([sys.executable, "-m", "hpctrain.trainers.finetune", *args])
+    proc = subprocess.Popen([sys.executable, "-m", module, *args])
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _trainer_tool(*args: str) -> int:
+    """merge/eval run in a trainer process (the launcher itself never imports torch)."""
+    return run_module("hpctrain.trainers.finetune", *args)
+
+
+# verbs that are tools of their own (tools/): their options are theirs, so `hpctrain VERB ...`
+# hands everything after the verb to `python -m MODULE`
+TOOL_VERBS = {
+    ("prepare",): "hpctrain.tools.prepare",
+    ("corpus", "inspect"): "hpctrain.tools.inspect_corpus",
+    ("tokenizer", "train"): "hpctrain.tools.train_tokenizer",
+}
+
+
+def tool_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(module, its arguments) when `argv` names a tool verb."""
+    for words, module in TOOL_VERBS.items():
+        if tuple(argv[: len(words)]) == words:
+            return module, argv[len(words):]
+    return None
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -240,14 +236,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     return _trainer_tool("--eval", args.run_dir, "--data", args.data)
-
-
-def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from hpctrain.tools.train_tokenizer import train_tokenizer
-
-    out = train_tokenizer(args.inputs, args.out, args.vocab_size)
-    print(f"tokenizer written to {out}")
-    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -266,7 +254,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         print("hpctrain: error: W&B is not installed (bash tools/setup.sh examples,wandb)", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - W&B's own errors (no key, unreachable): one line
-        from hpctrain.launcher.errors import UserError, UserErrors
+        from hpctrain.launcher.contract.errors import UserError, UserErrors
 
         if isinstance(e, (UserError, UserErrors)):
             raise
@@ -315,45 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    pr = sub.add_parser("prepare", help="tokenize raw text into a Megatron-format token corpus")
-    pr.add_argument(
-        "inputs", nargs="+", help="input files or globs (text, jsonl, csv, parquet, datasets dir)"
-    )
-    pr.add_argument(
-        "--tokenizer",
-        required=True,
-        help="local Hugging Face tokenizer directory (or pkg:PACKAGE/dir)",
-    )
-    pr.add_argument("--out", required=True, help="output corpus directory")
-    pr.add_argument(
-        "--format", default="auto", help="auto | text | jsonl | csv | parquet | datasets"
-    )
-    pr.add_argument(
-        "--field", default="text", help="JSON field / column holding the text (default: text)"
-    )
-    pr.add_argument(
-        "--text-mode", default="line", help="plain text: 'line' (a document per line) or 'file'"
-    )
-    pr.add_argument(
-        "--workers", type=int, default=1, help="tokenizer processes (output is identical for any N)"
-    )
-    pr.add_argument(
-        "--shard-tokens", type=int, default=1_000_000_000, help="tokens per shard (default 1e9)"
-    )
-    pr.add_argument(
-        "--valid-fraction", type=float, default=0.0, help="share of documents for validation"
-    )
-    pr.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
-    pr.add_argument(
-        "--eos-token",
-        default=None,
-        help="token appended after each document (default: EOS, else SEP)",
-    )
-    pr.add_argument(
-        "--overwrite", action="store_true", help="replace a different corpus already at --out"
-    )
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.set_defaults(func=_cmd_prepare)
+    sub.add_parser("prepare", help="tokenize raw text into a Megatron-format token corpus", add_help=False)
 
     va = sub.add_parser(
         "validate", help="check a spec and everything it points at, without running"
@@ -430,34 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tk_sub = tk.add_subparsers(dest="tokenizer_verb", metavar="ACTION", required=True)
-    tt = tk_sub.add_parser("train", help="train a byte-level BPE tokenizer on text files (HF format)")
-    tt.add_argument("inputs", nargs="+")
-    tt.add_argument("--out", required=True)
-    tt.add_argument("--vocab-size", type=int, default=2000)
-    tt.set_defaults(func=_cmd_tokenizer_train)
+    tk_sub.add_parser("train", help="train a byte-level BPE tokenizer on text files (HF format)", add_help=False)
 
     co = sub.add_parser("corpus", help="look at a token corpus")
     co_sub = co.add_subparsers(dest="corpus_verb", metavar="ACTION", required=True)
-    ins = co_sub.add_parser("inspect", help="counts, dtype, tokenizer, samples, length histogram")
-    ins.add_argument("path", help="corpus directory or Megatron .bin/.idx prefix")
-    ins.add_argument("--samples", type=int, default=3, help="documents to decode and show")
-    ins.add_argument(
-        "--tokenizer", default=None, help="tokenizer to decode with (default: the manifest's)"
-    )
-    ins.set_defaults(func=_cmd_corpus_inspect)
+    co_sub.add_parser("inspect", help="counts, dtype, tokenizer, samples, length histogram", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    tool = tool_command(argv)
+    if tool is not None:
+        return run_module(tool[0], *tool[1])
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"hpctrain: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("hpctrain: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 def entry() -> None:

@@ -8,7 +8,7 @@ The node task asks for what its ranks need; each rank then pins itself to its ow
 
 from __future__ import annotations
 
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.contract.spec import RunSpec
 
 
 def rank_cpus_needed(spec: RunSpec) -> int:

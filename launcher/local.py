@@ -6,18 +6,17 @@ import os
 import sys
 from pathlib import Path
 
-from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
-from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
-from hpctrain.launcher.rundir import (
-    aborted,
-    give_up,
+from hpctrain.launcher.attempt import Outcome, attempt_outcome, give_up, retry_verdict
+from hpctrain.launcher.contract.rundir import RunDir, aborted, next_free_path
+from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.launcher.contract.states import (
+    State,
     mark_cancelled,
     mark_failed,
-    next_free_path,
     read_status,
     record_retry,
 )
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
 
 
 def torch_env(nproc: int) -> dict:
@@ -99,7 +98,7 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
               file=sys.stderr)
         return 2
     reason = failure_reason(rc, tail)
-    if status.get("state") != "failed":  # a reason the trainer recorded itself wins
+    if status.get("state") != State.FAILED:  # a reason the trainer recorded itself wins
         mark_failed(run_dir, reason)
     print(f"hpctrain: training failed: {reason} (torchrun exit code {rc}) at step "
           f"{read_status(run_dir).get('step', 0)}; rank logs: {logs}", file=sys.stderr)
@@ -111,7 +110,7 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
 
 def next_attempt_logs(run_dir: Path) -> Path:
     """RUN_DIR/logs/local.N for this launch (N counts launches: every attempt keeps its logs)."""
-    return next_free_path(Path(run_dir) / "logs" / "local")
+    return next_free_path(RunDir(run_dir).local_logs)
 
 
 def failure_tails(logs: Path, n: int = 15) -> list[tuple[Path, list[str]]]:

@@ -16,14 +16,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.rundir import RunDir
 
 LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED",
                    "CONFIGURING", "COMPLETING", "RESIZING", "STAGE_OUT", "SIGNALING"}
 
 
 def lock_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "control" / "lock"
+    return RunDir(run_dir).lock
 
 
 def process_owner(what: str) -> dict:

@@ -10,7 +10,7 @@ import re
 import struct
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

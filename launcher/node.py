@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from hpctrain.launcher.rundir import stop_file
+from hpctrain.launcher.contract.rundir import RunDir
 
 PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -159,9 +159,9 @@ def failure_reason(rc: int, stderr_tail: list[str], node: int | None = None) -> 
 def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, log=print,
                  stderr_tail: list[str] | None = None) -> int:
     """Run torchrun to completion, turning signals into a stop request; returns its exit code."""
-    stop = stop_file(run_dir)
+    stop, aborted = RunDir(run_dir).stop_file, RunDir(run_dir).aborted_file
     stop.unlink(missing_ok=True)  # a stop request belongs to one launch only
-    stop.with_name("aborted").unlink(missing_ok=True)
+    aborted.unlink(missing_ok=True)
     requests = {"n": 0}
     proc: subprocess.Popen | None = None
 
@@ -174,7 +174,7 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
             log(f"hpctrain: {name}: asking the trainers to checkpoint and stop (again to abort)")
         elif signum == signal.SIGINT and proc is not None:
             log("hpctrain: aborting; the last complete checkpoint is kept")
-            stop.with_name("aborted").write_text(name + "\n")
+            aborted.write_text(name + "\n")
             os.killpg(proc.pid, signal.SIGKILL)
 
     old = {s: signal.signal(s, on_signal) for s in FORWARDED}

@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError, UserErrors
-from hpctrain.launcher.spec import (
+from hpctrain.launcher.contract.errors import UserError, UserErrors
+from hpctrain.launcher.contract.rundir import RunDir
+from hpctrain.launcher.contract.spec import (
     RunSpec,
     apply_overrides,
     parse_override,
@@ -95,7 +96,7 @@ def load_pipeline(data: dict, file: str, overrides: list[str]) -> list[tuple[str
                 errors.append(UserError(f"'{model_path}' names no earlier stage", file=file,
                                         field=f"stages.{i}.model.path", expected=f"one of {names[:i]}"))
                 continue
-            body["model"]["path"] = str(Path(root) / ref / "export")
+            body["model"]["path"] = str(RunDir(Path(root) / ref).export)
         try:
             out.append((sname, spec_from_dict(body, file)))
         except UserErrors as e:
@@ -109,4 +110,4 @@ def load_pipeline(data: dict, file: str, overrides: list[str]) -> list[tuple[str
 
 def produced_paths(stages: list[tuple[str, RunSpec]]) -> set[str]:
     """Exports that earlier stages will write (not there yet at validation time)."""
-    return {str(Path(s.run_path) / "export") for _, s in stages}
+    return {str(RunDir(s.run_path).export) for _, s in stages}

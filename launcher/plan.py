@@ -40,22 +40,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpctrain.launcher.paths import resolve_path
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.contract.errors import EXIT_USER_ERROR, UserError
+from hpctrain.launcher.contract.model_size import ModelSize
+from hpctrain.launcher.contract.spec import RunSpec, spec_to_yaml
 
 FIT_FRACTION = 0.9
 GiB = 2**30
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    total: int
-    trainable: int
-    quantized: int  # frozen parameters held in 4 bits (QLoRA)
-    largest_layer: int
-    hidden: int
-    layers: int
-    vocab: int
 
 
 @dataclass(frozen=True)
@@ -71,55 +61,20 @@ class Estimate:
         return self.states + self.activations
 
 
-def _config(spec: RunSpec):
-    from transformers import AutoConfig
-
-    if spec.model.path is not None:
-        return AutoConfig.from_pretrained(resolve_path(spec.model.path, field="model.path"), local_files_only=True)
-    cfg = dict(spec.model.config)
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-
-
 def model_size(spec: RunSpec) -> ModelSize:
-    """Parameter counts from the model's config, built on the meta device (nothing allocated)."""
-    import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-    )
+    """Parameter counts from the trainers' model factory, on the meta device (nothing allocated),
+    in a subprocess: the launcher reaches the trainers through a command line only."""
+    import subprocess
+    import sys
 
-    config = _config(spec)
-    ft = spec.finetune if spec.task == "finetune" else None
-    if ft is None:
-        auto = AutoModelForCausalLM if spec.objective.type == "clm" else AutoModelForMaskedLM
-    else:
-        auto = AutoModelForCausalLM if ft.kind == "sft" else AutoModelForSequenceClassification
-        if ft.kind == "classify":
-            config.num_labels = len(ft.labels) if ft.labels else 2  # the head is tiny either way
-    with torch.device("meta"):
-        model = auto.from_config(config)
-        linear_frozen = 0
-        if ft is not None and ft.method in ("lora", "qlora"):
-            from hpctrain.trainers.peft_model import apply_lora
-
-            if ft.method == "qlora":  # bitsandbytes quantizes the linear layers but the output head
-                linear_frozen = sum(m.weight.numel() for n, m in model.named_modules()
-                                    if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
-            lora_spec = spec.model_copy(update={"finetune": ft.model_copy(update={"method": "lora"})})
-            model = apply_lora(model, lora_spec)
-    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
-    leaf = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
-    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0)  # noqa: E731
-    return ModelSize(
-        total=sum(p.numel() for p in params),
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        quantized=linear_frozen,
-        largest_layer=max(leaf, default=0),
-        hidden=get("hidden_size", "n_embd", "d_model"),
-        layers=get("num_hidden_layers", "n_layer"),
-        vocab=get("vocab_size"),
-    )
+    r = subprocess.run([sys.executable, "-m", "hpctrain.trainers.model_size"], input=spec_to_yaml(spec),
+                       capture_output=True, text=True)
+    if r.returncode == EXIT_USER_ERROR:
+        message = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "the model does not build"
+        raise UserError(message.removeprefix("hpctrain: error: "))
+    if r.returncode != 0:
+        raise RuntimeError(f"counting the model's parameters failed:\n{r.stderr.strip()[-3000:]}")
+    return ModelSize.from_json(r.stdout.strip().splitlines()[-1])
 
 
 def activation_bytes(spec: RunSpec, m: ModelSize) -> float:

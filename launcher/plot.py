@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.rundir import metrics_records
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.rundir import RunDir, metrics_records
 
 
 def series(run_dir: Path) -> dict:
     """{step-keyed columns, restarts} from metrics.jsonl."""
-    f = Path(run_dir) / "metrics.jsonl"
+    f = RunDir(run_dir).metrics
     if not f.is_file():
         raise UserError("no metrics.jsonl (has the run started?)", file=str(run_dir))
     rows: dict[int, dict] = {}

@@ -29,26 +29,24 @@ import time
 from pathlib import Path
 
 from hpctrain.launcher import lock
-from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
+from hpctrain.launcher.attempt import Outcome, attempt_outcome, give_up, retry_verdict
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
+from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.launcher.contract.states import (
+    State,
+    mark_failed,
+    mark_stopped,
+    read_status,
+    record_retry,
+)
 from hpctrain.launcher.cpus import cpus_line, node_task_cpus
-from hpctrain.launcher.errors import UserError
 from hpctrain.launcher.node import (
     build_torchrun_command,
     failure_reason,
     show_command,
     start_torchrun,
 )
-from hpctrain.launcher.rundir import (
-    atomic_write_text,
-    give_up,
-    mark_failed,
-    mark_stopped,
-    read_status,
-    record_retry,
-)
-from hpctrain.launcher.spec import RunSpec
-
-JOBS_FILE = "jobs.json"
 
 
 def executor_parameters(spec: RunSpec) -> dict:
@@ -87,7 +85,7 @@ def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
     import submitit
 
     ex = submitit.SlurmExecutor(
-        folder=run_dir / "slurm",
+        folder=RunDir(run_dir).slurm,
         max_num_timeout=spec.cluster.max_requeues,
         # start through hpctrain.launcher.slurm_entry so that an early USR2 is caught, not fatal
         python=f"{shlex.quote(sys.executable)} -u -m hpctrain.launcher.slurm_entry",
@@ -175,7 +173,7 @@ class NodeTask:
 
     def stop_path(self, job_id: str) -> Path:
         # one stop file per attempt: a stale request can never stop the next attempt
-        return Path(self.run_dir) / "control" / f"stop-{job_id}.{_restart_count()}"
+        return RunDir(self.run_dir).slurm_stop_file(job_id, _restart_count())
 
     def __call__(self) -> str:
         import submitit
@@ -224,7 +222,7 @@ class NodeTask:
             deadline=job_end_time(job_id),
             stop_file=str(stop),
             log_dir=str(
-                Path(self.run_dir) / "logs" / f"job{job_id}.{_restart_count()}" / f"node{node}"
+                RunDir(self.run_dir).node_logs(job_id, _restart_count(), node)
             ),
         )
         tail: list[str] = []
@@ -258,19 +256,19 @@ class NodeTask:
             print(f"hpctrain: error: {reason}\nhpctrain: not requeued or retried: fix it and submit again",
                   flush=True)
             self._release(env, job_id)
-            raise UserError(reason, hint=f"rank logs under {Path(self.run_dir) / 'logs'}")
+            raise UserError(reason, hint=f"rank logs under {RunDir(self.run_dir).logs}")
         if hasattr(self._proc, "pump"):
             self._proc.pump.join(timeout=10)
         reason = failure_reason(rc, tail, node)
-        reports = Path(self.run_dir) / "control" / f"failure-{job_id}.{_restart_count()}"
+        reports = RunDir(self.run_dir).failure_reports(job_id, _restart_count())
         reports.mkdir(parents=True, exist_ok=True)
         atomic_write_text(reports / f"node{node}", reason + "\n")
-        if env.global_rank == 0 and status.get("state") not in ("failed", "hung"):  # the trainer's reason wins
+        if env.global_rank == 0 and status.get("state") not in (State.FAILED, State.HUNG):  # the trainer's reason wins
             reason = root_cause(reports, nnodes, reason)
             mark_failed(self.run_dir, reason)
             self._retry_or_give_up(job_id, reason)  # returns only when not retrying
         self._release(env, job_id)
-        raise RuntimeError(f"{reason}; rank logs under {Path(self.run_dir) / 'logs'}")
+        raise RuntimeError(f"{reason}; rank logs under {RunDir(self.run_dir).logs}")
 
     def _release(self, env, job_id: str) -> None:
         """The job's last attempt is over: the run dir is free for the next run or submit."""
@@ -307,7 +305,7 @@ class NodeTask:
 
         if self._proc is not None:
             _wait(self._proc)
-            if read_status(self.run_dir).get("state") == "finished":
+            if read_status(self.run_dir).get("state") == State.FINISHED:
                 return None  # nothing left to do: no requeue
         return submitit.helpers.DelayedSubmission(
             NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module, self.retries_on_failure)
@@ -355,7 +353,7 @@ def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
         job = ex.submit(task)
     except Exception as e:  # sbatch said no: a user-facing problem (partition, account, limits)
         raise UserError(f"sbatch refused the job: {e}", field="cluster") from None
-    jobs_file = run_dir / "slurm" / JOBS_FILE
+    jobs_file = RunDir(run_dir).jobs_file
     jobs = json.loads(jobs_file.read_text()) if jobs_file.is_file() else []
     jobs.append({"job_id": job.job_id, "submitted_at": time.time(), "dependency": dependency})
     atomic_write_text(jobs_file, json.dumps(jobs, indent=2))
@@ -372,7 +370,7 @@ def dry_run(spec: RunSpec, run_dir: Path) -> str:
         node_rank=0,
         rdzv_endpoint="FIRST_NODE:PORT",
         run_id="jobJOBID",
-        stop_file=str(run_dir / "control" / "stop-JOBID.N"),
+        stop_file=str(RunDir(run_dir).slurm_stop_file("JOBID", "N")),
         python=sys.executable,
     )
     return (
@@ -382,7 +380,7 @@ def dry_run(spec: RunSpec, run_dir: Path) -> str:
 
 
 def jobs_of(run_dir: Path) -> list[dict]:
-    f = Path(run_dir) / "slurm" / JOBS_FILE
+    f = RunDir(run_dir).jobs_file
     return json.loads(f.read_text()) if f.is_file() else []
 
 

@@ -7,13 +7,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.rundir import latest_checkpoint, metrics_records, read_status
+from hpctrain.launcher.contract.checkpoints import latest_checkpoint
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.rundir import RunDir, metrics_records
+from hpctrain.launcher.contract.states import State, read_status
 
 
 def _require_run_dir(run_dir: str) -> Path:
     p = Path(run_dir)
-    if not (p / "spec.yaml").is_file():
+    if not RunDir(p).spec_file.is_file():
         raise UserError(
             "not a run directory (no spec.yaml)",
             file=str(p),
@@ -29,7 +31,7 @@ def last_metrics(run_dir: Path) -> dict:
 
 def rank_logs(run_dir: Path) -> list[Path]:
     """stderr/stdout files of every rank of the newest attempt (torchrun --log-dir layout)."""
-    root = run_dir / "logs"
+    root = RunDir(run_dir).logs
     if not root.is_dir():
         return []
     attempts = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
@@ -82,7 +84,7 @@ def status_text(run_dir: str) -> str:
             speed.append(f"MFU {m['mfu']:.1%}")
         elif m.get("tflops_per_device"):
             speed.append(f"{m['tflops_per_device']:.3g} TFLOP/s per device")
-        if state == "running" and m.get("step_time_s") and st.get("total_steps"):
+        if state == State.RUNNING and m.get("step_time_s") and st.get("total_steps"):
             left = (st["total_steps"] - m["step"]) * m["step_time_s"]
             speed.append(f"ETA {int(left) // 3600}:{int(left) // 60 % 60:02d}:{int(left) % 60:02d}")
         if m.get("restarts"):
@@ -95,7 +97,7 @@ def status_text(run_dir: str) -> str:
     ck = latest_checkpoint(run)
     lines.append(f"newest checkpoint: {ck if ck else 'none'}")
     lines += wandb_lines(run)
-    if state == "failed":
+    if state == State.FAILED:
         for log in rank_logs(run):
             if log.name == "stderr.log":
                 lines.append(f"--- last lines of {log}")
@@ -111,7 +113,7 @@ def node_logs(run_dir: str, node: int = 0) -> list[Path]:
     if not jobs:
         raise UserError("no Slurm job was submitted from this run dir", file=str(run))
     job = jobs[-1]["job_id"]
-    return [run / "slurm" / f"{job}_{node}_log.out", run / "slurm" / f"{job}_{node}_log.err"]
+    return [RunDir(run).slurm / f"{job}_{node}_log.out", RunDir(run).slurm / f"{job}_{node}_log.err"]
 
 
 def follow(paths: list[Path], follow_: bool) -> None:
@@ -136,7 +138,7 @@ def cancel(run_dir: str) -> list[str]:
     if not ids:
         raise UserError("no Slurm job was submitted from this run dir", file=str(run))
     subprocess.run(["scancel", *ids], check=False)
-    from hpctrain.launcher.rundir import mark_cancelled
+    from hpctrain.launcher.contract.states import mark_cancelled
 
     mark_cancelled(run, f"cancelled with hpctrain cancel (scancel {' '.join(ids)})")
     return ids
@@ -144,7 +146,7 @@ def cancel(run_dir: str) -> list[str]:
 
 def wandb_lines(run: Path) -> list[str]:
     """The W&B run of this run dir, and what is left to upload."""
-    from hpctrain.launcher.rundir import WANDB_ID_FILE
+    from hpctrain.launcher.contract.rundir import WANDB_ID_FILE
     from hpctrain.launcher.wandb_files import SYNCED_FILE, offline_segments
 
     if not (run / WANDB_ID_FILE).is_file():

@@ -7,17 +7,18 @@ import os
 import tempfile
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError, UserErrors
+from hpctrain.launcher.contract.corpus import MANIFEST
+from hpctrain.launcher.contract.errors import UserError, UserErrors
+from hpctrain.launcher.contract.paths import TOKENIZER_VOCABS, resolve_path, tokenizer_fingerprint
+from hpctrain.launcher.contract.records import iter_records
+from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.launcher.model_files import check_model_type, model_dir_problems
-from hpctrain.launcher.paths import TOKENIZER_VOCABS, resolve_path, tokenizer_fingerprint
-from hpctrain.launcher.records import iter_records
-from hpctrain.launcher.spec import RunSpec
 
 
 def _manifest(path: str, field: str, file: str | None, errors: list[UserError]) -> dict | None:
     p = Path(path)
     if p.is_dir():
-        m = p / "manifest.json"
+        m = p / MANIFEST
         if not m.is_file():
             errors.append(
                 UserError(
@@ -127,7 +128,7 @@ def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], 
         return notes, None
     n_train = len(train)
     if ft.valid_file is None:
-        from hpctrain.trainers.data.sampler import split_indices  # numpy only: the trainer's split
+        from hpctrain.launcher.contract.split import split_indices  # the trainer's split
 
         held = len(split_indices(n_train, ft.valid_fraction, spec.training.seed)[1])
         n_train -= held
@@ -234,15 +235,15 @@ def check_files(
         m = _manifest(path, field, file, errors)
         if path not in checked and (m is not None or Path(path + ".idx").is_file()):
             checked.add(path)
-            # the data layer's stat-only shard check (numpy, no torch)
-            from hpctrain.trainers.data.corpus import corpus_problems
+            # the corpus format's stat-only shard check (numpy, no torch)
+            from hpctrain.launcher.contract.corpus import corpus_problems
 
             for e in corpus_problems(path, m):
                 e.field = e.field or field
                 errors.append(e)
         if m is None:
             if field.startswith("data.corpora") and Path(path + ".idx").is_file():
-                from hpctrain.trainers.data.indexed import FormatError, shard_counts
+                from hpctrain.launcher.contract.indexed import FormatError, shard_counts
 
                 try:
                     train_tokens[field] = shard_counts(path)[0]
@@ -321,7 +322,7 @@ def check_files(
     if spec.engine.type == "deepspeed":
         import importlib.util
 
-        from hpctrain.launcher.ds_config import build_ds_config
+        from hpctrain.launcher.contract.ds_config import build_ds_config
 
         if importlib.util.find_spec("deepspeed") is None:
             errors.append(UserError("DeepSpeed is not installed", file=file, field="engine.type",

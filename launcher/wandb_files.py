@@ -125,12 +125,12 @@ def sync(run_dir: Path, offline: bool = False, log=print) -> int:
     (replaced as a whole on every call), which a plain `wandb sync PATH` uploads as one run.
     Returns the number of steps written.
     """
-    from hpctrain.launcher.errors import UserError
-    from hpctrain.launcher.rundir import WANDB_ID_FILE, atomic_write_text
-    from hpctrain.launcher.spec import load_spec_dict, spec_from_dict
+    from hpctrain.launcher.contract.errors import UserError
+    from hpctrain.launcher.contract.rundir import WANDB_ID_FILE, RunDir, atomic_write_text
+    from hpctrain.launcher.contract.spec import load_spec_dict, spec_from_dict
 
     run_dir = Path(run_dir)
-    frozen = run_dir / "spec.yaml"
+    frozen = RunDir(run_dir).spec_file
     if not frozen.is_file():
         raise UserError("not a run directory (no spec.yaml)", file=str(run_dir))
     if not (run_dir / WANDB_ID_FILE).is_file():

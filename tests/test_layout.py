@@ -14,3 +14,61 @@ def test_no_file_points_outside_the_project():
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     outside = [f for f in files if any(ref in (REPO / f).read_text(errors="replace") for ref in OUTSIDE)]
     assert outside == []
+
+
+def _imports(path) -> list[str]:
+    """Every module a file imports, at module level or inside a function."""
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def _violations(folder: str, allowed, exclude: str | None = None) -> dict[str, list[str]]:
+    out = {}
+    for f in sorted((REPO / folder).rglob("*.py")):
+        rel = f.relative_to(REPO).as_posix()
+        if exclude and rel.startswith(exclude):
+            continue
+        bad = [m for m in _imports(f) if not allowed(m)]
+        if bad:
+            out[rel] = bad
+    return out
+
+
+CONTRACT = "hpctrain.launcher.contract"
+
+
+def _is(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_contract_imports_nothing_of_the_project_and_no_torch():
+    def allowed(m):
+        if _is(m, "hpctrain"):
+            return _is(m, CONTRACT)
+        return not any(_is(m, heavy) for heavy in ("torch", "transformers", "deepspeed", "peft"))
+
+    assert _violations("launcher/contract", allowed) == {}
+
+
+def test_the_launcher_reaches_trainers_and_tools_only_through_a_command_line():
+    def allowed(m):
+        return not (_is(m, "hpctrain.trainers") or _is(m, "hpctrain.tools"))
+
+    assert _violations("launcher", allowed, exclude="launcher/contract/") == {}
+
+
+def test_trainers_and_tools_import_only_the_contract_from_the_launcher():
+    def allowed(m):
+        return not _is(m, "hpctrain.launcher") or _is(m, CONTRACT)
+
+    assert _violations("trainers", allowed) == {}
+    assert _violations("tools", allowed) == {}
+    assert _violations("trainers", lambda m: not _is(m, "hpctrain.tools")) == {}
+    assert _violations("tools", lambda m: not _is(m, "hpctrain.trainers")) == {}

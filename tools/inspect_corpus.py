@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import numpy as np
 
-from hpctrain.trainers.data.corpus import open_corpus
+from hpctrain.launcher.contract.corpus import open_corpus
+from hpctrain.launcher.contract.errors import run_command
 
 
 def length_histogram(lengths: np.ndarray, bins: int = 8, width: int = 40) -> list[str]:
@@ -82,3 +86,17 @@ def inspect_corpus(
                 f"  doc {i} ({len(ids)} tokens): {text[:chars]}{'...' if len(text) > chars else ''}"
             )
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hpctrain corpus inspect",
+                                 description="counts, dtype, tokenizer, samples, length histogram")
+    ap.add_argument("path", help="corpus directory or Megatron .bin/.idx prefix")
+    ap.add_argument("--samples", type=int, default=3, help="documents to decode and show")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: the manifest's)")
+    args = ap.parse_args(argv)
+    return run_command(lambda: print(inspect_corpus(args.path, samples=args.samples, tokenizer=args.tokenizer)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

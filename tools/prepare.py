@@ -12,6 +12,7 @@ complete: an interrupted prepare leaves no corpus that looks finished.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import json
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.paths import TOKENIZER_FILES, tokenizer_fingerprint
-from hpctrain.trainers.data.corpus import MANIFEST, MANIFEST_FORMAT
-from hpctrain.trainers.data.indexed import IndexedWriter, token_dtype
+from hpctrain.launcher.contract.corpus import MANIFEST, MANIFEST_FORMAT
+from hpctrain.launcher.contract.errors import UserError, run_command
+from hpctrain.launcher.contract.indexed import IndexedWriter, token_dtype
+from hpctrain.launcher.contract.paths import TOKENIZER_FILES, resolve_path, tokenizer_fingerprint
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "datasets")
 BATCH_DOCS = 256
@@ -273,7 +274,7 @@ def _tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def valid_mask(doc_indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Seeded, order-independent choice of validation documents by document index."""
-    from hpctrain.trainers.data.sampler import seeded_fraction_mask
+    from hpctrain.launcher.contract.split import seeded_fraction_mask
 
     return seeded_fraction_mask(doc_indices, fraction, seed)
 
@@ -556,3 +557,76 @@ def _publish(stage: Path, out: Path) -> None:
         os.close(fd)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    opts = PrepareOptions(
+        inputs=args.inputs,
+        tokenizer=resolve_path(args.tokenizer, field="--tokenizer"),
+        out=args.out,
+        format=args.format,
+        field=args.field,
+        text_mode=args.text_mode,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+        eos_token=args.eos_token,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    manifest = prepare_corpus(opts)
+    for name, split in manifest["splits"].items():
+        print(
+            f"  {name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {len(split['shards'])} shard(s)"
+        )
+    print(f"corpus written to {args.out}  (inspect: hpctrain corpus inspect {args.out})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    pr = argparse.ArgumentParser(prog="hpctrain prepare",
+                                 description="tokenize raw text into a Megatron-format token corpus")
+    pr.add_argument(
+        "inputs", nargs="+", help="input files or globs (text, jsonl, csv, parquet, datasets dir)"
+    )
+    pr.add_argument(
+        "--tokenizer",
+        required=True,
+        help="local Hugging Face tokenizer directory (or pkg:PACKAGE/dir)",
+    )
+    pr.add_argument("--out", required=True, help="output corpus directory")
+    pr.add_argument(
+        "--format", default="auto", help="auto | text | jsonl | csv | parquet | datasets"
+    )
+    pr.add_argument(
+        "--field", default="text", help="JSON field / column holding the text (default: text)"
+    )
+    pr.add_argument(
+        "--text-mode", default="line", help="plain text: 'line' (a document per line) or 'file'"
+    )
+    pr.add_argument(
+        "--workers", type=int, default=1, help="tokenizer processes (output is identical for any N)"
+    )
+    pr.add_argument(
+        "--shard-tokens", type=int, default=1_000_000_000, help="tokens per shard (default 1e9)"
+    )
+    pr.add_argument(
+        "--valid-fraction", type=float, default=0.0, help="share of documents for validation"
+    )
+    pr.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
+    pr.add_argument(
+        "--eos-token",
+        default=None,
+        help="token appended after each document (default: EOS, else SEP)",
+    )
+    pr.add_argument(
+        "--overwrite", action="store_true", help="replace a different corpus already at --out"
+    )
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = pr.parse_args(argv)
+    return run_command(lambda: _prepare(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError, run_command
 
 SPECIAL = ["<|endoftext|>", "<pad>"]
 
@@ -28,3 +30,17 @@ def train_tokenizer(inputs: list[str], out: str, vocab_size: int = 2000) -> str:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[1])
     fast.save_pretrained(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hpctrain tokenizer train",
+                                 description="train a byte-level BPE tokenizer on text files (HF format)")
+    ap.add_argument("inputs", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--vocab-size", type=int, default=2000)
+    args = ap.parse_args(argv)
+    return run_command(lambda: print(f"tokenizer written to {train_tokenizer(args.inputs, args.out, args.vocab_size)}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,5 @@
-"""Checkpoints: complete or invisible, `latest` written last, last K kept.
-
-    checkpoints/.step_N.tmp/   being written (ignored by every reader)
-    checkpoints/step_N/        complete: it holds meta.json, written last before the rename
-      model.pt optim.pt        engine state (rank 0 for DDP; DeepSpeed writes its own files)
-      rng_rank{R}.pt           every rank's RNG states
-      meta.json                step, tokens seen, sampler state, world size, time, and each
-                               file's size and crc32 (a resume skips a checkpoint that differs)
-    checkpoints/latest         "step_N" of the newest complete checkpoint
+"""Saving and loading checkpoints: complete or invisible, `latest` written last, last K kept.
+The layout and the meta record are the contract's (launcher/contract/checkpoints.py).
 
 Loading uses torch.load(weights_only=True): only tensors and plain containers.
 """
@@ -26,14 +19,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpctrain.launcher.rundir import (
+from hpctrain.launcher.contract.checkpoints import (
     CHECKPOINTS,
+    LATEST,
     META,
-    atomic_write_text,
     complete_checkpoints,
     file_records,
     latest_checkpoint,
+    rng_file,
+    step_name,
+    unfinished_name,
 )
+from hpctrain.launcher.contract.rundir import atomic_write_text
 
 __all__ = ["Checkpointer", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
 
@@ -139,13 +136,13 @@ class Checkpointer:
     def save(self, step: int, engine, meta: dict, pause_before_commit_s: float = 0.0) -> Saved:
         self.wait()  # one save at a time
         t0 = time.perf_counter()
-        final, tmp = self.root / f"step_{step:08d}", self.root / f".step_{step:08d}.tmp"
+        final, tmp = self.root / step_name(step), self.root / unfinished_name(step)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
             tmp.mkdir()
         _barrier()
-        save_tensor_file(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        save_tensor_file(rng_state(), tmp / rng_file(self.rank))
         meta = {**meta, "step": step}
         host = getattr(engine, "host_state", None) if self.background else None
         files = host(self.rank) if host else None
@@ -198,7 +195,7 @@ class Checkpointer:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(self.root)
-        atomic_write_text(self.root / "latest", final.name + "\n")
+        atomic_write_text(self.root / LATEST, final.name + "\n")
         for _, old in complete_checkpoints(self.run_dir)[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -226,9 +223,7 @@ def load_checkpoint(path: Path, engine, rank: int) -> dict:
     """Restore engine state and this rank's RNG; returns meta (step, tokens, sampler...)."""
     meta = json.loads((path / META).read_text())
     engine.load(path)
-    rng_file = path / f"rng_rank{rank}.pt"
-    if (
-        rng_file.is_file()
-    ):  # a different world size has no state for new ranks: they keep their seed
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    rng = path / rng_file(rank)
+    if rng.is_file():  # a different world size has no state for new ranks: they keep their seed
+        set_rng_state(torch.load(rng, weights_only=True))
     return meta

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.checkpoint import save_tensor_file
 
 
@@ -76,7 +76,7 @@ def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
     ]
     groups = [g for g in groups if g["params"]]
     if spec.engine.type == "deepspeed":
-        from hpctrain.launcher.ds_config import build_ds_config
+        from hpctrain.launcher.contract.ds_config import build_ds_config
         from hpctrain.trainers.engine_deepspeed import DeepSpeedEngine, offloaded_adamw
 
         ds_config = build_ds_config(spec, dist_info.world_size)

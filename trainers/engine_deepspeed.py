@@ -6,7 +6,7 @@ What differs from DDP, and why (docs/cluster-notes.md, DeepSpeed):
   the window's end): so our `backward` does both and our `step` only reads the norm.
 - The optimizer and LR schedule are ours (fused AdamW, warmup + decay), handed to
   DeepSpeed as client objects; batch sizes, clipping and precision come from the spec
-  (launcher/ds_config.py).
+  (launcher/contract/ds_config.py).
 - `save_checkpoint` is collective (every rank writes its shards, same tag) and goes
   into our atomic `step_N/` folder; `universal_checkpoint_info` rides in the client
   state so the checkpoint can be converted for another data-parallel size.
@@ -16,7 +16,6 @@ What differs from DDP, and why (docs/cluster-notes.md, DeepSpeed):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from hpctrain.launcher.contract.checkpoints import CheckpointMeta
 
 DS_TAG = "ds"  # one DeepSpeed tag per step_N/ folder: our folder names the step
 UNIVERSAL_TAG = "ds_universal"  # its conversion for another data-parallel size
@@ -137,7 +138,7 @@ class DeepSpeedEngine:
     def load(self, directory: Path) -> None:
         """Load a checkpoint; one saved by another number of ranks is converted to DeepSpeed's
         universal format first (once, kept beside it) and loaded from there."""
-        saved_by = json.loads((Path(directory) / "meta.json").read_text())["world_size"]
+        saved_by = CheckpointMeta.read(Path(directory)).world_size
         tag = DS_TAG
         if saved_by != self.world_size:
             tag = self._universal(Path(directory))

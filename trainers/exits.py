@@ -20,7 +20,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from hpctrain.launcher.rundir import CHECKPOINTS, latest_checkpoint, mark_failed, read_status
+from hpctrain.launcher.contract.checkpoints import CHECKPOINTS, latest_checkpoint
+from hpctrain.launcher.contract.rundir import RunDir
+from hpctrain.launcher.contract.states import State, mark_failed, read_status
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -63,11 +65,11 @@ def peer_recorded_failure(run_dir: Path, since: float) -> str | None:
     """The reason a peer recorded for ending this attempt (a user error, a full disk), if any:
     only a record written after `since` (this rank's start), never the last attempt's."""
     try:
-        if (Path(run_dir) / "status.json").stat().st_mtime < since:
+        if RunDir(run_dir).status.stat().st_mtime < since:
             return None
     except OSError:
         return None
     st = read_status(run_dir)
-    if st.get("state") == "failed" and (st.get("user_error") or st.get("disk_full")):
+    if st.get("state") == State.FAILED and (st.get("user_error") or st.get("disk_full")):
         return st.get("reason", "")
     return None

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.fast_exit import exit_process
-from hpctrain.launcher.paths import resolve_path
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.fast_exit import exit_process
+from hpctrain.launcher.contract.paths import resolve_path
+from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.data.examples import (
     ExampleDataset,
     label_names,
@@ -48,7 +48,13 @@ from hpctrain.trainers.model import (
     quiet_libraries,
 )
 from hpctrain.trainers.monitor import format_eta
-from hpctrain.trainers.peft_model import build_model, export, load_exported, merge, parameter_report
+from hpctrain.trainers.peft_model import (
+    build_finetune_model,
+    export,
+    load_exported,
+    merge,
+    parameter_report,
+)
 from hpctrain.trainers.skeleton import (
     Launch,
     Run,
@@ -151,8 +157,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     tok = load_tokenizer(spec)
     train_set, valid_set, labels, notes = load_examples(spec, tok)
     mon.print(notes)
-    model = build_model(spec, labels, train_set.pad_id)
-    new = getattr(model, "hpctrain_new_modules", [])
+    built = build_finetune_model(spec, labels, train_set.pad_id)
+    model, new = built.model, built.new_modules
     if new:
         why = "a new task head, trained" + (" and saved with the adapter" if ft.method != "full" else "")
         mon.print(fresh_modules_note(new, why))

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading shared by both trainers."""
+"""The model factory and tokenizer loading both trainers (and `hpctrain plan`) use; HF export."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.paths import resolve_path
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.paths import resolve_path
+from hpctrain.launcher.contract.spec import RunSpec
 
 LABELS_FILE = "labels.json"
 
@@ -46,35 +47,99 @@ def model_files_errors(spec: RunSpec):
         raise UserError(str(e).strip().splitlines()[0][:400], file=spec.model.path, field=field) from e
 
 
-def build_model(spec: RunSpec):
-    """The pretraining model: from `model.path` (pretrained) or `model.config` (from scratch).
+@dataclass
+class BuiltModel:
+    """A model as the factory made it, and the modules the checkpoint lacked, which start
+    fresh (an MLM head missing from an encoder checkpoint, a classifier head, BERT's pooler):
+    reported once on the console, and trained and saved with an adapter (a reload would
+    otherwise initialize them again, differently)."""
 
-    Sets `model.hpctrain_new_modules`: modules the checkpoint lacked and that start fresh
-    (an MLM head missing from an encoder checkpoint), reported once on the console.
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    auto = AutoModelForCausalLM if spec.objective.type == "clm" else AutoModelForMaskedLM
-    dtype = torch.bfloat16 if spec.model.dtype == "bf16" else torch.float32
-    with model_files_errors(spec):
-        return _build_model(spec, auto, dtype)
+    model: torch.nn.Module
+    new_modules: list[str]
 
 
-def _build_model(spec: RunSpec, auto, dtype):
+def auto_class(spec: RunSpec):
+    """The transformers Auto class of this run (the contract's `RunSpec.model_class`)."""
+    import transformers
+
+    return getattr(transformers, spec.model_class)
+
+
+def model_config(spec: RunSpec, **overrides):
+    """The model's config: the checkpoint's (`model.path`) or the spec's (`model.config`)."""
     from transformers import AutoConfig
 
     if spec.model.path is not None:
         path = resolve_path(spec.model.path, field="model.path")
-        model, info = auto.from_pretrained(
-            path, dtype=dtype, local_files_only=True, output_loading_info=True
-        )
-        model.hpctrain_new_modules = missing_modules(info)
-        return model
+        return AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
     cfg = dict(spec.model.config)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = auto.from_config(config, dtype=dtype)
-    model.hpctrain_new_modules = []
-    return model
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg, **overrides)
+
+
+def label_overrides(labels: list[str] | None) -> dict:
+    """Config fields of a classification head over `labels`."""
+    if labels is None:
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)}}
+
+
+def weights_dtype(spec: RunSpec) -> dict:
+    """Pretraining keeps its weights in `model.dtype`; fine-tuning in the checkpoint loader's
+    default (fp32: LoRA's adapters and QLoRA's compute dtype are fp32)."""
+    if spec.task == "finetune":
+        return {}
+    return {"dtype": torch.bfloat16 if spec.model.dtype == "bf16" else torch.float32}
+
+
+def build_model(spec: RunSpec, labels: list[str] | None = None, pad_id: int | None = None,
+                quantize: bool = False) -> BuiltModel:
+    """The model of a run: from `model.path` (pretrained) or `model.config` (from scratch), with
+    the run's Auto class, a classification head over `labels`, 4-bit NF4 linear weights when
+    `quantize` (QLoRA). The one model factory: the trainers and `hpctrain plan` build through it."""
+    with model_files_errors(spec):
+        return _build_model(spec, labels, pad_id, quantize)
+
+
+def _build_model(spec: RunSpec, labels, pad_id, quantize) -> BuiltModel:
+    auto, kw = auto_class(spec), {**label_overrides(labels), **weights_dtype(spec)}
+    if spec.model.path is not None:
+        path = resolve_path(spec.model.path, field="model.path")
+        if quantize:
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
+        model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
+        built = BuiltModel(model, missing_modules(info))
+        if quantize:
+            keep_4bit_layout(model)
+    else:
+        dtype = kw.pop("dtype", None)
+        model = auto.from_config(model_config(spec, **kw), **({"dtype": dtype} if dtype else {}))
+        built = BuiltModel(model, [])
+    if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id  # sequence classification finds the last token by it
+    return built
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX-512 BF16, a `Linear4bit` whose input needs no gradient and that is in eval
+    mode (our validation pass) rewrites its weight in place into a blocked layout and from then on
+    computes through a kernel that has no backward: the training steps after the first evaluation
+    pass no gradient through the frozen base (measured: the input's gradient is None), and under
+    ZeRO-3 the rewritten tensor is not the one DeepSpeed partitioned, so the next gather hands
+    back the old layout and saving fails ("packed_weight should be [N, K/2]"). Without the
+    repack, evaluation computes the function that is trained, as on every other CPU and GPU.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # the switch Linear4bit.forward reads
 
 
 def missing_modules(loading_info: dict) -> list[str]:

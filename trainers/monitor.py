@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from hpctrain.launcher.rundir import mark_failed
+from hpctrain.launcher.contract.rundir import RunDir
+from hpctrain.launcher.contract.states import mark_failed
 
 
 def user_error_exit(error: Exception, run_dir: str | Path | None) -> int:
@@ -44,7 +45,7 @@ class Monitor:
         self.enabled = enabled
         self.echo_to_log = echo_to_log  # stdout is the console only: copy lines to the rank log
         self.sinks = sinks or []
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._file = open(RunDir(run_dir).metrics, "a") if enabled else None  # noqa: SIM115
 
     def log(self, record: dict, to_sinks: bool = True) -> None:
         """A record to metrics.jsonl and (unless `to_sinks` is False) to every sink."""

@@ -12,87 +12,20 @@ from pathlib import Path
 
 import torch
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.paths import resolve_path
-from hpctrain.launcher.spec import RunSpec
-from hpctrain.trainers.model import LABELS_FILE, missing_modules, model_files_errors, save_hf_model
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.trainers.model import LABELS_FILE, BuiltModel, auto_class, build_model, save_hf_model
 
 
-def _auto(kind: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForCausalLM if kind == "sft" else AutoModelForSequenceClassification
-
-
-def load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quantize: bool):
-    """The base model for a fine-tuning run (4-bit NF4 when `quantize`).
-
-    Sets `model.hpctrain_new_modules`: modules the checkpoint lacked and that were freshly
-    initialized (a classifier head, BERT's pooler after MLM training). An adapter must
-    train and save them, or a reload would initialize them again, differently.
-    """
-
-    with model_files_errors(spec):
-        return _load_base(spec, labels, pad_id, quantize)
-
-
-def _load_base(spec: RunSpec, labels: list[str] | None, pad_id: int | None, quantize: bool):
-    from transformers import AutoConfig
-
-    ft = spec.finetune
-    kw: dict = {}
-    if ft.kind == "classify":
-        kw.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                  label2id={n: i for i, n in enumerate(labels)})
-    if spec.model.path is not None:
-        path = resolve_path(spec.model.path, field="model.path")
-        if quantize:
-            from transformers import BitsAndBytesConfig
-
-            kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
-        model, info = _auto(ft.kind).from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
-        model.hpctrain_new_modules = missing_modules(info)
-        if quantize:
-            keep_4bit_layout(model)
-    else:
-        cfg = dict(spec.model.config)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg, **kw)
-        model = _auto(ft.kind).from_config(config)
-        model.hpctrain_new_modules = []
-    if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = pad_id  # sequence classification finds the last token by it
-    return model
-
-
-def keep_4bit_layout(model) -> None:
-    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
-
-    On a CPU with AVX-512 BF16, a `Linear4bit` whose input needs no gradient and that is in eval
-    mode (our validation pass) rewrites its weight in place into a blocked layout and from then on
-    computes through a kernel that has no backward: the training steps after the first evaluation
-    pass no gradient through the frozen base (measured: the input's gradient is None), and under
-    ZeRO-3 the rewritten tensor is not the one DeepSpeed partitioned, so the next gather hands
-    back the old layout and saving fails ("packed_weight should be [N, K/2]"). Without the
-    repack, evaluation computes the function that is trained, as on every other CPU and GPU.
-    """
-    from bitsandbytes.nn import Linear4bit
-
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            m.support_avx512bf16_for_cpu = False  # the switch Linear4bit.forward reads
-
-
-def apply_lora(model, spec: RunSpec):
-    """Wrap with LoRA adapters; a target module the model lacks is a user error, not a traceback."""
+def apply_lora(model, spec: RunSpec, new_modules: list[str]):
+    """Wrap with LoRA adapters; a target module the model lacks is a user error, not a traceback.
+    `new_modules` (freshly initialized: a task head) are trained and saved with the adapter."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     ft = spec.finetune
-    new = getattr(model, "hpctrain_new_modules", [])
+    new = new_modules
     if ft.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    # freshly initialized modules are trained and saved with the adapter (see load_base)
     to_save = list(ft.lora.modules_to_save or []) + list(new)  # peft matches these as name suffixes
     cfg = LoraConfig(
         task_type=TaskType.CAUSAL_LM if ft.kind == "sft" else TaskType.SEQ_CLS,
@@ -111,12 +44,14 @@ def apply_lora(model, spec: RunSpec):
         raise
 
 
-def build_model(spec: RunSpec, labels: list[str] | None, pad_id: int | None):
+def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | None) -> BuiltModel:
+    """The model a fine-tuning run trains: the factory's base, wrapped in LoRA adapters for
+    lora and qlora (the latter on a 4-bit base)."""
     ft = spec.finetune
-    model = load_base(spec, labels, pad_id, quantize=ft.method == "qlora")
+    built = build_model(spec, labels, pad_id, quantize=ft.method == "qlora")
     if ft.method in ("lora", "qlora"):
-        model = apply_lora(model, spec)
-    return model
+        built = BuiltModel(apply_lora(built.model, spec, built.new_modules), built.new_modules)
+    return built
 
 
 def parameter_report(model) -> str:
@@ -146,9 +81,9 @@ def load_exported(spec: RunSpec, directory: Path):
     if is_adapter(directory):
         from peft import PeftModel
 
-        base = load_base(spec, labels, None, quantize=False)
+        base = build_model(spec, labels).model
         return PeftModel.from_pretrained(base, directory), labels
-    return _auto(spec.finetune.kind).from_pretrained(directory, local_files_only=True), labels
+    return auto_class(spec).from_pretrained(directory, local_files_only=True), labels
 
 
 def merge(spec: RunSpec, export_dir: Path, tokenizer) -> Path:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.fast_exit import exit_process
-from hpctrain.launcher.paths import resolve_path
-from hpctrain.launcher.spec import RunSpec
-from hpctrain.trainers.data.corpus import check_token_ids, open_corpus
+from hpctrain.launcher.contract.corpus import check_token_ids, open_corpus
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.fast_exit import exit_process
+from hpctrain.launcher.contract.paths import resolve_path
+from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.data.sampler import PackedSource
 from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
@@ -224,9 +224,10 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     mon, t = run.mon, spec.training
     seed_everything(t.seed)
     tokenizer = load_tokenizer(spec)
-    model = build_model(spec)
-    if model.hpctrain_new_modules:
-        mon.print(fresh_modules_note(model.hpctrain_new_modules, "the objective's head"))
+    built = build_model(spec)
+    model = built.model
+    if built.new_modules:
+        mon.print(fresh_modules_note(built.new_modules, "the objective's head"))
     vocab_size = model.get_input_embeddings().num_embeddings
     sources = open_sources(spec, vocab_size)
     objective = Objective(spec, tokenizer, vocab_size)

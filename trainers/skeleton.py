@@ -27,16 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.rundir import (
-    CHECKPOINTS,
-    mark_finished,
-    mark_preempted,
-    mark_running,
-    newest_whole_checkpoint,
-    stop_file,
-)
-from hpctrain.launcher.spec import RunSpec, load_spec_dict, spec_from_dict
+from hpctrain.launcher.contract.checkpoints import CHECKPOINTS, newest_whole_checkpoint
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.rundir import RunDir, stop_file
+from hpctrain.launcher.contract.spec import RunSpec, load_spec_dict, spec_from_dict
+from hpctrain.launcher.contract.states import mark_finished, mark_preempted, mark_running
 from hpctrain.trainers.checkpoint import Checkpointer, checkpoint_due, load_checkpoint
 from hpctrain.trainers.distributed import (
     Dist,
@@ -99,7 +94,7 @@ def entry_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def frozen_spec(run_dir: Path) -> RunSpec:
-    frozen = run_dir / "spec.yaml"
+    frozen = RunDir(run_dir).spec_file
     if not frozen.is_file():
         raise UserError("not a run directory (no spec.yaml)", file=str(run_dir))
     return spec_from_dict(load_spec_dict(frozen), str(frozen))

@@ -1,6 +1,6 @@
 """Global rank 0's Weights & Biases run: one per run dir, continued across restarts.
 
-- The id lives in RUN_DIR/wandb_id (made with the run dir, launcher/rundir.py); every
+- The id lives in RUN_DIR/wandb_id (made with the run dir, launcher/contract/rundir.py); every
   attempt calls `wandb.init(id=..., resume="allow")`, so restarts, requeues and resumes
   continue one run. Pipeline stages share a group (the pipeline's name).
 - The run's config is the frozen spec (which holds no secrets: the spec refuses them).
@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from hpctrain.launcher.rundir import wandb_run_id
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.contract.rundir import wandb_run_id
+from hpctrain.launcher.contract.spec import RunSpec
 
 
 class WandbSink:

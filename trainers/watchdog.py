@@ -27,7 +27,8 @@ import traceback
 from collections import deque
 from pathlib import Path
 
-from hpctrain.launcher.rundir import atomic_write_text, mark_hung
+from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
+from hpctrain.launcher.contract.states import mark_hung
 
 FLOOR_S = 300.0
 HUNG_EXIT = 3
@@ -81,12 +82,12 @@ class Watchdog:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         where, in_collective = self._where()
-        control = self.run_dir / "control"
-        control.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(control / f"hang.{self.rank}.json", json.dumps(
+        run = RunDir(self.run_dir)
+        run.control.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.hang_report(self.rank), json.dumps(
             {"rank": self.rank, "step": self.step, "where": where, "in_collective": in_collective}) + "\n")
         if self.rank == 0:
-            reports = self._reports(control, wait_s=15.0)
+            reports = self._reports(run, wait_s=15.0)
             waiting = sorted(r["rank"] for r in reports.values() if r["in_collective"])
             absent = sorted(set(range(self.world)) - set(waiting))
             detail = "; ".join(f"rank {r}: {reports[r]['where']}" if r in reports else f"rank {r}: no report"
@@ -99,13 +100,13 @@ class Watchdog:
             time.sleep(10.0)  # let rank 0 gather the reports before torchrun ends the job
         os._exit(HUNG_EXIT)
 
-    def _reports(self, control: Path, wait_s: float) -> dict[int, dict]:
+    def _reports(self, run: RunDir, wait_s: float) -> dict[int, dict]:
         end = time.monotonic() + wait_s
         while True:
             reports = {}
             for r in range(self.world):
                 try:
-                    reports[r] = json.loads((control / f"hang.{r}.json").read_text())
+                    reports[r] = json.loads(run.hang_report(r).read_text())
                 except (OSError, ValueError):
                     pass
             if len(reports) == self.world or time.monotonic() > end:
@@ -115,6 +116,6 @@ class Watchdog:
 
 def clear_reports(run_dir: Path) -> None:
     """Remove an earlier attempt's hang reports (rank 0, at start)."""
-    for p in (Path(run_dir) / "control").glob("hang.*.json"):
+    for p in RunDir(run_dir).hang_reports():
         p.unlink(missing_ok=True)
 

@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.trainers.data.corpus import TokenStream
-from hpctrain.trainers.data.indexed import IndexedFile, IndexedWriter, token_dtype
+from hpctrain.launcher.contract.corpus import TokenStream
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.indexed import IndexedFile, IndexedWriter, token_dtype
 
 
 def _docs(rng, n, vocab):

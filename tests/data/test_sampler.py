@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.trainers.data.corpus import Corpus, TokenStream, check_token_ids, open_corpus
-from hpctrain.trainers.data.indexed import IndexedFile, IndexedWriter
+from hpctrain.launcher.contract.corpus import Corpus, TokenStream, check_token_ids, open_corpus
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.indexed import IndexedFile, IndexedWriter
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.data.sampler import PackedSource, SampleOrder, _key, feistel_permute
 

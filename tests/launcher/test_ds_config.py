@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from hpctrain.launcher.ds_config import build_ds_config
-from hpctrain.launcher.errors import UserErrors
-from hpctrain.launcher.spec import spec_from_dict
+from hpctrain.launcher.contract.ds_config import build_ds_config
+from hpctrain.launcher.contract.errors import UserErrors
+from hpctrain.launcher.contract.spec import spec_from_dict
 from tests.conftest import run_cli
 from tests.trainers.helpers import clm_spec, write_spec
 

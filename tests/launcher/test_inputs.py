@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError
 from tests.conftest import REPO, run_cli
 from tests.trainers.helpers import clm_spec, write_spec
 
@@ -49,7 +49,7 @@ def test_truncated_bin_is_refused_by_validate_inspect_and_the_trainer(tmp_path, 
     assert not (tmp_path / "run").exists()
     _refused(run_cli("corpus", "inspect", str(corpus_copy)), str(shard), "truncated")
     # the trainer's own start-up check (a corpus that changed after validation)
-    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.launcher.contract.corpus import open_corpus
 
     with pytest.raises(UserError, match="truncated"):
         open_corpus(corpus_copy)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hpctrain.launcher import lock
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError
 
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path):

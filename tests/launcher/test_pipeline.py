@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from hpctrain.launcher.errors import UserErrors
+from hpctrain.launcher.contract.errors import UserErrors
 from hpctrain.launcher.pipeline import load_pipeline
 from tests.conftest import run_cli
 from tests.trainers.helpers import TINY_LLAMA, losses

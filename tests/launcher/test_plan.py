@@ -59,13 +59,13 @@ def test_validate_warns_when_the_chosen_engine_will_not_fit(tmp_path, bpe_tokeni
 
 
 def test_plan_counts_trainable_lora_parameters_as_peft_does(tmp_path, minilm_path):
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.launcher.plan import model_size
-    from hpctrain.launcher.spec import spec_from_dict
-    from hpctrain.trainers.peft_model import build_model
+    from hpctrain.trainers.peft_model import build_finetune_model
 
     raw = cls_spec(tmp_path / "run", minilm_path, labels=["network", "scheduling", "storage"])
     spec = spec_from_dict(raw)
-    real = build_model(spec, ["network", "scheduling", "storage"], 0)
+    real = build_finetune_model(spec, ["network", "scheduling", "storage"], 0).model
     planned = model_size(spec)
     assert planned.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert planned.total == sum(p.numel() for p in real.parameters())
@@ -88,8 +88,8 @@ def test_plan_predicts_a_real_cpu_runs_peak_memory(tmp_path, minilm_path, minilm
     partitions, autograd's temporaries. Measured here: DDP 1.19, ZeRO-3 1.19."""
     if engine:
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.launcher.plan import chosen_name, estimates, load_bytes, model_size
-    from hpctrain.launcher.spec import spec_from_dict
 
     raw = {
         "name": "mem", "run_dir": str(tmp_path / "run"),

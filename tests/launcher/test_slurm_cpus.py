@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from hpctrain.launcher.contract.spec import spec_from_dict
 from hpctrain.launcher.cpus import cpu_notes, node_task_cpus
 from hpctrain.launcher.slurm import executor_parameters
-from hpctrain.launcher.spec import spec_from_dict
 from hpctrain.trainers.distributed import rank_cpu_slice
 from tests.conftest import run_cli
 from tests.trainers.helpers import clm_spec, write_spec

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hpctrain.launcher.errors import UserErrors
-from hpctrain.launcher.spec import forbidden_changes, load_spec, spec_from_dict
+from hpctrain.launcher.contract.errors import UserErrors
+from hpctrain.launcher.contract.spec import forbidden_changes, load_spec, spec_from_dict
 from tests.conftest import run_cli
 from tests.trainers.helpers import clm_spec, write_spec
 

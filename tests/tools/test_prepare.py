@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpctrain.trainers.data.corpus import open_corpus
+from hpctrain.launcher.contract.corpus import open_corpus
 from tests.conftest import EXAMPLE_TEXT, run_cli
 
 DOCS = [line for line in EXAMPLE_TEXT.read_text().splitlines() if line.strip()]

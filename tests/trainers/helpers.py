@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from hpctrain.launcher.rundir import metrics_records
+from hpctrain.launcher.contract.rundir import metrics_records
 from tests.conftest import REPO
 
 DATA = REPO / "examples" / "data"  # the shipped fine-tuning examples

@@ -114,7 +114,7 @@ def test_zero3_export_holds_every_weight_and_gives_the_trainers_validation_loss(
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.launcher.contract.corpus import open_corpus
     from hpctrain.trainers.data.sampler import PackedSource
 
     run, _ = zero_runs[3]
@@ -143,7 +143,7 @@ def test_zero3_export_holds_every_weight_and_gives_the_trainers_validation_loss(
 def test_kill_9_during_a_zero3_save_keeps_the_previous_checkpoint(tmp_path, zero_runs, bpe_tokenizer, bpe_corpus):
     """Every rank has written its ZeRO shards into the temporary folder; rank 0 dies before the
     commit. The half-written step is invisible, the previous one resumes, bitwise."""
-    from hpctrain.launcher.rundir import complete_checkpoints
+    from hpctrain.launcher.contract.checkpoints import complete_checkpoints
 
     ref = losses(zero_runs[3][0])
     run = tmp_path / "run"

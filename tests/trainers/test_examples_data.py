@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.spec import FinetuneSpec
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.spec import FinetuneSpec
 from hpctrain.trainers.data.examples import (
     PROMPT_TEMPLATE,
     ROLE_TEMPLATE,

@@ -133,7 +133,7 @@ def test_sft_loss_falls_and_only_the_adapter_is_trained(tmp_path, tiny_llama, me
 def _check_finetune_flops(run, model):
     """Achieved FLOP/s of fine-tuning: 6 per trainable and 4 per frozen weight (no weight gradient)
     and token, embeddings aside, plus 12 L H T with T each real token's own sequence length."""
-    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.trainers.finetune import load_examples
     from hpctrain.trainers.model import load_tokenizer
 
@@ -155,7 +155,7 @@ def _check_finetune_flops(run, model):
 def test_prompt_tokens_carry_no_loss(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.trainers.data.examples import (
         PROMPT_TEMPLATE,
         ExampleDataset,

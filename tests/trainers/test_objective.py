@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpctrain.launcher.spec import spec_from_dict
+from hpctrain.launcher.contract.spec import spec_from_dict
 from hpctrain.trainers import pretrain
 from hpctrain.trainers.pretrain import FusedLinearCrossEntropy, Objective
 

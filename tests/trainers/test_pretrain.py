@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain.launcher.rundir import complete_checkpoints
+from hpctrain.launcher.contract.checkpoints import complete_checkpoints
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
     clm_spec,
@@ -163,7 +163,7 @@ def test_exported_model_gives_the_trainers_validation_loss(reference, bpe_corpus
     """Load the export with plain transformers; its loss on the validation samples equals the trainer's."""
     from transformers import AutoModelForCausalLM
 
-    from hpctrain.trainers.data.corpus import open_corpus
+    from hpctrain.launcher.contract.corpus import open_corpus
     from hpctrain.trainers.data.sampler import PackedSource
 
     run, _ = reference
@@ -237,8 +237,8 @@ def test_deadline_saves_and_stops_ahead_of_the_time_limit(tmp_path, bpe_tokenize
     """No signal ever comes: the trainer itself stops when the next step plus a save would not fit."""
     import time
 
-    from hpctrain.launcher.rundir import freeze_run_dir
-    from hpctrain.launcher.spec import spec_from_dict
+    from hpctrain.launcher.contract.rundir import freeze_run_dir
+    from hpctrain.launcher.contract.spec import spec_from_dict
 
     spec = spec_from_dict(clm_spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, training__steps=100_000))
     spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"procs_per_node": 1})})

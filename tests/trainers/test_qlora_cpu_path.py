@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpctrain.trainers.peft_model import keep_4bit_layout
+from hpctrain.trainers.model import keep_4bit_layout
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (extra 'qlora')")
 

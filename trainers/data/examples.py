@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain.launcher.errors import UserError
-from hpctrain.launcher.records import iter_records
-from hpctrain.trainers.data.sampler import split_indices  # noqa: F401 - re-exported for the trainers
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.records import iter_records
+from hpctrain.launcher.contract.split import split_indices  # noqa: F401 - re-exported for the trainers
 
 # The plain template used when a tokenizer has no chat template (documented in the README).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError
 
 PKG_PREFIX = "pkg:"
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError
 
 
 def iter_records(path: str) -> Iterator[tuple[int, dict]]:

@@ -1,6 +1,16 @@
-"""The one exception type for user mistakes (bad specs, bad inputs, bad paths)."""
+"""The one exception type for user mistakes (bad specs, bad inputs, bad paths), and the exit
+codes every command and trainer ends with.
+
+A trainer rank that meets a user mistake records it in status.json (`mark_failed(...,
+user_error=True)`) and exits 0 under torchrun (a non-zero exit would bury the message in
+torchrun's failure report), 2 without it; the launcher reads the record (launcher/attempt.py)
+and exits 2 with the same one line.
+"""
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -45,3 +55,20 @@ class UserErrors(UserError):
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)
+
+
+EXIT_USER_ERROR = 2  # a mistake the user can fix; said in one line, nothing half-written
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+def run_command(body: Callable[[], int | None]) -> int:
+    """Run one command's body (a CLI verb, a tool): a user mistake prints `hpctrain: error: ...`
+    and gives exit code 2, Ctrl-C gives 130; anything else stays a traceback (a bug of ours)."""
+    try:
+        return body() or 0
+    except UserError as e:
+        print(f"hpctrain: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("hpctrain: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hpctrain.launcher.errors import UserError, UserErrors
-from hpctrain.launcher.spec import RunSpec
+from hpctrain.launcher.contract.errors import UserError, UserErrors
+from hpctrain.launcher.contract.spec import RunSpec
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "ds_configs"
+TEMPLATES = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def template_name(stage: int, offload_optimizer: str, offload_params: str) -> str:

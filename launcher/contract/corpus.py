@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpctrain.launcher.errors import UserError, UserErrors
-from hpctrain.trainers.data.indexed import (
+from hpctrain.launcher.contract.errors import UserError, UserErrors
+from hpctrain.launcher.contract.indexed import (
     FormatError,
     IndexedFile,
     is_indexed_prefix,

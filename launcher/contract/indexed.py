@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpctrain.launcher.errors import UserError
+from hpctrain.launcher.contract.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hpctrain.launcher.errors import UserError, UserErrors
+from hpctrain.launcher.contract.errors import UserError, UserErrors
 
 
 class _Strict(BaseModel):
@@ -378,6 +378,13 @@ class RunSpec(_Strict):
     @property
     def seq_len(self) -> int:
         return self.finetune.seq_len if self.task == "finetune" else self.data.seq_len  # type: ignore[union-attr]
+
+    @property
+    def model_class(self) -> str:
+        """The transformers Auto class the model is built with: chosen here only."""
+        if self.task == "finetune":
+            return "AutoModelForCausalLM" if self.finetune.kind == "sft" else "AutoModelForSequenceClassification"  # type: ignore[union-attr]
+        return "AutoModelForCausalLM" if self.objective.type == "clm" else "AutoModelForMaskedLM"
 
     @property
     def trainer_module(self) -> str:
