@@ -28,7 +28,7 @@ def build(seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hpctrain.trainers.distributed import Dist
-    from hpctrain.trainers.engine import DDPEngine
+    from hpctrain.trainers.engines.ddp import DDPEngine
 
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=768, intermediate_size=3072,
@@ -52,13 +52,14 @@ def step(eng, batch) -> float:
 
 
 def one_save(eng, batch, root: Path, background: bool) -> dict:
+    from hpctrain.launcher.contract.checkpoints import CheckpointMeta
     from hpctrain.trainers.checkpoint import Checkpointer
 
     run = Path(tempfile.mkdtemp(dir=root, prefix="ckpt-"))
     saver = Checkpointer(run, 0, keep_last=1, background=background)
     before = [step(eng, batch) for _ in range(3)]
     t0 = time.perf_counter()
-    saved = saver.save(1, eng, {"tokens_seen": 0, "sampler": {}})
+    saved = saver.save(eng, CheckpointMeta(step=1, world_size=1, sampler={}))
     blocked = time.perf_counter() - t0
     during = []
     while background and not saver.finished():

@@ -26,7 +26,7 @@ def one(way: str, vocab: int, seq: int, batch: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hpctrain.launcher.contract.spec import spec_from_dict
-    from hpctrain.trainers.pretrain import Objective
+    from hpctrain.trainers.objective import Objective
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=256, intermediate_size=1024,

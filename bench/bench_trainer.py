@@ -100,7 +100,7 @@ def model():
 
 def bare(corpus: Path, steps: int, keep_memory: bool = False) -> float:
     if keep_memory:
-        from hpctrain.trainers.skeleton import keep_freed_memory
+        from hpctrain.trainers.entry import keep_freed_memory
 
         assert keep_freed_memory(), "the malloc setting did not apply"
     data = torch.from_numpy(samples(corpus, steps * BATCH)).view(steps, BATCH, SEQ + 1)
@@ -233,9 +233,10 @@ def in_own_process(name: str, steps: int, root: Path) -> float:
 def checkpoint_times(root: Path) -> list[dict]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hpctrain.launcher.contract.checkpoints import CheckpointMeta
     from hpctrain.trainers.checkpoint import save_checkpoint
     from hpctrain.trainers.distributed import Dist
-    from hpctrain.trainers.engine import DDPEngine
+    from hpctrain.trainers.engines.ddp import DDPEngine
 
     out = []
     for hidden, layers in ((64, 2), (256, 4), (512, 8), (768, 12)):
@@ -262,7 +263,7 @@ def checkpoint_times(root: Path) -> list[dict]:
         )
         run = Path(tempfile.mkdtemp(dir=root, prefix="ckpt-"))
         t0 = time.perf_counter()
-        path = save_checkpoint(run, 1, eng, {"tokens_seen": 0, "sampler": {}}, 0, keep_last=1)
+        path = save_checkpoint(run, eng, CheckpointMeta(step=1, world_size=1, sampler={}), 0, keep_last=1)
         dt = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in path.iterdir())
         n = sum(p.numel() for p in m.parameters())

@@ -94,27 +94,50 @@ def _child_setup() -> None:
         pass
 
 
-def start_torchrun(cmd: list[str], env: dict | None = None, stderr_tail: list[str] | None = None) -> subprocess.Popen:
+class Torchrun:
+    """A started torchrun, and the thread copying its stderr when that is kept."""
+
+    def __init__(self, proc: subprocess.Popen, copier: threading.Thread | None = None) -> None:
+        self.proc, self._copier = proc, copier
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stderr_copied(self) -> None:
+        """Wait (briefly) until the last of torchrun's stderr is copied, once it has exited."""
+        if self._copier is not None:
+            self._copier.join(timeout=10)
+
+
+def start_torchrun(cmd: list[str], env: dict | None = None, stderr_tail: list[str] | None = None) -> Torchrun:
     """torchrun in its own session, SIGUSR2 ignored, dying with this process.
 
     With `stderr_tail`, torchrun's stderr (its own messages: the ranks' go to their logs) is
     copied to ours line by line and its last lines kept, for `failure_reason`.
     """
     if stderr_tail is None:
-        return subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
+        return Torchrun(subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True))
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True,
                             stderr=subprocess.PIPE, text=True, errors="replace")
 
-    def pump() -> None:
+    def copy() -> None:
         for line in proc.stderr:
             sys.stderr.write(line)
             sys.stderr.flush()
             stderr_tail.append(line.rstrip("\n"))
             del stderr_tail[:-200]
 
-    proc.pump = threading.Thread(target=pump, daemon=True)  # type: ignore[attr-defined]
-    proc.pump.start()  # type: ignore[attr-defined]
-    return proc
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+    return Torchrun(proc, copier)
 
 
 _ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
@@ -163,7 +186,7 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
     stop.unlink(missing_ok=True)  # a stop request belongs to one launch only
     aborted.unlink(missing_ok=True)
     requests = {"n": 0}
-    proc: subprocess.Popen | None = None
+    proc: Torchrun | None = None
 
     def on_signal(signum, frame):  # noqa: ARG001
         requests["n"] += 1
@@ -182,9 +205,8 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
         proc = start_torchrun(cmd, env, stderr_tail)
         while True:
             try:
-                rc = proc.wait()
-                if hasattr(proc, "pump"):
-                    proc.pump.join(timeout=10)
+                rc = proc.proc.wait()
+                proc.stderr_copied()
                 return rc
             except InterruptedError:
                 continue
@@ -193,4 +215,4 @@ def run_torchrun(cmd: list[str], run_dir: str | Path, env: dict | None = None, l
             signal.signal(s, h)
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.proc.wait()

@@ -257,8 +257,7 @@ class NodeTask:
                   flush=True)
             self._release(env, job_id)
             raise UserError(reason, hint=f"rank logs under {RunDir(self.run_dir).logs}")
-        if hasattr(self._proc, "pump"):
-            self._proc.pump.join(timeout=10)
+        self._proc.stderr_copied()
         reason = failure_reason(rc, tail, node)
         reports = RunDir(self.run_dir).failure_reports(job_id, _restart_count())
         reports.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
-"""How a trainer rank ends on a failure it can name (besides a user error: monitor.user_error_exit).
+"""How a trainer rank ends on a failure it can name: a user error, a full disk, a peer's failure.
 
 Under torchrun a rank that exits non-zero makes torchrun print its own error report over the
 console, so a rank that has recorded why the attempt ends in status.json exits 0 and the
 launcher (local or the Slurm node task) reads the record (launcher/attempt.py).
 
+- A user error (`user_error_exit`): one line on the console, recorded for the launcher, which
+  exits 2 with it; never retried.
 - The disk filling up: the incomplete checkpoint folder is removed (it can never be used, and
   removing it frees the space the failed save took, so the record can be written), the status
   says where and which checkpoint is the newest complete one; not retried (nothing frees the
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from hpctrain.launcher.contract.checkpoints import CHECKPOINTS, latest_checkpoint
+from hpctrain.launcher.contract.errors import EXIT_USER_ERROR
 from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.states import State, mark_failed, read_status
 
@@ -73,3 +76,16 @@ def peer_recorded_failure(run_dir: Path, since: float) -> str | None:
     if st.get("state") == State.FAILED and (st.get("user_error") or st.get("disk_full")):
         return st.get("reason", "")
     return None
+
+
+def user_error_exit(error: Exception, run_dir: str | Path | None) -> int:
+    """Report a user mistake from a trainer process; returns its exit code.
+
+    Under torchrun a non-zero exit buries the message under torchrun's own traceback,
+    so a trainer there exits 0 after recording `user_error` in status.json; the
+    launcher reads it and exits 2. Run directly, the trainer exits 2 itself.
+    """
+    print(f"hpctrain: error: {error}", file=sys.stderr)
+    if run_dir and os.environ.get("RANK", "0") == "0":
+        mark_failed(run_dir, str(error), user_error=True)
+    return 0 if under_torchrun() else EXIT_USER_ERROR

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,9 @@ import torch.nn.functional as F
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.fast_exit import exit_process
 from hpctrain.launcher.contract.paths import resolve_path
+from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.trainers import loop
 from hpctrain.trainers.data.examples import (
     ExampleDataset,
     label_names,
@@ -38,8 +39,9 @@ from hpctrain.trainers.data.examples import (
     tokenize_sft,
 )
 from hpctrain.trainers.data.loader import TrainBatches
-from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
-from hpctrain.trainers.engine import build_engine
+from hpctrain.trainers.distributed import Dist, eval_slices
+from hpctrain.trainers.engines import Engine, build_engine
+from hpctrain.trainers.entry import Launch, entry_parser, frozen_spec, run_entry, seed_everything
 from hpctrain.trainers.model import (
     flops_per_token,
     fresh_modules_note,
@@ -47,7 +49,6 @@ from hpctrain.trainers.model import (
     mean_context,
     quiet_libraries,
 )
-from hpctrain.trainers.monitor import format_eta
 from hpctrain.trainers.peft_model import (
     build_finetune_model,
     export,
@@ -55,14 +56,7 @@ from hpctrain.trainers.peft_model import (
     merge,
     parameter_report,
 )
-from hpctrain.trainers.skeleton import (
-    Launch,
-    Run,
-    entry_parser,
-    frozen_spec,
-    run_entry,
-    seed_everything,
-)
+from hpctrain.trainers.run import Run
 
 
 def load_examples(spec: RunSpec, tok):
@@ -149,19 +143,82 @@ def better(metric: str, new: float, old: float | None) -> bool:
     return new < old if metric == "val_loss" else new > old
 
 
+class FineTuning:
+    """The fine-tuning task for the loop: examples in a seeded global order, the SFT or
+    classification loss, and validation that keeps the best export and may stop early."""
+
+    def __init__(self, run: Run, batches: TrainBatches, valid: ExampleDataset | None, labels, tok) -> None:
+        self.spec, self.ft, self.d, self.mon = run.spec, run.spec.finetune, run.d, run.mon
+        self.run_dir = RunDir(run.run_dir)
+        self.batches, self.valid, self.labels, self.tok = batches, valid, labels, tok
+        self.metric = self.ft.best_metric or ("accuracy" if self.ft.kind == "classify" else "val_loss")
+        self.best: float | None = None
+        self.stale = 0  # evaluations since the best
+
+    def describe(self, step: int, total: int) -> str:
+        ft, t = self.ft, self.spec.training
+        return (f"{self.spec.name}: {ft.method} {ft.kind}, {self.d.world_size} rank(s), global batch "
+                f"{t.global_batch}, accum {self.batches.accum}, steps {step}->{total}, best by {self.metric}")
+
+    def loss(self, module, micro_batch: dict) -> torch.Tensor:
+        return example_loss(module, micro_batch, self.ft.kind, self.d.device)[0]
+
+    def tokens(self, micro_batches: list[dict]) -> int:
+        return sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # without padding
+
+    def evaluate(self, engine: Engine, step: int, total: int) -> bool:
+        every = self.spec.training.eval_every
+        if self.valid is None or not ((every and step % every == 0) or step == total):
+            return False
+        with engine.evaluating() as module:
+            res = evaluate(module, self.valid, self.ft.kind, self.spec.training.micro_batch, self.d,
+                           len(self.labels) if self.labels else None)
+        self.mon.log({"step": step, **res})
+        self.mon.print("  validation: " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        if better(self.metric, res[self.metric], self.best):
+            self.best, self.stale = res[self.metric], 0
+            engine.export(lambda m: export(m, self.tok, self.labels, self.run_dir.best))
+            self.mon.print(f"  new best {self.metric} {self.best:.4f}: saved to {self.run_dir.best}")
+            return False
+        self.stale += 1
+        patience = self.ft.early_stopping_patience
+        if patience and self.stale >= patience:
+            self.mon.print(f"  early stopping: {self.stale} evaluations without a better {self.metric}")
+            return True
+        return False
+
+    def state(self) -> dict:
+        return {"best": self.best, "stale": self.stale}
+
+    def resumed(self, state: dict) -> None:
+        self.best, self.stale = state.get("best"), state.get("stale", 0)
+
+    def export(self, engine: Engine) -> None:
+        if not self.spec.export.enabled:
+            return
+        out = self.run_dir.export
+        engine.export(lambda m: export(m, self.tok, self.labels, out))
+        self.mon.print(f"exported to {out}")
+        if self.d.is_main and self.ft.merge and self.ft.method != "full":
+            self.mon.print(f"merged model: {merge(self.spec, out, self.tok)}")
+
+    def final_status(self) -> dict:
+        return {"best": {self.metric: self.best}} if self.best is not None else {}
+
+
 def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     ft, t = spec.finetune, spec.training
     run = Run(spec, launch, d)
-    mon, run_dir = run.mon, run.run_dir
+    mon = run.mon
     seed_everything(t.seed)
     tok = load_tokenizer(spec)
     train_set, valid_set, labels, notes = load_examples(spec, tok)
     mon.print(notes)
     built = build_finetune_model(spec, labels, train_set.pad_id)
-    model, new = built.model, built.new_modules
-    if new:
+    model = built.model
+    if built.new_modules:
         why = "a new task head, trained" + (" and saved with the adapter" if ft.method != "full" else "")
-        mon.print(fresh_modules_note(new, why))
+        mon.print(fresh_modules_note(built.new_modules, why))
     mon.print(parameter_report(model))
     total = spec.total_steps_for(len(train_set))
     if t.epochs is not None:
@@ -172,64 +229,13 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     # achieved FLOP/s counts real tokens (padding is not model work) at their own lengths
     run.measure(flops_per_token(model, mean_context(len(x) for x in train_set.tk.input_ids)))
     engine = build_engine(spec, model, d, total, batches.accum, trainable_only=ft.method != "full")
-    metric = ft.best_metric or ("accuracy" if ft.kind == "classify" else "val_loss")
-    meta = run.resume(engine, batches)
-    step, best, stale = meta.get("step", 0), meta.get("best"), meta.get("stale", 0)
-    mon.print(f"{spec.name}: {ft.method} {ft.kind}, {d.world_size} rank(s), global batch {t.global_batch}, "
-              f"accum {batches.accum}, steps {step}->{total}, best by {metric}")
-    run.started(step, total)
-    t_start, timed, early_stop = time.perf_counter(), 0, False
-    while step < total and not early_stop:
-        t0 = time.perf_counter()
-        micro = batches.next_step()
-        data_seconds = time.perf_counter() - t0
-        loss_sum = 0.0
-        tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)  # this rank's, without padding
-        for i, mb in enumerate(micro):
-            with engine.micro_step(sync=i == len(micro) - 1) as module:
-                loss = example_loss(module, mb, ft.kind, d.device)[0]
-                engine.backward(loss)
-            loss_sum += float(loss.detach())
-        grad_norm = engine.step()
-        step += 1
-        loss_mean, tokens_mean = mean_over_ranks([loss_sum / len(micro), float(tokens)])
-        step_s, timed = time.perf_counter() - t0, timed + 1
-        run.throughput.tick(step_s, data_seconds, t.global_batch, round(tokens_mean * d.world_size))
-        if step % t.log_every == 0 or step == total:
-            eta = (total - step) * (time.perf_counter() - t_start) / timed
-            mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
-                     **run.window_metrics()})
-            mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | eta {format_eta(eta)}")
-        if valid_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == total):
-            with engine.evaluating() as module:
-                res = evaluate(module, valid_set, ft.kind, t.micro_batch, d, len(labels) if labels else None)
-            mon.log({"step": step, **res})
-            mon.print("  validation: " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
-            if better(metric, res[metric], best):
-                best, stale = res[metric], 0
-                engine.export(lambda m: export(m, tok, labels, run_dir / "best"))
-                mon.print(f"  new best {metric} {best:.4f}: saved to {run_dir / 'best'}")
-            else:
-                stale += 1
-                early_stop = bool(ft.early_stopping_patience and stale >= ft.early_stopping_patience)
-                if early_stop:
-                    mon.print(f"  early stopping: {stale} evaluations without a better {metric}")
-        state = {"sampler": batches.state_dict(), "best": best, "stale": stale, "tokens_seen": 0}
-        reason = run.after_step(step, total, step_s, engine, state, force_save=early_stop)
-        if reason:
-            return run.preempted(step, total, reason)
-    if spec.export.enabled:
-        engine.export(lambda m: export(m, tok, labels, run_dir / "export"))
-        mon.print(f"exported to {run_dir / 'export'}")
-        if d.is_main and ft.merge and ft.method != "full":
-            mon.print(f"merged model: {merge(spec, run_dir / 'export', tok)}")
-    return run.finished(step, total, **({"best": {metric: best}} if best is not None else {}))
+    return loop.train(run, engine, FineTuning(run, batches, valid_set, labels, tok), total)
 
 
 def _frozen(run_dir: Path) -> RunSpec:
     spec = frozen_spec(run_dir)
     if spec.task != "finetune":
-        raise UserError("not a fine-tuning run", file=str(run_dir / "spec.yaml"), field="task",
+        raise UserError("not a fine-tuning run", file=str(RunDir(run_dir).spec_file), field="task",
                         expected="finetune")
     return spec
 
@@ -237,7 +243,7 @@ def _frozen(run_dir: Path) -> RunSpec:
 def run_eval(run_dir: Path, data: str) -> dict:
     """Evaluate the run's export on a file of examples (`hpctrain eval`)."""
     spec = _frozen(run_dir)
-    export_dir = run_dir / "export"
+    export_dir = RunDir(run_dir).export
     if not export_dir.is_dir():
         raise UserError("no export yet (the run has not finished)", file=str(export_dir))
     from transformers import AutoTokenizer
@@ -275,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run = Path(args.merge)
             spec = _frozen(run)
-            tok = AutoTokenizer.from_pretrained(run / "export", local_files_only=True)
-            print(f"merged model written to {merge(spec, run / 'export', tok)}")
+            tok = AutoTokenizer.from_pretrained(RunDir(run).export, local_files_only=True)
+            print(f"merged model written to {merge(spec, RunDir(run).export, tok)}")
             return 0
         if not args.data:
             raise UserError("--data is required", field="--data", expected="a JSONL or CSV file")

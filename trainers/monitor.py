@@ -13,20 +13,6 @@ from pathlib import Path
 import torch
 
 from hpctrain.launcher.contract.rundir import RunDir
-from hpctrain.launcher.contract.states import mark_failed
-
-
-def user_error_exit(error: Exception, run_dir: str | Path | None) -> int:
-    """Report a user mistake from a trainer process; returns its exit code.
-
-    Under torchrun a non-zero exit buries the message under torchrun's own traceback,
-    so a trainer there exits 0 after recording `user_error` in status.json; the
-    launcher reads it and exits 2. Run directly, the trainer exits 2 itself.
-    """
-    print(f"hpctrain: error: {error}", file=sys.stderr)
-    if run_dir and os.environ.get("RANK", "0") == "0":
-        mark_failed(run_dir, str(error), user_error=True)
-    return 0 if "TORCHELASTIC_RUN_ID" in os.environ else 2
 
 
 def format_eta(seconds: float) -> str:

@@ -7,29 +7,28 @@ into RUN_DIR and start, per node:
     torchrun --nnodes 2 --node-rank $R --rdzv-endpoint HOST:PORT ... -m hpctrain.trainers.pretrain ... # two nodes
     python -m hpctrain.trainers.pretrain --run-dir RUN_DIR                                            # one process
 
-The loop below is the whole training procedure: fetch a step's micro-batches,
-forward/backward each, step, log, maybe evaluate, then agree on save/stop.
+What pretraining adds to the one loop (trainers/loop.py): packed samples of the blended
+corpora, the objective (trainers/objective.py) and the validation loss.
 """
 
 from __future__ import annotations
 
-import gc
 import math
-import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hpctrain.launcher.contract.corpus import check_token_ids, open_corpus
-from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.fast_exit import exit_process
 from hpctrain.launcher.contract.paths import resolve_path
+from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.trainers import loop
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.data.sampler import PackedSource
 from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
-from hpctrain.trainers.engine import build_engine
+from hpctrain.trainers.engines import Engine, build_engine
+from hpctrain.trainers.entry import Launch, entry_parser, run_entry, seed_everything
 from hpctrain.trainers.model import (
     build_model,
     flops_per_token,
@@ -37,160 +36,8 @@ from hpctrain.trainers.model import (
     load_tokenizer,
     save_hf_model,
 )
-from hpctrain.trainers.monitor import format_eta
-from hpctrain.trainers.skeleton import Launch, Run, entry_parser, run_entry, seed_everything
-
-
-class Objective:
-    """Loss of one micro-batch of packed sequences (seq_len + 1 tokens each)."""
-
-    def __init__(self, spec: RunSpec, tokenizer, vocab_size: int) -> None:
-        self.kind = spec.objective.type
-        self.mask_prob = spec.objective.mask_prob
-        self.seed = spec.training.seed
-        self.vocab_size = vocab_size
-        if self.kind == "mlm":
-            if tokenizer.mask_token_id is None:
-                raise UserError(
-                    "the tokenizer has no mask token", field="objective.type", expected="clm for it"
-                )
-            self.mask_id = tokenizer.mask_token_id
-            self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-        self.keep: torch.Tensor | None = None  # mlm: the positions the output layer runs on
-        self.targets: torch.Tensor | None = None  # clm: next tokens, for the loss in chunks
-
-    def attach(self, model, whole_weights: bool = True) -> None:
-        """MLM: run the vocabulary projection only where a loss is taken. Only the masked ~15%
-        of positions carry loss, and the projection (vocab x hidden) costs as much as a small
-        encoder: a pre-hook on the model's output layer selects those rows of its input, so the
-        model (through DDP or DeepSpeed, whose hooks stay in place) returns their logits only.
-        CLM: the output layer takes the loss in chunks (`chunked_loss_head`) where the engine
-        keeps whole weights on every rank (not ZeRO-3, whose partitioned weights would be gone
-        when the backward recomputes a chunk)."""
-        head = model.get_output_embeddings()
-        if self.kind == "mlm" and head is not None:
-            head.register_forward_pre_hook(self._select_masked)
-        if self.kind == "clm" and isinstance(head, torch.nn.Linear) and whole_weights:
-            chunked_loss_head(head, self)
-
-    def _select_masked(self, _module, args):
-        if self.keep is None:
-            return None
-        return (args[0][self.keep], *args[1:])
-
-    def __call__(self, module, batch: dict, device) -> torch.Tensor:
-        tokens = batch["tokens"].to(device)
-        if self.kind == "clm":
-            self.targets = tokens[:, 1:]
-            try:
-                out = module(input_ids=tokens[:, :-1]).logits
-            finally:
-                self.targets = None
-            if out.dim() == 0:  # the output layer took the loss itself, in chunks
-                return out
-            return F.cross_entropy(out.float().reshape(-1, out.size(-1)), tokens[:, 1:].reshape(-1))
-        inputs, labels = self.mask(tokens[:, :-1].cpu(), batch["positions"])
-        labels = labels.to(device)
-        keep = labels != -100
-        self.keep = keep
-        try:
-            logits = module(input_ids=inputs.to(device)).logits
-        finally:
-            self.keep = None
-        if logits.dim() == 3:  # a model whose output layer the hook could not reach: all positions
-            logits = logits[keep]
-        if not bool(keep.any()):  # nothing masked in this micro-batch: contribute zero
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), labels[keep])
-
-    def mask(
-        self, inputs: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT masking (80% [MASK], 10% random, 10% kept), seeded per global sample position
-        so the same sample gets the same mask whatever the world size or resume point."""
-        inputs, labels = inputs.clone(), inputs.clone()
-        for row, pos in enumerate(positions.tolist()):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + pos)
-            p, r = (
-                torch.rand(inputs.shape[1], generator=g),
-                torch.rand(inputs.shape[1], generator=g),
-            )
-            rand_tok = torch.randint(self.vocab_size, (inputs.shape[1],), generator=g)
-            masked = (p < self.mask_prob) & ~torch.isin(inputs[row], self.special)
-            labels[row, ~masked] = -100
-            inputs[row, masked & (r < 0.8)] = self.mask_id
-            swap = masked & (r >= 0.8) & (r < 0.9)
-            inputs[row, swap] = rand_tok[swap]
-        return inputs, labels
-
-
-CHUNK_LOGITS = 1 << 25  # fp32 logits per chunk of the clm loss (128 MiB)
-
-
-def chunked_loss_head(head: torch.nn.Linear, objective: Objective) -> None:
-    """CLM without the micro-batch's whole logits: while the objective holds targets, the output
-    layer returns the mean next-token loss instead of logits (`FusedLinearCrossEntropy`), so peak
-    memory holds one chunk's logits (CHUNK_LOGITS elements), not tokens x vocabulary. One chunk
-    (small vocabularies, short micro-batches): the plain loss, as before. Its state_dict is
-    unchanged (the instance's forward is replaced, not the module); evaluation and export see
-    plain logits when no targets are set."""
-    plain = head.forward
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        targets = objective.targets
-        if targets is None:
-            return plain(hidden)
-        h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
-        rows = max(1, CHUNK_LOGITS // head.out_features)
-        if h.size(0) <= rows:
-            return F.cross_entropy(plain(h).float(), t)
-        return FusedLinearCrossEntropy.apply(h, head.weight, head.bias, t, rows, torch.is_grad_enabled())
-
-    head.forward = forward
-
-
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(h_i W^T + b, t_i) over chunks of rows, with its gradients computed in the
-    forward, chunk by chunk, from each chunk's softmax: no logits are kept for the backward and
-    none recomputed (the same three matmuls as forward + backward of the plain loss). Under
-    no_grad (evaluation) `with_grads` is False: the same loss, one matmul per chunk."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, rows, with_grads):
-        n = h.size(0)
-        grad_h = torch.empty_like(h) if with_grads else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight.requires_grad else None
-        grad_b = (torch.zeros_like(bias, dtype=torch.float32)
-                  if with_grads and bias is not None and bias.requires_grad else None)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, n, rows):
-            hc, tc = h[i:i + rows], targets[i:i + rows]
-            logits = F.linear(hc, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if not with_grads:
-                continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            g[torch.arange(g.size(0), device=g.device), tc] -= 1.0
-            g = g.div_(n).to(hc.dtype)  # d(mean loss)/d logits
-            grad_h[i:i + rows] = g @ weight.to(hc.dtype)
-            if grad_w is not None:
-                grad_w += g.t() @ hc
-            if grad_b is not None:
-                grad_b += g.sum(0)
-        ctx.grads = (grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.grads
-        ctx.grads = None
-        scale = grad_out.float()
-        grad_h = grad_h.mul_(scale.to(grad_h.dtype))
-        grad_w = None if grad_w is None else grad_w.mul_(scale).to(ctx.dtypes[0])
-        grad_b = None if grad_b is None else grad_b.mul_(scale).to(ctx.dtypes[1])
-        return grad_h, grad_w, grad_b, None, None, None
+from hpctrain.trainers.objective import Objective
+from hpctrain.trainers.run import Run
 
 
 def open_sources(spec: RunSpec, vocab_size: int) -> list[PackedSource]:
@@ -219,15 +66,62 @@ def evaluate(spec: RunSpec, engine, objective: Objective, source: PackedSource, 
     return total / max(count, 1.0)
 
 
+class Pretraining:
+    """The pretraining task for the loop: packed samples of the blended corpora, the objective
+    (clm | mlm), and the validation loss on a fixed set of samples."""
+
+    def __init__(self, run: Run, objective: Objective, batches: TrainBatches, valid: PackedSource | None,
+                 n_params: int, tokenizer) -> None:
+        self.spec, self.d, self.mon, self.export_dir = run.spec, run.d, run.mon, RunDir(run.run_dir).export
+        self.objective, self.batches, self.valid = objective, batches, valid
+        self.n_params, self.tokenizer = n_params, tokenizer
+
+    def describe(self, step: int, total: int) -> str:
+        spec, t = self.spec, self.spec.training
+        return (f"{spec.name}: {spec.objective.type} on {self.n_params / 1e6:.2f}M params, {self.d.world_size} "
+                f"rank(s), global batch {t.global_batch} x {spec.data.seq_len} tokens, accum {self.batches.accum}, "
+                f"steps {step}->{total}")
+
+    def loss(self, module, micro_batch: dict) -> torch.Tensor:
+        return self.objective(module, micro_batch, self.d.device)
+
+    def tokens(self, micro_batches: list[dict]) -> int:
+        return sum(mb["tokens"].shape[0] for mb in micro_batches) * self.spec.data.seq_len
+
+    def evaluate(self, engine: Engine, step: int, total: int) -> bool:
+        every = self.spec.training.eval_every
+        if self.valid is None or not every or (step % every != 0 and step != total):
+            return False
+        vloss = evaluate(self.spec, engine, self.objective, self.valid, self.d)
+        ppl = math.exp(min(vloss, 50))
+        self.mon.log({"step": step, "val_loss": vloss, "val_ppl": ppl})
+        self.mon.print(f"  validation: loss {vloss:.4f} | ppl {ppl:.2f}")
+        return False
+
+    def state(self) -> dict:
+        return {}
+
+    def resumed(self, state: dict) -> None:
+        pass
+
+    def export(self, engine: Engine) -> None:
+        if self.spec.export.enabled:
+            engine.export(lambda m: save_hf_model(m, self.tokenizer, self.export_dir))
+            self.mon.print(f"exported HF model to {self.export_dir}")
+
+    def final_status(self) -> dict:
+        return {}
+
+
 def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     run = Run(spec, launch, d)
-    mon, t = run.mon, spec.training
+    t = spec.training
     seed_everything(t.seed)
     tokenizer = load_tokenizer(spec)
     built = build_model(spec)
     model = built.model
     if built.new_modules:
-        mon.print(fresh_modules_note(built.new_modules, "the objective's head"))
+        run.mon.print(fresh_modules_note(built.new_modules, "the objective's head"))
     vocab_size = model.get_input_embeddings().num_embeddings
     sources = open_sources(spec, vocab_size)
     objective = Objective(spec, tokenizer, vocab_size)
@@ -237,65 +131,14 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     run.measure(flops_per_token(model, spec.data.seq_len))
     engine = build_engine(spec, model, d, total, batches.accum)
-    objective.attach(model, whole_weights=getattr(engine, "stage", 0) != 3)
+    objective.attach(model, whole_weights=engine.capabilities.whole_weights)
     valid = None
     if spec.data.validation is not None:
         vref = spec.data.validation
         vcorpus = open_corpus(resolve_path(vref.path, field="data.validation.path"))
         check_token_ids(vcorpus, vocab_size, split=vref.split)
         valid = PackedSource(vcorpus.split(vref.split), spec.data.seq_len)
-
-    step = run.resume(engine, batches).get("step", 0)
-    mon.print(
-        f"{spec.name}: {spec.objective.type} on {n_params / 1e6:.2f}M params, {d.world_size} rank(s), "
-        f"global batch {t.global_batch} x {spec.data.seq_len} tokens, accum {batches.accum}, "
-        f"steps {step}->{total}"
-    )
-    run.started(step, total)
-    tokens_per_step = t.global_batch * spec.data.seq_len
-    t_start, steps_timed = time.perf_counter(), 0
-    # Everything built so far (model, tokenizer, libraries) lives for the whole run: keep the
-    # garbage collector from rescanning it on every collection during the loop.
-    gc.collect()
-    gc.freeze()
-    while step < total:
-        t0 = time.perf_counter()
-        micro = batches.next_step()
-        data_seconds = time.perf_counter() - t0
-        loss_sum = 0.0
-        for i, mb in enumerate(micro):
-            with engine.micro_step(sync=i == len(micro) - 1) as module:
-                loss = objective(module, mb, d.device)
-                engine.backward(loss)
-            loss_sum += float(loss.detach())
-        grad_norm = engine.step()
-        step += 1
-        (loss_mean,) = mean_over_ranks([loss_sum / len(micro)])
-        step_seconds = time.perf_counter() - t0
-        steps_timed += 1
-        run.throughput.tick(step_seconds, data_seconds, t.global_batch, tokens_per_step)
-        if step % t.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - t_start
-            tok_s = steps_timed * tokens_per_step / elapsed
-            eta = (total - step) * elapsed / steps_timed
-            mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
-                     "tokens_seen": step * tokens_per_step, **run.window_metrics()})
-            mfu = f" | mfu {run.last_mfu:.1%}" if run.last_mfu is not None else ""
-            mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | "
-                      f"{tok_s:,.0f} tok/s{mfu} | eta {format_eta(eta)}")
-        if valid is not None and t.eval_every and (step % t.eval_every == 0 or step == total):
-            vloss = evaluate(spec, engine, objective, valid, d)
-            mon.log({"step": step, "val_loss": vloss, "val_ppl": math.exp(min(vloss, 50))})
-            mon.print(f"  validation: loss {vloss:.4f} | ppl {math.exp(min(vloss, 50)):.2f}")
-        state = {"tokens_seen": step * tokens_per_step, "sampler": batches.state_dict()}
-        reason = run.after_step(step, total, step_seconds, engine, state)
-        if reason:
-            return run.preempted(step, total, reason)
-
-    if spec.export.enabled:
-        engine.export(lambda m: save_hf_model(m, tokenizer, run.run_dir / "export"))
-        mon.print(f"exported HF model to {run.run_dir / 'export'}")
-    return run.finished(step, total)
+    return loop.train(run, engine, Pretraining(run, objective, batches, valid, n_params, tokenizer), total)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import pytest
 PROBE = r"""
 import json, os, torch
 import torch.utils.deterministic
-from hpctrain.trainers.skeleton import deterministic_algorithms
+from hpctrain.trainers.entry import deterministic_algorithms
 deterministic_algorithms()
 print(json.dumps({
     "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),

@@ -1,11 +1,12 @@
 """The host copy a background checkpoint writes holds exactly the state at the save, later
-steps leave it alone, and the next save reuses its memory (`prepare_host_state`, which allocates
+steps leave it alone, and the next save reuses its memory (`HostCopy.prepare`, which allocates
 it ahead on a GPU, is a no-op here on the CPU)."""
 
 import torch
 
+from hpctrain.trainers.checkpoint import HostCopy
 from hpctrain.trainers.distributed import Dist
-from hpctrain.trainers.engine import DDPEngine
+from hpctrain.trainers.engines.ddp import DDPEngine
 
 
 def _engine():
@@ -35,9 +36,10 @@ def _same(a, b) -> bool:
 def test_copy_allocated_ahead_holds_the_state_at_each_save():
     engine = _engine()
     _train_step(engine)
-    engine.prepare_host_state(rank=0)  # as the trainer does after its first step (GPU only)
+    host = HostCopy()
+    host.prepare(engine.state_files(rank=0))  # as the trainer does after its first step (GPU only)
     _train_step(engine)
-    first = engine.host_state(rank=0)
+    first = host.take(engine.state_files(rank=0))
     expected = {"model.pt": engine.model.state_dict(),
                 "optim.pt": {"optimizer": engine.optimizer.state_dict(),
                              "scheduler": engine.scheduler.state_dict()}}
@@ -48,7 +50,7 @@ def test_copy_allocated_ahead_holds_the_state_at_each_save():
     assert all(torch.equal(first["model.pt"][k], frozen[k]) for k in frozen)
     assert not all(torch.equal(first["model.pt"][k], v) for k, v in engine.model.state_dict().items())
     # the next save copies into the same memory and holds the new state
-    second = engine.host_state(rank=0)
+    second = host.take(engine.state_files(rank=0))
     assert second["model.pt"]["0.weight"].data_ptr() == first["model.pt"]["0.weight"].data_ptr()
     assert _same(second["model.pt"], engine.model.state_dict())
     assert second["optim.pt"]["scheduler"]["last_epoch"] == 3
@@ -57,5 +59,6 @@ def test_copy_allocated_ahead_holds_the_state_at_each_save():
 def test_other_ranks_copy_nothing():
     engine = _engine()
     _train_step(engine)
-    engine.prepare_host_state(rank=1)
-    assert engine.host_state(rank=1) == {}
+    host = HostCopy()
+    host.prepare(engine.state_files(rank=1))
+    assert host.take(engine.state_files(rank=1)) == {}

@@ -12,7 +12,7 @@ import pytest
 
 STEPS = r"""
 import json, resource, sys, torch
-from hpctrain.trainers.skeleton import keep_freed_memory
+from hpctrain.trainers.entry import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "trainer" else None
 faults = []
 for _ in range(8):  # a "step": ten 8 MiB tensors (a step's transients), all freed at its end

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from hpctrain.launcher.contract.spec import spec_from_dict
-from hpctrain.trainers import pretrain
-from hpctrain.trainers.pretrain import FusedLinearCrossEntropy, Objective
+from hpctrain.trainers import objective as objective_module
+from hpctrain.trainers.objective import FusedLinearCrossEntropy, Objective
 
 
 def _spec(kind: str) -> object:
@@ -49,7 +49,7 @@ def test_clm_in_chunks_gives_the_whole_logits_loss_and_gradients(monkeypatch):
     keys = list(chunked.state_dict())
     objective = Objective(_spec("clm"), None, 97)
     objective.attach(chunked)
-    monkeypatch.setattr(pretrain, "CHUNK_LOGITS", 97 * 5)  # 5 rows a chunk: 32 tokens, 7 chunks
+    monkeypatch.setattr(objective_module, "CHUNK_LOGITS", 97 * 5)  # 5 rows a chunk: 32 tokens, 7 chunks
     ref = Objective(_spec("clm"), None, 97)(whole, {"tokens": tokens}, torch.device("cpu"))
     got = objective(chunked, {"tokens": tokens}, torch.device("cpu"))
     ref.backward()

@@ -15,7 +15,7 @@ from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.records import iter_records
 from hpctrain.launcher.contract.split import split_indices  # noqa: F401 - re-exported for the trainers
 
-# The plain template used when a tokenizer has no chat template (documented in the README).
+# The plain template used when a tokenizer has no chat template (documented in docs/finetuning.md).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
 ROLE_TEMPLATE = "### {role}:\n{content}\n"
 

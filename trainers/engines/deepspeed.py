@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO behind the engine interface of trainers/engine.py.
+"""DeepSpeed ZeRO behind the engine interface (trainers/engines/__init__.py).
 
 What differs from DDP, and why (docs/cluster-notes.md, DeepSpeed):
 - `engine.backward` already divides by the accumulation count, and `engine.step()` is
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
+from hpctrain.trainers.engines import Capabilities
 
 DS_TAG = "ds"  # one DeepSpeed tag per step_N/ folder: our folder names the step
 UNIVERSAL_TAG = "ds_universal"  # its conversion for another data-parallel size
@@ -96,6 +97,7 @@ class DeepSpeedEngine:
                 dist_init_required=False,
             )
         self.stage = int(ds_config["zero_optimization"]["stage"])
+        self.capabilities = Capabilities(whole_weights=self.stage != 3, state_on_rank0=False)
         self.rank, self.world_size = dist_info.rank, dist_info.world_size
         self.device = dist_info.device
         self.trainable_only = trainable_only  # LoRA: checkpoints leave out the frozen base
@@ -125,8 +127,8 @@ class DeepSpeedEngine:
         finally:
             self.ds.train()
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.ds.module.parameters() if p.requires_grad]
+    def state_files(self, rank: int) -> dict[str, object]:
+        raise NotImplementedError("every rank writes its own ZeRO shards (state_on_rank0 is False)")
 
     def save(self, directory: Path, rank: int) -> None:  # noqa: ARG002 - every rank writes shards
         self.ds.save_checkpoint(
@@ -135,10 +137,10 @@ class DeepSpeedEngine:
             save_latest=False, exclude_frozen_parameters=self.trainable_only,
         )
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, meta: CheckpointMeta) -> None:
         """Load a checkpoint; one saved by another number of ranks is converted to DeepSpeed's
         universal format first (once, kept beside it) and loaded from there."""
-        saved_by = CheckpointMeta.read(Path(directory)).world_size
+        saved_by = meta.world_size
         tag = DS_TAG
         if saved_by != self.world_size:
             tag = self._universal(Path(directory))

@@ -1,0 +1,149 @@
+"""Engines: how a model is wrapped, stepped, saved and exported, behind one interface.
+
+The loop (trainers/loop.py) and the checkpoint (trainers/checkpoint.py) use `Engine` and
+nothing else; where engines differ in what they can do, they say so in `Capabilities`, and
+nobody asks an engine what it is. One file per engine:
+
+    ddp.py        plain PyTorch DDP (or one process): whole replicas, rank 0 saves
+    deepspeed.py  DeepSpeed ZeRO 1-3: partitioned optimizer state (and parameters at stage 3)
+
+`build_engine(spec, model, dist, ...)` builds the optimizer (fused AdamW, no decay on biases
+and norms) and the warmup + decay schedule from the spec, then the engine the spec names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from hpctrain.launcher.contract.checkpoints import CheckpointMeta
+from hpctrain.launcher.contract.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do that others cannot."""
+
+    whole_weights: bool
+    """Every rank holds every parameter whole through forward and backward (not ZeRO-3, whose
+    partitioned weights are gone by the time a custom backward would use them): the CLM loss
+    may take the output layer's weight into its own autograd function (trainers/objective.py)."""
+
+    state_on_rank0: bool
+    """Rank 0 holds the whole checkpoint state (`state_files`): the checkpoint may copy it to
+    host memory and write it in the background while training goes on."""
+
+
+class Engine(Protocol):
+    """The interface every engine implements:
+
+        with engine.micro_step(sync=last) as module:   # forward; grads sync when `last`
+            loss = task.loss(module, batch)
+            engine.backward(loss)                       # the engine scales by the accumulation count
+        grad_norm = engine.step()                       # clip, optimizer, LR schedule, zero grads
+    """
+
+    capabilities: Capabilities
+
+    def micro_step(self, sync: bool) -> AbstractContextManager[torch.nn.Module]:
+        """The module to run one micro-batch's forward through (autocast on where the spec asks)."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss; the step's gradient is their mean."""
+
+    def step(self) -> float:
+        """End of a step: clip, optimizer, LR schedule, zero grads; the pre-clip grad norm."""
+
+    @property
+    def lr(self) -> float: ...
+
+    def evaluating(self) -> AbstractContextManager[torch.nn.Module]:
+        """The model in eval mode, without gradients; train mode again after."""
+
+    def state_files(self, rank: int) -> dict[str, object]:
+        """{file name: state} this rank writes into a checkpoint (where `state_on_rank0`)."""
+
+    def save(self, directory: Path, rank: int) -> None:
+        """Write this rank's part of a checkpoint into `directory` (every rank calls it)."""
+
+    def load(self, directory: Path, meta: CheckpointMeta) -> None:
+        """Restore from a checkpoint `meta` describes (every rank calls it)."""
+
+    def export(self, write: Callable[[torch.nn.Module], None]) -> None:
+        """Every rank calls it; the engine gathers the full model if it must and calls
+        `write(model)` on the rank that writes."""
+
+
+def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA): one kernel over all tensors instead of a
+    Python loop per tensor; deterministic, so exact resume holds."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
+def lr_lambda(spec: RunSpec, total: int) -> Callable[[int], float]:
+    """Warmup then cosine/linear decay to min_lr_ratio over the run's `total` steps."""
+    t = spec.training
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return f
+
+
+def needs_process_group(spec: RunSpec) -> bool:
+    """Whether the engine needs a process group even in one process (DeepSpeed's communication
+    layer does; DDP in one process runs without one)."""
+    return spec.engine.type == "deepspeed"
+
+
+def import_engine_library(spec: RunSpec, device: torch.device) -> None:
+    """Import the library the spec's engine runs on, before the trainer takes its memory
+    baseline (so the import does not count as the model's)."""
+    if spec.engine.type == "deepspeed":
+        from hpctrain.trainers.engines.deepspeed import import_deepspeed
+
+        import_deepspeed(device)
+
+
+def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
+                 trainable_only: bool = False) -> Engine:
+    """The engine for this spec, with its optimizer and LR schedule.
+
+    trainable_only: checkpoints hold just the trained tensors (LoRA adapters, saved
+    modules); the frozen base is rebuilt from the spec on resume.
+    """
+    t = spec.training
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if spec.engine.type == "deepspeed":
+        from hpctrain.launcher.contract.ds_config import build_ds_config
+        from hpctrain.trainers.engines.deepspeed import DeepSpeedEngine, offloaded_adamw
+
+        ds_config = build_ds_config(spec, dist_info.world_size)
+        optimizer = offloaded_adamw(ds_config, groups, t.lr, t.betas, t.weight_decay, dist_info.device)
+        optimizer = optimizer or adamw(groups, t.lr, t.betas, t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+        return DeepSpeedEngine(model.to(dist_info.device), optimizer, scheduler, ds_config, dist_info,
+                               trainable_only)
+    from hpctrain.trainers.engines.ddp import DDPEngine
+
+    optimizer = adamw(groups, t.lr, t.betas, t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    return DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum,
+                     trainable_only, compile_model=t.compile)
