@@ -29,7 +29,9 @@ QLoRA's frozen 4-bit linear weights count 0.5 bytes each.
 Activations are an estimate, said as such: 34·s·b·h bytes per layer for 16-bit activations
 (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022,
 without the 5·a·s² attention-matrix term: PyTorch's SDPA and flash attention keep no s×s
-matrix; ×2 for fp32), plus the logits and their gradient in fp32 (s·b·V·12 bytes).
+matrix; ×2 for fp32), plus the logits and their gradient in fp32 (s·b·V·12 bytes). With
+`training.activation_checkpointing` a recomputed block keeps only its input (2·s·b·h), and
+one block at a time holds its full activations again in the backward.
 
 A configuration fits when its estimate is at most FIT_FRACTION of the device's memory
 (the rest: allocator fragmentation, the CUDA context, communication buffers).
@@ -77,11 +79,24 @@ def model_size(spec: RunSpec) -> ModelSize:
     return ModelSize.from_json(r.stdout.strip().splitlines()[-1])
 
 
+def checkpointed_layers(spec: RunSpec, layers: int) -> int:
+    """How many blocks activation checkpointing recomputes (every k-th, from the first)."""
+    t = spec.training
+    if t.activation_checkpointing == "none":
+        return 0
+    every = 1 if t.activation_checkpointing == "full" else t.activation_checkpointing_every
+    return -(-layers // every)
+
+
 def activation_bytes(spec: RunSpec, m: ModelSize) -> float:
+    """A block keeps 34·s·b·h bytes (16-bit); a checkpointed one keeps only its input (2·s·b·h),
+    and the one being recomputed in the backward holds its full activations again."""
     s, b, h = spec.seq_len, spec.training.micro_batch, m.hidden
     per_layer = 34 * s * b * h
+    ckpt = checkpointed_layers(spec, m.layers)
+    kept = per_layer * (m.layers - ckpt) + 2 * s * b * h * ckpt + (per_layer if ckpt else 0)
     scale = 1.0 if spec.training.precision == "bf16" else 2.0
-    return per_layer * m.layers * scale + s * b * m.vocab * 12
+    return kept * scale + s * b * m.vocab * 12
 
 
 def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
@@ -220,7 +235,10 @@ def report(spec: RunSpec, gpu_mem_gb: float | None) -> str:
         + f"; largest layer {m.largest_layer:,}",
         f"ranks: {c.nodes} node(s) x {c.procs_per_node} = {world}; micro batch {spec.training.micro_batch} x "
         f"seq_len {spec.seq_len}; precision {spec.training.precision}",
-        f"activations per rank, an estimate (34·s·b·h per layer + logits): {_gib(rows[0].activations)}",
+        "activations per rank, an estimate (34·s·b·h per layer + logits"
+        + (f"; {checkpointed_layers(spec, m.layers)} of {m.layers} blocks recomputed"
+           if spec.training.activation_checkpointing != "none" else "")
+        + f"): {_gib(rows[0].activations)}",
         "",
         f"{'engine':<26}{'model states':>14}{'per device':>13}{'per node':>12}{'host/node (offload)':>21}"
         + ("   fits" if budget else ""),

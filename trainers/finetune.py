@@ -177,7 +177,7 @@ class FineTuning:
         self.mon.print("  validation: " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
         if better(self.metric, res[self.metric], self.best):
             self.best, self.stale = res[self.metric], 0
-            engine.export(lambda m: export(m, self.tok, self.labels, self.run_dir.best))
+            engine.export(lambda m, full: export(m, self.tok, self.labels, self.run_dir.best, full))
             self.mon.print(f"  new best {self.metric} {self.best:.4f}: saved to {self.run_dir.best}")
             return False
         self.stale += 1
@@ -197,7 +197,7 @@ class FineTuning:
         if not self.spec.export.enabled:
             return
         out = self.run_dir.export
-        engine.export(lambda m: export(m, self.tok, self.labels, out))
+        engine.export(lambda m, full: export(m, self.tok, self.labels, out, full))
         self.mon.print(f"exported to {out}")
         if self.d.is_main and self.ft.merge and self.ft.method != "full":
             self.mon.print(f"merged model: {merge(self.spec, out, self.tok)}")

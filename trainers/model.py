@@ -101,6 +101,40 @@ def build_model(spec: RunSpec, labels: list[str] | None = None, pad_id: int | No
         return _build_model(spec, labels, pad_id, quantize)
 
 
+def checkpointed_blocks(model) -> list[torch.nn.Module]:
+    """The transformer blocks activation checkpointing can recompute, in order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers before 4.52 checkpoints whole stacks, not blocks
+        raise UserError("activation checkpointing needs transformers >= 4.52",
+                        field="training.activation_checkpointing", expected="none") from None
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply_activation_checkpointing(model, spec: RunSpec) -> int:
+    """Recompute the activations of every block (full) or every k-th block (selective) in the
+    backward instead of keeping them from the forward; returns how many blocks. The recompute
+    runs the same kernels on the same inputs with the forward's RNG state (dropout), so the
+    losses are those of a run without it. Non-reentrant checkpointing: frozen inputs (LoRA's
+    embeddings) need no gradient for it to work, and engine hooks stay outside the recompute."""
+    t = spec.training
+    if t.activation_checkpointing == "none":
+        return 0
+    if not getattr(model, "supports_gradient_checkpointing", False) or not checkpointed_blocks(model):
+        raise UserError(f"{type(model).__name__} does not support activation checkpointing",
+                        field="training.activation_checkpointing", expected="none for this model")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    every = 1 if t.activation_checkpointing == "full" else t.activation_checkpointing_every
+    blocks = checkpointed_blocks(model)
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i % every == 0
+    return sum(b.gradient_checkpointing for b in blocks)
+
+
 def _build_model(spec: RunSpec, labels, pad_id, quantize) -> BuiltModel:
     auto, kw = auto_class(spec), {**label_overrides(labels), **weights_dtype(spec)}
     if spec.model.path is not None:
@@ -121,6 +155,7 @@ def _build_model(spec: RunSpec, labels, pad_id, quantize) -> BuiltModel:
         built = BuiltModel(model, [])
     if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id  # sequence classification finds the last token by it
+    apply_activation_checkpointing(model, spec)
     return built
 
 
@@ -188,14 +223,16 @@ def _deepspeed_only_if_imported():
         other.is_deepspeed_available = original
 
 
-def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = None) -> None:
+def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = None,
+                  state_dict: dict | None = None) -> None:
     """`save_pretrained` (safetensors) + tokenizer (+ label map), renamed into place when
-    complete: an export is whole or absent, and a previous one is replaced only at the end."""
+    complete: an export is whole or absent, and a previous one is replaced only at the end.
+    `state_dict`: the full weights, where `model` holds only its shards (fsdp)."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with _deepspeed_only_if_imported():
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if labels is not None:

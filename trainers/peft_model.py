@@ -64,9 +64,9 @@ def parameter_report(model) -> str:
             f"weights in memory: {mem / 2**20:.1f} MiB")
 
 
-def export(model, tokenizer, labels: list[str] | None, directory: Path) -> None:
+def export(model, tokenizer, labels: list[str] | None, directory: Path, state_dict: dict | None = None) -> None:
     """Adapter (PEFT) or full model, plus tokenizer and label map, renamed into place when complete."""
-    save_hf_model(model, tokenizer, directory, labels)
+    save_hf_model(model, tokenizer, directory, labels, state_dict)
 
 
 def is_adapter(directory: Path) -> bool:

@@ -106,7 +106,7 @@ class Pretraining:
 
     def export(self, engine: Engine) -> None:
         if self.spec.export.enabled:
-            engine.export(lambda m: save_hf_model(m, self.tokenizer, self.export_dir))
+            engine.export(lambda m, full: save_hf_model(m, self.tokenizer, self.export_dir, state_dict=full))
             self.mon.print(f"exported HF model to {self.export_dir}")
 
     def final_status(self) -> dict:

@@ -122,6 +122,14 @@ class TrainingSpec(_Strict):
     compile: bool = Field(
         False, description="torch.compile the model (ddp engine; the first steps compile, minutes on a CPU)"
     )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute transformer blocks' activations in the backward instead of "
+        "keeping them: full (every block) or selective (every k-th block, activation_checkpointing_every); "
+        "less memory for about a third more compute, the same losses"
+    )
+    activation_checkpointing_every: int = Field(
+        2, gt=0, description="selective activation checkpointing: every k-th block (k=1 is full)"
+    )
     eval_every: int | None = Field(None, gt=0, description="steps between validation passes")
     eval_batches: int = Field(4, gt=0, description="micro-batches per rank in a validation pass")
     log_every: int = Field(1, gt=0, description="steps between progress lines")
@@ -242,8 +250,9 @@ class ClusterSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    type: Literal["ddp", "deepspeed"] = Field(
-        "ddp", description="ddp: PyTorch DDP (a full replica per rank); deepspeed: DeepSpeed ZeRO"
+    type: Literal["ddp", "deepspeed", "fsdp"] = Field(
+        "ddp", description="ddp: PyTorch DDP (a full replica per rank); deepspeed: DeepSpeed ZeRO; "
+        "fsdp: PyTorch FSDP2 (parameters, gradients and optimizer state sharded over the ranks)"
     )
     zero_stage: Literal[1, 2, 3] | None = Field(
         None,
@@ -254,7 +263,12 @@ class EngineSpec(_Strict):
         None, description="keep optimizer states (and the step) in CPU memory"
     )
     offload_params: Literal["none", "cpu"] | None = Field(
-        None, description="ZeRO-3: keep parameters in CPU memory between uses"
+        None, description="ZeRO-3 or fsdp: keep parameters (fsdp: and optimizer state) in CPU memory "
+        "between uses"
+    )
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free a block's gathered parameters after its forward and gather them "
+        "again for its backward (less memory, one more all-gather per block)"
     )
     config: str | None = Field(
         None,
@@ -263,11 +277,14 @@ class EngineSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _deepspeed_only(self) -> EngineSpec:
-        ds_fields = [k for k in ("zero_stage", "offload_optimizer", "offload_params", "config")
-                     if getattr(self, k) is not None]
-        if self.type == "ddp" and ds_fields:
-            raise ValueError(f"engine.{ds_fields[0]} needs engine.type: deepspeed")
+    def _fields_of_the_engine(self) -> EngineSpec:
+        ds_only = [k for k in ("zero_stage", "offload_optimizer", "config") if getattr(self, k) is not None]
+        if self.type != "deepspeed" and ds_only:
+            raise ValueError(f"engine.{ds_only[0]} needs engine.type: deepspeed")
+        if self.type == "ddp" and self.offload_params is not None:
+            raise ValueError("engine.offload_params needs engine.type: deepspeed or fsdp")
+        if self.type != "fsdp" and not self.reshard_after_forward:
+            raise ValueError("engine.reshard_after_forward needs engine.type: fsdp")
         if self.offload_params == "cpu" and self.zero_stage not in (3, None):
             raise ValueError("engine.offload_params needs engine.zero_stage: 3")
         if self.offload_optimizer == "cpu" and self.zero_stage == 1:
@@ -367,6 +384,9 @@ class RunSpec(_Strict):
             if self.finetune.method != "full" and self.model.path is None:
                 raise ValueError(f"{self.finetune.method} adapts saved weights: give model.path (a pretrained "
                                  "or exported model), or use method: full from model.config")
+            if self.finetune.method == "qlora" and self.engine.type == "fsdp":
+                raise ValueError("qlora with engine.type: fsdp is not supported: bitsandbytes' packed 4-bit "
+                                 "weights cannot be sharded by FSDP2 here; use engine.type: ddp or deepspeed")
         if self.training.compile and self.engine.type != "ddp":
             raise ValueError("training.compile needs engine.type: ddp (DeepSpeed compiles through its own config)")
         return self
@@ -606,6 +626,7 @@ RESUMABLE_CHANGES = (
     "training.eval_every",
     "training.eval_batches",
     "training.log_every",
+    "training.activation_checkpointing",  # and _every: a memory choice, the same losses
     "checkpoint.",
     "cluster.",
     "data.num_workers",

@@ -182,3 +182,15 @@ def test_cpu_offload_trains_with_ddps_losses_and_resumes(tmp_path, ddp_losses, b
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in got:
         assert abs(got[s] - ddp_losses[s]) <= 1e-4 * abs(ddp_losses[s]), (s, got[s], ddp_losses[s])
+
+
+@pytest.mark.parametrize(("engine", "mode"), [("ddp", "selective"), ("zero3", "full")])
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, ddp_losses, zero_runs, bpe_tokenizer,
+                                                        bpe_corpus, engine, mode):
+    cfg = {} if engine == "ddp" else {"type": "deepspeed", "zero_stage": 3}
+    spec = _spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, cfg)
+    spec["training"]["activation_checkpointing"] = mode
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    reference = ddp_losses if engine == "ddp" else losses(zero_runs[3][0])
+    assert losses(tmp_path / "run") == reference  # the recompute runs the same kernels on the same inputs

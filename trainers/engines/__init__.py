@@ -6,6 +6,7 @@ nobody asks an engine what it is. One file per engine:
 
     ddp.py        plain PyTorch DDP (or one process): whole replicas, rank 0 saves
     deepspeed.py  DeepSpeed ZeRO 1-3: partitioned optimizer state (and parameters at stage 3)
+    fsdp.py       PyTorch FSDP2: parameters, gradients and optimizer state sharded, DCP checkpoints
 
 `build_engine(spec, model, dist, ...)` builds the optimizer (fused AdamW, no decay on biases
 and norms) and the warmup + decay schedule from the spec, then the engine the spec names.
@@ -75,15 +76,23 @@ class Engine(Protocol):
     def load(self, directory: Path, meta: CheckpointMeta) -> None:
         """Restore from a checkpoint `meta` describes (every rank calls it)."""
 
-    def export(self, write: Callable[[torch.nn.Module], None]) -> None:
-        """Every rank calls it; the engine gathers the full model if it must and calls
-        `write(model)` on the rank that writes."""
+    def export(self, write: Callable[[torch.nn.Module, dict | None], None]) -> None:
+        """Every rank calls it; on the rank that writes, the engine calls `write(model, state)`:
+        `state` is the full state dict where the model itself holds only shards, else None."""
 
 
 def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CPU and CUDA): one kernel over all tensors instead of a
     Python loop per tensor; deterministic, so exact resume holds."""
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trained parameters in AdamW groups: weight decay on matrices, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_lambda(spec: RunSpec, total: int) -> Callable[[int], float]:
@@ -104,8 +113,8 @@ def lr_lambda(spec: RunSpec, total: int) -> Callable[[int], float]:
 
 def needs_process_group(spec: RunSpec) -> bool:
     """Whether the engine needs a process group even in one process (DeepSpeed's communication
-    layer does; DDP in one process runs without one)."""
-    return spec.engine.type == "deepspeed"
+    layer and FSDP's device mesh do; DDP in one process runs without one)."""
+    return spec.engine.type in ("deepspeed", "fsdp")
 
 
 def import_engine_library(spec: RunSpec, device: torch.device) -> None:
@@ -125,12 +134,11 @@ def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
     modules); the frozen base is rebuilt from the spec on resume.
     """
     t = spec.training
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    if spec.engine.type == "fsdp":  # its optimizer steps the shards: built after sharding
+        from hpctrain.trainers.engines.fsdp import FSDPEngine
+
+        return FSDPEngine(model, spec, dist_info, total_steps, accum, trainable_only)
+    groups = param_groups(model, t.weight_decay)
     if spec.engine.type == "deepspeed":
         from hpctrain.launcher.contract.ds_config import build_ds_config
         from hpctrain.trainers.engines.deepspeed import DeepSpeedEngine, offloaded_adamw

@@ -117,7 +117,7 @@ class DDPEngine:
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
 
-    def export(self, write: Callable[[torch.nn.Module], None]) -> None:
+    def export(self, write: Callable[[torch.nn.Module, dict | None], None]) -> None:
         """Every rank calls it; rank 0 holds the full model and writes it."""
         if self.rank == 0:
-            write(self.model)
+            write(self.model, None)

@@ -172,7 +172,7 @@ class DeepSpeedEngine:
             torch.distributed.barrier()
         return UNIVERSAL_TAG
 
-    def export(self, write: Callable[[torch.nn.Module], None]) -> None:
+    def export(self, write: Callable[[torch.nn.Module, dict | None], None]) -> None:
         """ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes the full model."""
         module = self.ds.module
         if self.stage == 3:
@@ -180,7 +180,7 @@ class DeepSpeedEngine:
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 if self.rank == 0:
-                    write(module)
+                    write(module, None)
             return
         if self.rank == 0:
-            write(module)
+            write(module, None)

@@ -1,0 +1,149 @@
+"""PyTorch FSDP2 (`fully_shard`) behind the engine interface (trainers/engines/__init__.py).
+
+- Each transformer block is sharded on its own and the root (embeddings, final norm, output
+  layer) last: a block's parameters are gathered for its forward and backward only.
+- `training.precision: bf16` is a `MixedPrecisionPolicy`: the forward and backward compute with
+  bf16 copies of the parameters, gradients are reduced in fp32, and the optimizer steps the
+  fp32 shards (no autocast).
+- `engine.offload_params: cpu` keeps the parameter and optimizer shards in host memory
+  (`CPUOffloadPolicy`); the optimizer steps there.
+- Checkpoints are `torch.distributed.checkpoint` (DCP) folders inside our step folder: every
+  rank writes its own shards, and a checkpoint loads on any number of ranks (DCP reshards at
+  load: nothing to convert).
+- Export gathers the full state dict on rank 0, in host memory, and writes HF safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hpctrain.launcher.contract.checkpoints import CheckpointMeta
+from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.trainers.checkpoint import save_tensor_file
+from hpctrain.trainers.engines import Capabilities, adamw, lr_lambda, param_groups
+
+DCP_DIR = "dcp"  # the DCP checkpoint inside a step folder
+SCHEDULER_FILE = "scheduler.pt"  # the LR schedule (rank 0)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model, in order (what FSDP shards one by one)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+class FSDPEngine:
+    """FSDP2 over all ranks: parameters, gradients and optimizer state sharded."""
+
+    capabilities = Capabilities(whole_weights=False, state_on_rank0=False)
+
+    def __init__(self, model, spec: RunSpec, dist_info, total_steps: int, accum: int,
+                 trainable_only: bool = False) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
+
+        t, e = spec.training, spec.engine
+        self.device, self.rank, self.accum = dist_info.device, dist_info.rank, accum
+        self.grad_clip, self.trainable_only = t.grad_clip, trainable_only
+        mesh = init_device_mesh(self.device.type, (dist_info.world_size,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if t.precision == "bf16" else MixedPrecisionPolicy())
+        offload = CPUOffloadPolicy() if e.offload_params == "cpu" else OffloadPolicy()
+        if e.offload_params != "cpu":
+            model = model.to(self.device)
+        blocks = transformer_blocks(model)
+        if not blocks:
+            from hpctrain.launcher.contract.errors import UserError
+
+            raise UserError(f"{type(model).__name__} has no transformer blocks FSDP can shard",
+                            field="engine.type", expected="ddp or deepspeed for this model")
+        for block in blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
+                        offload_policy=offload)
+        fully_shard(model, mesh=mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
+                    offload_policy=offload)
+        self.model = model
+        # the optimizer steps the shards: built once the parameters are sharded
+        self.optimizer = adamw(param_groups(model, t.weight_decay), t.lr, t.betas, t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, total_steps))
+
+    @contextlib.contextmanager
+    def micro_step(self, sync: bool):
+        """Gradients are reduce-scattered only at the window's last micro-batch (`sync`)."""
+        self.model.set_requires_gradient_sync(sync)
+        yield self.model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            self.model.train()
+
+    def state_files(self, rank: int) -> dict[str, object]:
+        raise NotImplementedError("every rank writes its own DCP shards (state_on_rank0 is False)")
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.trainable_only)
+
+    def save(self, directory: Path, rank: int) -> None:
+        """Every rank writes its shards of the model and optimizer (DCP); rank 0 the schedule."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / DCP_DIR))
+        if rank == 0:
+            save_tensor_file(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
+
+    def load(self, directory: Path, meta: CheckpointMeta) -> None:  # noqa: ARG002 - DCP reshards
+        """Load a DCP checkpoint saved by any number of ranks into this run's shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=self._options())
+        self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
+
+    def export(self, write: Callable[..., None]) -> None:
+        """Every rank takes part in gathering the full state dict; rank 0 holds it (in host
+        memory) and writes the model with it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                          ignore_frozen_params=self.trainable_only))
+        if self.rank == 0:
+            write(self.model, full)
