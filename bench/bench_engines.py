@@ -1,6 +1,8 @@
-"""DDP vs DeepSpeed ZeRO 1/2/3 (+ offload): step time and peak memory per rank, one run.
+"""DDP vs DeepSpeed ZeRO 1/2/3 (+ offload) vs FSDP2: step time and peak memory per rank, one run.
 
     .venv/bin/python bench/bench_engines.py [--steps 8] [--ranks 2] [--layers 10]
+    .venv/bin/python bench/bench_engines.py --pretrained --hidden 1024 --layers 16 --steps 3 \
+        --only ddp zero3 fsdp          # a ~300M Llama loaded from an HF folder by each engine
 
 A ~100M-parameter Llama (hidden 768, tied embeddings, MiniLM's 30,522-token
 vocabulary), seq 128 x micro batch 2, global batch 8, fp32, on this machine's
@@ -37,17 +39,37 @@ ENGINES = {
     "zero2+offload_optimizer": {"type": "deepspeed", "zero_stage": 2, "offload_optimizer": "cpu"},
     "zero3+offload_all": {"type": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu",
                           "offload_params": "cpu"},
+    "fsdp": {"type": "fsdp"},
+    "fsdp+offload": {"type": "fsdp", "offload_params": "cpu"},
 }
+
+
+def model_config(args) -> dict:
+    heads = max(args.hidden // 64, 1)
+    return {"model_type": "llama", "vocab_size": 30522, "hidden_size": args.hidden,
+            "intermediate_size": args.hidden * 8 // 3 // 64 * 64, "num_hidden_layers": args.layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads,
+            "max_position_embeddings": 256, "tie_word_embeddings": True}
+
+
+def pretrained_folder(root: Path, args) -> Path:
+    """The bench model saved as an HF folder (safetensors), made once per run of the bench."""
+    folder = root / "pretrained"
+    if not folder.is_dir():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(11)
+        cfg = model_config(args)
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(folder)
+    return folder
 
 
 def spec_for(root: Path, name: str, engine: dict, args) -> dict:
     return {
         "name": f"bench-{name}", "run_dir": str(root / name),
-        "model": {"config": {"model_type": "llama", "vocab_size": 30522, "hidden_size": 768,
-                             "intermediate_size": 2048, "num_hidden_layers": args.layers,
-                             "num_attention_heads": 12, "num_key_value_heads": 12,
-                             "max_position_embeddings": 256, "tie_word_embeddings": True},
-                  "tokenizer": tokenizer_path()},
+        "model": ({"path": str(pretrained_folder(root, args)), "tokenizer": tokenizer_path()} if args.pretrained
+                  else {"config": model_config(args), "tokenizer": tokenizer_path()}),
         "data": {"corpora": [{"path": str(build_corpus(root))}], "seq_len": 128},
         "training": {"global_batch": 8, "micro_batch": 2, "steps": args.steps, "lr": 3e-4,
                      "warmup_steps": 2, "log_every": 1, "seed": 11},
@@ -87,6 +109,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--pretrained", action="store_true",
+                    help="every engine loads the model from an HF folder (else: built from its config)")
     ap.add_argument("--only", nargs="*", choices=list(ENGINES), help="a subset of engines")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hpctrain-bench-engines-") as tmp:

@@ -20,8 +20,15 @@ We use the same parts, split into trainable and frozen parameters:
     bucket, B = min(5e8, Ψ) elements ("auto" in ds_configs/: DeepSpeed's default capped at
     the model's size)
 
-At load, every rank builds the whole model in host memory before the engine moves or
-partitions it (no zero.Init): w·Ψ per rank, printed below the table.
+    fsdp     (w·Ψ + 12·Ψt)/N + 3·p·L   fp32 shards of weights, gradients and Adam's moments; a block
+                                gathered with its gradient, the next one prefetched (+ p·Ψ
+                                with reshard_after_forward: false)
+    fsdp+offload: the shards live in host memory instead
+
+At load (the load/node column), a rank builds the whole model in host memory before the
+engine moves or partitions it (w·Ψ per rank), except under fsdp (built on the meta device,
+each rank reads only its slices of the safetensors files: w·L/N) and under ZeRO-3 from
+pretrained weights (partitioned as they load: w·Ψ/N + w·L).
 
 p is 2 with `training.precision: bf16` (DeepSpeed keeps 16-bit weights) and 4 otherwise.
 QLoRA's frozen 4-bit linear weights count 0.5 bytes each.
@@ -113,6 +120,11 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
     layer = 2 * p * m.largest_layer
     buckets = 2 * p * min(5e8, m.total)
     ds = lambda stage, **kw: {"type": "deepspeed", "zero_stage": stage, **kw}  # noqa: E731
+    # FSDP2 keeps fp32 shards of the weights, gradients and Adam's moments; a block's weights are
+    # gathered in the compute dtype for its forward and backward, with its gradient, and the next
+    # block's are prefetched; without resharding after the forward every block's stay gathered
+    fsdp_shards = (ddp_w * (m.total - q) + 12 * pt) / n
+    fsdp_gathered = 3 * p * m.largest_layer + (0 if spec.engine.reshard_after_forward else p * (m.total - q))
     out = [
         Estimate("ddp", {"type": "ddp"}, weights_ddp + (16 if n > 1 else 12) * pt, act, 0.0),
         Estimate("zero1", ds(1), weights + p * pt + opt + buckets, act, 0.0),
@@ -124,14 +136,29 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
                  (weights + p * pt) / n + layer + buckets, act, opt),
         Estimate("zero3+offload_all", ds(3, offload_optimizer="cpu", offload_params="cpu"),
                  p * pt / n + layer + buckets, act, opt + weights / n),
+        Estimate("fsdp", {"type": "fsdp"}, fsdp_shards + fsdp_gathered, act, 0.0),
+        Estimate("fsdp+offload", {"type": "fsdp", "offload_params": "cpu"}, fsdp_gathered, act, fsdp_shards),
     ]
     return out
 
 
-def load_bytes(spec: RunSpec, m: ModelSize) -> float:
-    """Host memory per rank while the model is built whole, before the engine takes it."""
+def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float:
+    """Host memory per rank while the model is built, before the engine holds it (the engine
+    of `engine`, a table row's section, or the spec's own): the whole model, except where it
+    is sharded as it loads. fsdp builds on the meta device and reads each rank's slices (a
+    shard of the largest layer at a time); ZeRO-3 from pretrained weights partitions each as it
+    loads (transformers' zero.Init path: one whole layer at a time, then its partition)."""
+    e = engine if engine is not None else spec.engine.model_dump()
     w = 2 if spec.model.dtype == "bf16" else 4
-    return w * (m.total - m.quantized) + 0.5 * m.quantized
+    whole = w * (m.total - m.quantized) + 0.5 * m.quantized
+    world = max(spec.cluster.world_size, 1)
+    qlora = spec.task == "finetune" and spec.finetune.method == "qlora"
+    lora = spec.task == "finetune" and spec.finetune.method != "full"
+    if e.get("type") == "fsdp" and not lora:
+        return w * m.largest_layer / world
+    if e.get("type") == "deepspeed" and (e.get("zero_stage") or 2) == 3 and spec.model.path is not None and not qlora:
+        return whole / world + w * m.largest_layer
+    return whole
 
 
 def chosen_name(spec: RunSpec) -> str:
@@ -139,6 +166,8 @@ def chosen_name(spec: RunSpec) -> str:
     e = spec.engine
     if e.type == "ddp":
         return "ddp"
+    if e.type == "fsdp":
+        return "fsdp+offload" if e.offload_params == "cpu" else "fsdp"
     stage = e.zero_stage or 2
     if e.offload_params == "cpu":
         return "zero3+offload_all"
@@ -241,17 +270,19 @@ def report(spec: RunSpec, gpu_mem_gb: float | None) -> str:
         + f"): {_gib(rows[0].activations)}",
         "",
         f"{'engine':<26}{'model states':>14}{'per device':>13}{'per node':>12}{'host/node (offload)':>21}"
-        + ("   fits" if budget else ""),
+        f"{'load/node':>12}" + ("   fits" if budget else ""),
     ]
     for e in rows:
         mark = "  <- spec" if e.name == mine else ""
         fit = ("   yes " if fits(e, budget) else "   no  ") if budget else ""
         lines.append(f"{e.name:<26}{_gib(e.states):>14}{_gib(e.device):>13}{_gib(e.device * c.procs_per_node):>12}"
-                     f"{_gib(e.host * c.procs_per_node) if e.host else '-':>21}{fit}{mark}")
+                     f"{_gib(e.host * c.procs_per_node) if e.host else '-':>21}"
+                     f"{_gib(load_bytes(spec, m, e.engine) * c.procs_per_node):>12}{fit}{mark}")
     lines.append("")
     load = load_bytes(spec, m)
-    lines.append(f"at load, host memory while each rank builds the whole model: {_gib(load)} per rank, "
-                 f"{_gib(load * c.procs_per_node)} per node")
+    lines.append(f"at load, host memory while each rank builds the model (load/node: all its ranks): {_gib(load)} "
+                 f"per rank, {_gib(load * c.procs_per_node)} per node; whole on every rank but under fsdp (each "
+                 "rank reads its shards) and ZeRO-3 from pretrained weights (partitioned as they load)")
     if budget is None:
         lines.append("device memory unknown: pass --gpu-mem GB (or set cluster.device_memory_gb) to choose")
     else:

@@ -68,10 +68,11 @@ def install(faults: Faults) -> None:
         Checkpointer.publish = paused_publish
 
     if faults.fail_at_step is not None or faults.stall is not None:
-        after_step = Run.after_step
+        original = Run.after_step
 
-        @functools.wraps(after_step)
-        def faulty_after_step(self, step, total, step_seconds, *args, **kwargs):
+        # named as the method it wraps: a stalled rank's stack shows it stopped in after_step
+        @functools.wraps(original)
+        def after_step(self, step, total, step_seconds, *args, **kwargs):
             self.watchdog.beat(step, step_seconds)
             if faults.fail_at_step == step and self.d.is_main:
                 raise RuntimeError(f"HPCTRAIN_FAULT_FAIL_AT_STEP: a deliberate crash after step {step} (tests)")
@@ -79,6 +80,6 @@ def install(faults: Faults) -> None:
                 print(f"HPCTRAIN_FAULT_STALL: rank {self.d.rank} stops at step {step} (tests)", file=sys.stderr,
                       flush=True)
                 time.sleep(3600)
-            return after_step(self, step, total, step_seconds, *args, **kwargs)
+            return original(self, step, total, step_seconds, *args, **kwargs)
 
-        Run.after_step = faulty_after_step
+        Run.after_step = after_step

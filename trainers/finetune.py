@@ -40,7 +40,7 @@ from hpctrain.trainers.data.examples import (
 )
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.distributed import Dist, eval_slices
-from hpctrain.trainers.engines import Engine, build_engine
+from hpctrain.trainers.engines import Engine, build_engine, prepare_model_loading
 from hpctrain.trainers.entry import Launch, entry_parser, frozen_spec, run_entry, seed_everything
 from hpctrain.trainers.model import (
     flops_per_token,
@@ -214,6 +214,7 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     tok = load_tokenizer(spec)
     train_set, valid_set, labels, notes = load_examples(spec, tok)
     mon.print(notes)
+    prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
     built = build_finetune_model(spec, labels, train_set.pad_id)
     model = built.model
     if built.new_modules:
@@ -228,7 +229,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
                            dataset=train_set, lengths=lengths)
     # achieved FLOP/s counts real tokens (padding is not model work) at their own lengths
     run.measure(flops_per_token(model, mean_context(len(x) for x in train_set.tk.input_ids)))
-    engine = build_engine(spec, model, d, total, batches.accum, trainable_only=ft.method != "full")
+    engine = build_engine(spec, model, d, total, batches.accum, trainable_only=ft.method != "full",
+                          on_meta=built.on_meta, weights_from=built.weights_from)
     return loop.train(run, engine, FineTuning(run, batches, valid_set, labels, tok), total)
 
 

@@ -16,6 +16,7 @@ import torch
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.paths import resolve_path
 from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.trainers.engines import param_numel
 
 LABELS_FILE = "labels.json"
 
@@ -52,10 +53,56 @@ class BuiltModel:
     """A model as the factory made it, and the modules the checkpoint lacked, which start
     fresh (an MLM head missing from an encoder checkpoint, a classifier head, BERT's pooler):
     reported once on the console, and trained and saved with an adapter (a reload would
-    otherwise initialize them again, differently)."""
+    otherwise initialize them again, differently).
+
+    `on_meta`: the parameters are still on the meta device (nothing allocated); the engine
+    that shards them materializes its shards and reads them from `weights_from` (an HF folder:
+    each rank its slices of the safetensors files) or initializes them (from `model.config`)."""
 
     model: torch.nn.Module
     new_modules: list[str]
+    on_meta: bool = False
+    weights_from: Path | None = None
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters created inside go to the meta device as they are registered; buffers stay
+    real (a rotary table is computed at construction, not loaded). One parameter at a time is
+    ever allocated, and freed at once."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def safetensors_keys(folder: Path) -> set[str]:
+    """The tensor names of an HF folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            keys.update(st.keys())
+    return keys
+
+
+def checkpoint_key(model, name: str, keys: set[str]) -> str | None:
+    """The name a parameter of `model` has in a checkpoint holding `keys` (with or without the
+    base model's prefix, as transformers loads a base checkpoint into a model with a head)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    for k in (name, name.removeprefix(f"{prefix}."), f"{prefix}.{name}"):
+        if k in keys:
+            return k
+    return None
 
 
 def auto_class(spec: RunSpec):
@@ -93,12 +140,35 @@ def weights_dtype(spec: RunSpec) -> dict:
 
 
 def build_model(spec: RunSpec, labels: list[str] | None = None, pad_id: int | None = None,
-                quantize: bool = False) -> BuiltModel:
+                quantize: bool = False, on_meta: bool = False) -> BuiltModel:
     """The model of a run: from `model.path` (pretrained) or `model.config` (from scratch), with
     the run's Auto class, a classification head over `labels`, 4-bit NF4 linear weights when
-    `quantize` (QLoRA). The one model factory: the trainers and `hpctrain plan` build through it."""
+    `quantize` (QLoRA); with `on_meta`, its parameters left on the meta device for a sharding
+    engine to materialize. The one model factory: the trainers and `hpctrain plan` build
+    through it."""
     with model_files_errors(spec):
+        if on_meta:
+            return _build_on_meta(spec, labels, pad_id)
         return _build_model(spec, labels, pad_id, quantize)
+
+
+def _build_on_meta(spec: RunSpec, labels, pad_id) -> BuiltModel:
+    kw = label_overrides(labels)
+    config = model_config(spec, **kw)
+    with parameters_on_meta():
+        model = auto_class(spec).from_config(config, **weights_dtype(spec))
+    if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id
+    apply_activation_checkpointing(model, spec)
+    if spec.model.path is None:
+        return BuiltModel(model, [], on_meta=True)
+    folder = Path(resolve_path(spec.model.path, field="model.path"))
+    keys = safetensors_keys(folder)
+    if not keys:
+        raise UserError("no safetensors weights to load shard by shard", file=str(folder), field="model.path",
+                        expected="an HF folder saved with safe_serialization (model*.safetensors)")
+    missing = [n for n, _ in model.named_parameters() if checkpoint_key(model, n, keys) is None]
+    return BuiltModel(model, sorted({n.rsplit(".", 1)[0] for n in missing}), on_meta=True, weights_from=folder)
 
 
 def checkpointed_blocks(model) -> list[torch.nn.Module]:
@@ -264,7 +334,7 @@ def flops_per_token(model, seq_len: float) -> float:
             continue
         seen.add(id(p))
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += param_numel(p)
         else:
             frozen += _unquantized_numel(p)
     layers = getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0)
@@ -275,7 +345,9 @@ def flops_per_token(model, seq_len: float) -> float:
 def _unquantized_numel(p) -> int:
     """Elements of a weight as the model computes with it (a 4-bit weight packs two per byte)."""
     qs = getattr(p, "quant_state", None)
-    return math.prod(qs.shape) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return math.prod(qs.shape)
+    return param_numel(p)
 
 
 def mean_context(lengths) -> float:

@@ -14,6 +14,7 @@ import torch
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.trainers.engines import loads_sharded, param_numel
 from hpctrain.trainers.model import LABELS_FILE, BuiltModel, auto_class, build_model, save_hf_model
 
 
@@ -48,15 +49,18 @@ def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | 
     """The model a fine-tuning run trains: the factory's base, wrapped in LoRA adapters for
     lora and qlora (the latter on a 4-bit base)."""
     ft = spec.finetune
-    built = build_model(spec, labels, pad_id, quantize=ft.method == "qlora")
+    # a full fine-tune under fsdp is built on the meta device (each rank materializes its shards);
+    # LoRA adapters are made whole on every rank, so their base is too (then sharded)
+    on_meta = loads_sharded(spec) and ft.method == "full"
+    built = build_model(spec, labels, pad_id, quantize=ft.method == "qlora", on_meta=on_meta)
     if ft.method in ("lora", "qlora"):
         built = BuiltModel(apply_lora(built.model, spec, built.new_modules), built.new_modules)
     return built
 
 
 def parameter_report(model) -> str:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(param_numel(p) for p in model.parameters())
+    trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
     mem = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )

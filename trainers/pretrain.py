@@ -27,7 +27,13 @@ from hpctrain.trainers import loop
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.data.sampler import PackedSource
 from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
-from hpctrain.trainers.engines import Engine, build_engine
+from hpctrain.trainers.engines import (
+    Engine,
+    build_engine,
+    loads_sharded,
+    parameter_count,
+    prepare_model_loading,
+)
 from hpctrain.trainers.entry import Launch, entry_parser, run_entry, seed_everything
 from hpctrain.trainers.model import (
     build_model,
@@ -118,7 +124,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     t = spec.training
     seed_everything(t.seed)
     tokenizer = load_tokenizer(spec)
-    built = build_model(spec)
+    prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
+    built = build_model(spec, on_meta=loads_sharded(spec))  # fsdp: each rank materializes its shards
     model = built.model
     if built.new_modules:
         run.mon.print(fresh_modules_note(built.new_modules, "the objective's head"))
@@ -128,9 +135,9 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     total = spec.total_steps_for(sum(s.num_samples for s in sources))
     batches = TrainBatches(sources, [c.weight for c in spec.data.corpora], t.seed, t.global_batch,
                            t.micro_batch, d.rank, d.world_size, num_workers=spec.data.num_workers)
-    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    n_params = parameter_count(model)
     run.measure(flops_per_token(model, spec.data.seq_len))
-    engine = build_engine(spec, model, d, total, batches.accum)
+    engine = build_engine(spec, model, d, total, batches.accum, on_meta=built.on_meta, weights_from=built.weights_from)
     objective.attach(model, whole_weights=engine.capabilities.whole_weights)
     valid = None
     if spec.data.validation is not None:

@@ -126,18 +126,54 @@ def import_engine_library(spec: RunSpec, device: torch.device) -> None:
         import_deepspeed(device)
 
 
+def prepare_model_loading(spec: RunSpec, dist_info) -> None:
+    """What the spec's engine needs done before the model is built: ZeRO-3 from pretrained
+    weights partitions them as they load (no rank builds the whole model). Not for a model from
+    `model.config` (its initialization stays that of every other engine) nor for QLoRA (its
+    4-bit weights are bitsandbytes', loaded whole)."""
+    if spec.engine.type != "deepspeed" or spec.model.path is None:
+        return
+    if spec.task == "finetune" and spec.finetune.method == "qlora":
+        return
+    from hpctrain.launcher.contract.ds_config import build_ds_config
+
+    ds_config = build_ds_config(spec, dist_info.world_size)
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        from hpctrain.trainers.engines.deepspeed import partition_while_loading
+
+        partition_while_loading(ds_config, dist_info.device)
+
+
+def param_numel(p: torch.Tensor) -> int:
+    """A parameter's elements, also when ZeRO-3 holds only its partition (`ds_numel`)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Every parameter's elements, also those ZeRO-3 holds only a partition of."""
+    return sum(param_numel(p) for p in model.parameters())
+
+
+def loads_sharded(spec: RunSpec) -> bool:
+    """Whether the engine takes the model with its parameters on the meta device and
+    materializes only each rank's shards (fsdp); the others take a whole model."""
+    return spec.engine.type == "fsdp"
+
+
 def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
-                 trainable_only: bool = False) -> Engine:
+                 trainable_only: bool = False, on_meta: bool = False, weights_from: Path | None = None) -> Engine:
     """The engine for this spec, with its optimizer and LR schedule.
 
     trainable_only: checkpoints hold just the trained tensors (LoRA adapters, saved
-    modules); the frozen base is rebuilt from the spec on resume.
+    modules); the frozen base is rebuilt from the spec on resume. on_meta, weights_from: a
+    model built on the meta device (`loads_sharded`), and the HF folder its weights are in.
     """
     t = spec.training
     if spec.engine.type == "fsdp":  # its optimizer steps the shards: built after sharding
         from hpctrain.trainers.engines.fsdp import FSDPEngine
 
-        return FSDPEngine(model, spec, dist_info, total_steps, accum, trainable_only)
+        return FSDPEngine(model, spec, dist_info, total_steps, accum, trainable_only, on_meta, weights_from)
+    assert not on_meta, f"engine {spec.engine.type} takes a whole model"
     groups = param_groups(model, t.weight_decay)
     if spec.engine.type == "deepspeed":
         from hpctrain.launcher.contract.ds_config import build_ds_config

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
-from hpctrain.trainers.engines import Capabilities
+from hpctrain.trainers.engines import Capabilities, param_numel
 
 DS_TAG = "ds"  # one DeepSpeed tag per step_N/ folder: our folder names the step
 UNIVERSAL_TAG = "ds_universal"  # its conversion for another data-parallel size
@@ -64,6 +64,22 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
+_LOADING_CONFIG: list = []  # transformers holds it by weak reference: alive for the process
+
+
+def partition_while_loading(ds_config: dict, device: torch.device) -> None:
+    """ZeRO-3 from pretrained weights: tell transformers before the model is built, so that
+    `from_pretrained` partitions each weight as it loads it (deepspeed.zero.Init) instead of
+    every rank building the whole model in host memory before DeepSpeed partitions it."""
+    deepspeed = import_deepspeed(device)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init reads the world size from DeepSpeed's communication layer: over our process group
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
+    _LOADING_CONFIG.append(HfDeepSpeedConfig(ds_config))
+
+
 def offloaded_adamw(ds_config: dict, groups: list[dict], lr: float, betas, weight_decay: float, device):
     """DeepSpeed's CPU Adam (AdamW mode) when the config offloads the optimizer, else None.
 
@@ -86,7 +102,7 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed(dist_info.device)
         from deepspeed.utils import logger
 
-        ds_config = fill_bucket_sizes(ds_config, sum(p.numel() for p in model.parameters()))
+        ds_config = fill_bucket_sizes(ds_config, sum(param_numel(p) for p in model.parameters()))
 
         for h in logger.handlers:  # DeepSpeed logs to stdout, our console: keep it in the rank log
             if isinstance(h, logging.StreamHandler):

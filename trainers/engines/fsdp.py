@@ -37,13 +37,50 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def materialize(model: torch.nn.Module, device: torch.device, weights_from: Path | None) -> None:
+    """Give a sharded model built on the meta device (`model.parameters_on_meta`) its shards on
+    `device`: read from the safetensors files of `weights_from`, each rank only its own slices
+    (DCP's Hugging Face reader), and initialized as transformers would where the files lack a
+    weight (or everywhere, for a model from `model.config`). No rank holds a whole weight."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner, HuggingFaceStorageReader
+
+    from hpctrain.trainers.model import checkpoint_key, safetensors_keys
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT: the HF model
+    meta = {n for n, p in hf.named_parameters() if _local(p).is_meta}
+    kept = {n: _local(p).detach().clone() for n, p in hf.named_parameters() if n not in meta}  # adapters
+    buffers = {n: b.detach().clone() for n, b in hf.named_buffers()}
+    model.to_empty(device=device)
+    keys = safetensors_keys(weights_from) if weights_from is not None else set()
+    source = {n: checkpoint_key(hf, n.replace(".base_layer", ""), keys) for n in meta}
+    with torch.no_grad():
+        for n, b in hf.named_buffers():
+            b.copy_(buffers[n])
+        params = dict(hf.named_parameters())
+        for n, value in kept.items():
+            _local(params[n]).copy_(value)
+        fresh = {n for n in meta if source[n] is None}
+        for name, module in hf.named_modules():  # transformers' own init, on this rank's shards
+            if any((f"{name}.{pn}" if name else pn) in fresh for pn, _ in module.named_parameters(recurse=False)):
+                hf._init_weights(module)
+        wanted = {source[n]: params[n] for n in meta if source[n] is not None}
+        if wanted:
+            dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(weights_from)),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 class FSDPEngine:
     """FSDP2 over all ranks: parameters, gradients and optimizer state sharded."""
 
     capabilities = Capabilities(whole_weights=False, state_on_rank0=False)
 
     def __init__(self, model, spec: RunSpec, dist_info, total_steps: int, accum: int,
-                 trainable_only: bool = False) -> None:
+                 trainable_only: bool = False, on_meta: bool = False, weights_from: Path | None = None) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
@@ -59,7 +96,7 @@ class FSDPEngine:
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if t.precision == "bf16" else MixedPrecisionPolicy())
         offload = CPUOffloadPolicy() if e.offload_params == "cpu" else OffloadPolicy()
-        if e.offload_params != "cpu":
+        if e.offload_params != "cpu" and not on_meta:
             model = model.to(self.device)
         blocks = transformer_blocks(model)
         if not blocks:
@@ -72,6 +109,8 @@ class FSDPEngine:
                         offload_policy=offload)
         fully_shard(model, mesh=mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
                     offload_policy=offload)
+        if on_meta:
+            materialize(model, torch.device("cpu") if e.offload_params == "cpu" else self.device, weights_from)
         self.model = model
         # the optimizer steps the shards: built once the parameters are sharded
         self.optimizer = adamw(param_groups(model, t.weight_decay), t.lr, t.betas, t.weight_decay)
