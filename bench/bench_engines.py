@@ -92,7 +92,8 @@ def measure(root: Path, name: str, engine: dict, args) -> dict:
         return {"engine": name, "error": (r.stdout + r.stderr)[-800:]}
     recs = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "loss" in x]
-    gaps = [b["time"] - a["time"] for a, b in zip(steps, steps[1:], strict=False)][2:]
+    gaps = [b["time"] - a["time"] for a, b in zip(steps, steps[1:], strict=False)]
+    gaps = gaps[2:] or gaps[-1:]  # short runs: the last gap
     base = next(x["mem_base_mib"] for x in recs if "mem_base_mib" in x)
     peak = max(x["peak_mem_mib"] for x in steps)
     spec = spec_from_dict(raw)

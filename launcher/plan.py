@@ -17,8 +17,9 @@ We use the same parts, split into trainable and frozen parameters:
     offload_optimizer: the 16·Ψt/N part lives in host memory instead
     offload_params (zero3): the p·Ψ/N part too
     ZeRO buffers: p·B each for the reduce bucket and the all-gather (1, 2) or prefetch (3)
-    bucket, B = min(5e8, Ψ) elements ("auto" in ds_configs/: DeepSpeed's default capped at
-    the model's size)
+    bucket, B = min(5e8, Ψ) elements for stages 1 and 2 ("auto" in ds_configs/: DeepSpeed's
+    default capped at the model's size), B = min(Ψ, max(h², 2^20)) for stage 3, which also
+    gathers up to p·max(Ψ/N, h²) of parameters at once
 
     fsdp     (w·Ψ + 12·Ψt)/N + 3·p·L   fp32 shards of weights, gradients and Adam's moments; a block
                                 gathered with its gradient, the next one prefetched (+ p·Ψ
@@ -27,8 +28,11 @@ We use the same parts, split into trainable and frozen parameters:
 
 At load (the load/node column), a rank builds the whole model in host memory before the
 engine moves or partitions it (w·Ψ per rank), except under fsdp (built on the meta device,
-each rank reads only its slices of the safetensors files: w·L/N) and under ZeRO-3 from
-pretrained weights (partitioned as they load: w·Ψ/N + w·L).
+each rank reads only its slices of the safetensors files, mapped: w·Ψ/N; from
+`model.config`, w·L/N) and under ZeRO-3 from pretrained weights (partitioned as they load;
+each rank still reads every tensor, so the files' pages count: w·Ψ + w·L).
+ZeRO-3's buckets are hidden² elements and it gathers at most a rank's share of the
+parameters at once (p·Ψ/N): the trainer fills DeepSpeed's "auto" values so.
 
 p is 2 with `training.precision: bf16` (DeepSpeed keeps 16-bit weights) and 4 otherwise.
 QLoRA's frozen 4-bit linear weights count 0.5 bytes each.
@@ -119,6 +123,10 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
     opt = 16 * pt / n  # fp32 master, fp32 gradient partition, Adam's moments
     layer = 2 * p * m.largest_layer
     buckets = 2 * p * min(5e8, m.total)
+    # ZeRO-3's buckets are sized for the hidden size, and at most a rank's share of the
+    # parameters is gathered at once (what the trainer fills in for "auto": engines/deepspeed.py)
+    buckets3 = 2 * p * min(m.total, max(m.hidden * m.hidden, 1 << 20))
+    live3 = p * max(m.total / n, m.hidden * m.hidden)
     ds = lambda stage, **kw: {"type": "deepspeed", "zero_stage": stage, **kw}  # noqa: E731
     # FSDP2 keeps fp32 shards of the weights, gradients and Adam's moments; a block's weights are
     # gathered in the compute dtype for its forward and backward, with its gradient, and the next
@@ -129,13 +137,13 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
         Estimate("ddp", {"type": "ddp"}, weights_ddp + (16 if n > 1 else 12) * pt, act, 0.0),
         Estimate("zero1", ds(1), weights + p * pt + opt + buckets, act, 0.0),
         Estimate("zero2", ds(2), weights + p * pt / n + opt + buckets, act, 0.0),
-        Estimate("zero3", ds(3), (weights + p * pt) / n + opt + layer + buckets, act, 0.0),
+        Estimate("zero3", ds(3), (weights + p * pt) / n + opt + layer + buckets3 + live3, act, 0.0),
         Estimate("zero2+offload_optimizer", ds(2, offload_optimizer="cpu"), weights + p * pt / n + buckets, act,
                  opt),
         Estimate("zero3+offload_optimizer", ds(3, offload_optimizer="cpu"),
-                 (weights + p * pt) / n + layer + buckets, act, opt),
+                 (weights + p * pt) / n + layer + buckets3 + live3, act, opt),
         Estimate("zero3+offload_all", ds(3, offload_optimizer="cpu", offload_params="cpu"),
-                 p * pt / n + layer + buckets, act, opt + weights / n),
+                 p * pt / n + layer + buckets3 + live3, act, opt + weights / n),
         Estimate("fsdp", {"type": "fsdp"}, fsdp_shards + fsdp_gathered, act, 0.0),
         Estimate("fsdp+offload", {"type": "fsdp", "offload_params": "cpu"}, fsdp_gathered, act, fsdp_shards),
     ]
@@ -154,10 +162,12 @@ def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float
     world = max(spec.cluster.world_size, 1)
     qlora = spec.task == "finetune" and spec.finetune.method == "qlora"
     lora = spec.task == "finetune" and spec.finetune.method != "full"
-    if e.get("type") == "fsdp" and not lora:
-        return w * m.largest_layer / world
+    if e.get("type") == "fsdp" and not lora:  # its slices of the files (read through a mapping)
+        return (whole if spec.model.path is not None else w * m.largest_layer) / world
     if e.get("type") == "deepspeed" and (e.get("zero_stage") or 2) == 3 and spec.model.path is not None and not qlora:
-        return whole / world + w * m.largest_layer
+        # every rank reads every tensor to copy out its partition: the files' pages stay
+        # resident in its mapping, the weights themselves are held as partitions
+        return whole + w * m.largest_layer
     return whole
 
 

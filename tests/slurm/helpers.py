@@ -129,7 +129,15 @@ def preempt_while_training(run: Path, job: str, attempt: int, min_step: int) -> 
 def zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus) -> Path:
     """DeepSpeed ZeRO-3 on 2 nodes x 1 rank: USR2 once, every rank saves its shards, the job is
     requeued and finishes with the losses of an uninterrupted local 2-rank ZeRO-3 run."""
-    engine = {"type": "deepspeed", "zero_stage": 3}
+    return sharded_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus,
+                                                  {"type": "deepspeed", "zero_stage": 3}, "ds")
+
+
+def sharded_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, engine: dict,
+                                           shards: str) -> Path:
+    """A sharding engine on 2 nodes x 1 rank: USR2 once, every rank saves its shards (into
+    `shards/` of the step folder), the job is requeued and finishes with the losses of an
+    uninterrupted local 2-rank run of the same engine."""
     ref_spec = slurm_spec(tmp_path / "ref", bpe_tokenizer, bpe_corpus, steps=30)
     ref_spec.update(cluster={"procs_per_node": 2}, engine=engine)
     r = run_cli("run", str(write_spec(tmp_path / "ref.yaml", ref_spec)), timeout=900)
@@ -144,7 +152,7 @@ def zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus) ->
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
     assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
-    assert ckpts and all((run / "checkpoints" / c / "ds").is_dir() for c in ckpts)
+    assert ckpts and all((run / "checkpoints" / c / shards).is_dir() for c in ckpts)
     assert losses(run) == losses(tmp_path / "ref")
     assert trainer_processes(run) == []
     return run

@@ -16,6 +16,7 @@ from tests.slurm.helpers import (
     preempt_while_training,
     preempted_run,
     restart_count,
+    sharded_preempted_once_resumes_bitwise,
     slurm_spec,
     submit,
     trainer_processes,
@@ -60,6 +61,12 @@ def test_two_preemptions_in_a_row(tmp_path, bpe_tokenizer, bpe_corpus, local_ref
     st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
     assert st["state"] == "COMPLETED" and st["restarts"] == "2"
     assert losses(run) == local_reference
+
+
+def test_fsdp_preempted_on_two_nodes_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus):
+    """FSDP2 over 2 nodes x 1 rank: every rank writes its DCP shards on USR2, the requeued job
+    finishes with the losses of an uninterrupted local 2-rank fsdp run."""
+    sharded_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, {"type": "fsdp"}, "dcp")
 
 
 def test_preemption_during_the_first_minute(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):

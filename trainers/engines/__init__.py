@@ -139,9 +139,21 @@ def prepare_model_loading(spec: RunSpec, dist_info) -> None:
 
     ds_config = build_ds_config(spec, dist_info.world_size)
     if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
-        from hpctrain.trainers.engines.deepspeed import partition_while_loading
+        from hpctrain.trainers.engines.deepspeed import fill_bucket_sizes, partition_while_loading
+        from hpctrain.trainers.model import model_config
 
-        partition_while_loading(ds_config, dist_info.device)
+        config = model_config(spec)
+        hidden = getattr(config, "hidden_size", None)
+        n_params = _config_params(config)
+        partition_while_loading(fill_bucket_sizes(ds_config, n_params, hidden, dist_info.world_size),
+                                dist_info.device)
+
+
+def _config_params(config) -> int:
+    """A transformer's parameter count from its config alone (h·V + 12·h²·L, the usual
+    estimate): what ZeRO-3's limits are sized with before the model exists."""
+    h = getattr(config, "hidden_size", 0) or 0
+    return int(h * (getattr(config, "vocab_size", 0) or 0) + 12 * h * h * (getattr(config, "num_hidden_layers", 0) or 0))
 
 
 def param_numel(p: torch.Tensor) -> int:

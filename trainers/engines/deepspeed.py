@@ -37,18 +37,33 @@ ALIGN = 1024
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
 
 
-def fill_bucket_sizes(ds_config: dict, n_params: int) -> dict:
-    """"auto" bucket sizes: DeepSpeed's default (5e8 elements) capped at the model's size.
+def fill_bucket_sizes(ds_config: dict, n_params: int, hidden: int | None = None, world: int = 1) -> dict:
+    """"auto" bucket sizes, sized for the model and the rank count rather than DeepSpeed's
+    defaults, which are sized for models larger than one bucket.
 
-    ZeRO allocates its reduction buckets at this size on every micro-step: 2 GB of fp32 for
-    a model of a few thousand parameters made a CPU step take seconds (measured here).
+    ZeRO 1 and 2: DeepSpeed's default (5e8 elements) capped at the model's size: ZeRO
+    allocates its reduction buckets at this size on every micro-step, and 2 GB of fp32 for a
+    model of a few thousand parameters made a CPU step take seconds (measured here).
+    ZeRO-3 (with the model's hidden size): buckets of hidden² elements (transformers' own
+    "auto" rule; the model's size when smaller), parameters under 10·hidden elements kept whole,
+    and at most a rank's share of the parameters gathered at once
+    (`stage3_max_live_parameters`, `stage3_max_reuse_distance`, 1e9 by default: the whole of a
+    model this size, which held ZeRO-3's peak above DDP's; docs/benchmarks.md). Values the
+    config sets itself are kept.
     Rounded up to a multiple of ALIGN: ZeRO-1/2 assert that buckets split evenly (a model
     with an odd parameter count, such as MiniLM with a classifier, failed to start).
     """
     zo = dict(ds_config.get("zero_optimization", {}))
+    stage3 = int(zo.get("stage", 0)) == 3 and bool(hidden)
+    align = lambda n: int(min(5e8, -(-max(int(n), 1) // ALIGN) * ALIGN))  # noqa: E731
     for key in BUCKET_KEYS:
         if zo.get(key) == "auto":
-            zo[key] = int(min(5e8, -(-max(n_params, 1) // ALIGN) * ALIGN))
+            zo[key] = align(min(n_params, max(hidden * hidden, 1 << 20)) if stage3 else n_params)
+    if stage3:
+        share = max(n_params // max(world, 1), hidden * hidden)
+        zo.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+        zo.setdefault("stage3_max_live_parameters", int(min(1e9, share)))
+        zo.setdefault("stage3_max_reuse_distance", int(min(1e9, share)))
     return {**ds_config, "zero_optimization": zo}
 
 
@@ -102,7 +117,9 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed(dist_info.device)
         from deepspeed.utils import logger
 
-        ds_config = fill_bucket_sizes(ds_config, sum(param_numel(p) for p in model.parameters()))
+        ds_config = fill_bucket_sizes(ds_config, sum(param_numel(p) for p in model.parameters()),
+                                      getattr(getattr(model, "config", None), "hidden_size", None),
+                                      dist_info.world_size)
 
         for h in logger.handlers:  # DeepSpeed logs to stdout, our console: keep it in the rank log
             if isinstance(h, logging.StreamHandler):
