@@ -187,3 +187,21 @@ def test_qlora_under_fsdp_is_refused_before_anything_runs(tmp_path, minilm_path)
     r = run_cli("validate", str(write_spec(tmp_path / "s.yaml", spec)))
     assert r.returncode == 2 and "qlora with engine.type: fsdp is not supported" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_lora_fine_tuning_under_fsdp_gives_ddps_losses(tmp_path, minilm_path):
+    """LoRA classification of MiniLM (its base built whole, then sharded; the adapters and the
+    new head start as under DDP): the same per-step losses as DDP, and an adapter export."""
+    from tests.trainers.helpers import cls_spec
+
+    got = {}
+    for name, engine in (("ddp", {}), ("fsdp", FSDP)):
+        spec = cls_spec(tmp_path / name, minilm_path, merge=False)
+        spec["training"].update(steps=10, eval_every=10)
+        spec["engine"] = engine
+        r = run_cli("run", str(write_spec(tmp_path / f"{name}.yaml", spec)), timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+        got[name] = losses(tmp_path / name)
+    assert sorted(got["fsdp"]) == list(range(1, 11))
+    _close(got["fsdp"], got["ddp"], got["ddp"])
+    assert (tmp_path / "fsdp" / "export" / "adapter_config.json").is_file()
