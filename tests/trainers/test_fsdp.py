@@ -166,6 +166,21 @@ def test_fsdp_export_loads_in_plain_transformers_with_the_trainers_validation_lo
     assert abs(sum(per_rank) / 2 - val[-1]["val_loss"]) < 1e-5
 
 
+@pytest.mark.parametrize("change", ["activation_checkpointing", "offload_params"])
+def test_fsdp_with_activation_checkpointing_or_offload_keeps_the_losses(tmp_path, runs, bpe_tokenizer,
+                                                                        bpe_corpus, change):
+    """Recomputed blocks (FSDP's hooks outside the recompute) and parameters offloaded to host
+    memory (where a CPU run keeps them anyway) train the same steps, bitwise."""
+    spec = _spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, FSDP)
+    if change == "activation_checkpointing":
+        spec["training"]["activation_checkpointing"] = "full"
+    else:
+        spec["engine"] = {**FSDP, "offload_params": "cpu"}
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert losses(tmp_path / "run") == losses(runs["fsdp"][0])
+
+
 def test_fsdp_from_model_config_initializes_each_shard_and_trains(tmp_path, runs, bpe_tokenizer, bpe_corpus):
     spec = _spec(tmp_path / "run", bpe_tokenizer, bpe_corpus, FSDP)
     spec["model"] = clm_spec(tmp_path, bpe_tokenizer, bpe_corpus)["model"]  # from scratch
@@ -205,3 +220,19 @@ def test_lora_fine_tuning_under_fsdp_gives_ddps_losses(tmp_path, minilm_path):
     assert sorted(got["fsdp"]) == list(range(1, 11))
     _close(got["fsdp"], got["ddp"], got["ddp"])
     assert (tmp_path / "fsdp" / "export" / "adapter_config.json").is_file()
+
+
+def test_mlm_under_fsdp_trains_on_masked_positions(tmp_path, minilm_path, minilm_corpus):
+    """Continued MLM of MiniLM under fsdp: the head on masked positions (a forward pre-hook on
+    the sharded output layer) and MiniLM's fresh MLM head, initialized on its shards."""
+    spec = {"name": "mlm-fsdp", "run_dir": str(tmp_path / "run"), "model": {"path": minilm_path},
+            "objective": {"type": "mlm"},
+            "data": {"corpora": [{"path": minilm_corpus}], "seq_len": 64, "validation": {"path": minilm_corpus}},
+            "training": {"global_batch": 16, "micro_batch": 8, "steps": 8, "lr": 1e-4, "eval_every": 8},
+            "engine": FSDP, "cluster": {"procs_per_node": 2}}
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "initialized fresh" in r.stdout and "cls.predictions" in r.stdout  # the MLM head MiniLM lacks
+    got = losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 9)) and got[8] < got[1] - 0.3
+    assert "validation: loss" in r.stdout

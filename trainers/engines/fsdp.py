@@ -6,7 +6,7 @@
   bf16 copies of the parameters, gradients are reduced in fp32, and the optimizer steps the
   fp32 shards (no autocast).
 - `engine.offload_params: cpu` keeps the parameter and optimizer shards in host memory
-  (`CPUOffloadPolicy`); the optimizer steps there.
+  (`CPUOffloadPolicy`); the optimizer steps there. Training on a CPU, they are there already.
 - Checkpoints are `torch.distributed.checkpoint` (DCP) folders inside our step folder: every
   rank writes its own shards, and a checkpoint loads on any number of ranks (DCP reshards at
   load: nothing to convert).
@@ -95,8 +95,10 @@ class FSDPEngine:
         mesh = init_device_mesh(self.device.type, (dist_info.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if t.precision == "bf16" else MixedPrecisionPolicy())
-        offload = CPUOffloadPolicy() if e.offload_params == "cpu" else OffloadPolicy()
-        if e.offload_params != "cpu" and not on_meta:
+        # offloading to host memory moves nothing where training runs in host memory (a CPU)
+        offloaded = e.offload_params == "cpu" and self.device.type != "cpu"
+        offload = CPUOffloadPolicy() if offloaded else OffloadPolicy()
+        if not offloaded and not on_meta:
             model = model.to(self.device)
         blocks = transformer_blocks(model)
         if not blocks:
@@ -110,7 +112,7 @@ class FSDPEngine:
         fully_shard(model, mesh=mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
                     offload_policy=offload)
         if on_meta:
-            materialize(model, torch.device("cpu") if e.offload_params == "cpu" else self.device, weights_from)
+            materialize(model, torch.device("cpu") if offloaded else self.device, weights_from)
         self.model = model
         # the optimizer steps the shards: built once the parameters are sharded
         self.optimizer = adamw(param_groups(model, t.weight_decay), t.lr, t.betas, t.weight_decay)
