@@ -132,7 +132,8 @@ class Checkpointer:
         self._done: list[Saved] = []  # background saves finished and not yet reported
 
     def _in_background(self, engine: Engine) -> bool:
-        return self.background and engine.capabilities.state_on_rank0
+        caps = engine.capabilities
+        return self.background and (caps.state_on_rank0 or caps.saves_in_background)
 
     def save(self, engine: Engine, meta: CheckpointMeta) -> Saved:
         """Save the checkpoint of `meta.step` (every rank calls it)."""
@@ -154,6 +155,15 @@ class Checkpointer:
             _barrier()
             total = time.perf_counter() - t0
             return Saved(final, step, total, total)
+        if engine.capabilities.saves_in_background:  # every rank writes its own part
+            written = engine.save_in_background(tmp, self.rank)
+            _barrier()  # every rank's RNG file is on disk, every rank's copy taken
+            saved = Saved(final, step, time.perf_counter() - t0, background=True)
+            self._inflight = saved
+            self._thread = threading.Thread(target=self._finish, args=(written, tmp, final, meta, t0, saved),
+                                            name=f"checkpoint-step-{step}", daemon=True)
+            self._thread.start()
+            return saved
         files = self.host.take(engine.state_files(self.rank))
         _barrier()  # every rank's RNG file is on disk before rank 0 may publish
         saved = Saved(final, step, time.perf_counter() - t0, background=True)
@@ -167,11 +177,22 @@ class Checkpointer:
             saved.total_s = saved.blocked_s  # this rank's part is done
         return saved
 
+    def _finish(self, written, tmp: Path, final: Path, meta: CheckpointMeta, t0: float, saved: Saved) -> None:
+        """An engine's own background write: wait for this rank's part; rank 0 publishes once
+        its wait says every rank's is written."""
+        try:
+            written()
+            if self.rank == 0:
+                self.publish(tmp, final, meta)
+            saved.total_s = time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._error = e
+
     def prepare(self, engine: Engine) -> None:
         """Once the optimizer has its state: allocate the host memory background saves copy
         into now (a GPU's pinned memory, in a thread; `HostCopy.prepare`), so the first save
         blocks training no longer than the next."""
-        if self._in_background(engine) and self.rank == 0:
+        if self._in_background(engine) and engine.capabilities.state_on_rank0 and self.rank == 0:
             self.host.prepare(engine.state_files(self.rank))
 
     def _write(self, files: dict, tmp: Path, final: Path, meta: CheckpointMeta, t0: float,

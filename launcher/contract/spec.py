@@ -154,7 +154,8 @@ class CheckpointSpec(_Strict):
     background: bool = Field(
         True,
         description="training goes on while a thread writes the checkpoint (blocked only for a copy "
-        "to host memory); DeepSpeed engines save synchronously",
+        "to host memory; fsdp: each rank's shards, through DCP's async save); DeepSpeed engines save "
+        "synchronously",
     )
 
 

@@ -40,6 +40,10 @@ class Capabilities:
     """Rank 0 holds the whole checkpoint state (`state_files`): the checkpoint may copy it to
     host memory and write it in the background while training goes on."""
 
+    saves_in_background: bool = False
+    """Every rank can write its own part of a checkpoint in the background after a blocking
+    copy (`save_in_background`)."""
+
 
 class Engine(Protocol):
     """The interface every engine implements:
@@ -72,6 +76,11 @@ class Engine(Protocol):
 
     def save(self, directory: Path, rank: int) -> None:
         """Write this rank's part of a checkpoint into `directory` (every rank calls it)."""
+
+    def save_in_background(self, directory: Path, rank: int) -> Callable[[], None]:
+        """Copy this rank's part of a checkpoint and write it from a thread (where
+        `saves_in_background`); returns what waits until it is written (on rank 0: until
+        every rank's is, with the engine's own index of the files)."""
 
     def load(self, directory: Path, meta: CheckpointMeta) -> None:
         """Restore from a checkpoint `meta` describes (every rank calls it)."""

@@ -8,8 +8,9 @@
 - `engine.offload_params: cpu` keeps the parameter and optimizer shards in host memory
   (`CPUOffloadPolicy`); the optimizer steps there. Training on a CPU, they are there already.
 - Checkpoints are `torch.distributed.checkpoint` (DCP) folders inside our step folder: every
-  rank writes its own shards, and a checkpoint loads on any number of ranks (DCP reshards at
-  load: nothing to convert).
+  rank writes its own shards (in the background with `checkpoint.background`: DCP's async
+  save, its collectives on a group of their own), and a checkpoint loads on any number of
+  ranks (DCP reshards at load: nothing to convert).
 - Export gathers the full state dict on rank 0, in host memory, and writes HF safetensors.
 """
 
@@ -77,7 +78,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 class FSDPEngine:
     """FSDP2 over all ranks: parameters, gradients and optimizer state sharded."""
 
-    capabilities = Capabilities(whole_weights=False, state_on_rank0=False)
+    capabilities = Capabilities(whole_weights=False, state_on_rank0=False, saves_in_background=True)
 
     def __init__(self, model, spec: RunSpec, dist_info, total_steps: int, accum: int,
                  trainable_only: bool = False, on_meta: bool = False, weights_from: Path | None = None) -> None:
@@ -114,6 +115,9 @@ class FSDPEngine:
         if on_meta:
             materialize(model, torch.device("cpu") if offloaded else self.device, weights_from)
         self.model = model
+        # background saves run their collectives on a group of their own: never interleaved
+        # with the training step's collectives on the default group
+        self._save_group = torch.distributed.new_group(backend="gloo")
         # the optimizer steps the shards: built once the parameters are sharded
         self.optimizer = adamw(param_groups(model, t.weight_decay), t.lr, t.betas, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, total_steps))
@@ -168,6 +172,21 @@ class FSDPEngine:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / DCP_DIR))
         if rank == 0:
             save_tensor_file(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
+
+    def save_in_background(self, directory: Path, rank: int) -> Callable[[], None]:
+        """DCP's async save: this rank's shards are copied to host memory now, then written by a
+        thread; rank 0's wait also covers DCP's index (.metadata), written once every rank's
+        shards are."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        pending = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / DCP_DIR),
+                                 process_group=self._save_group)
+        if rank == 0:
+            save_tensor_file(self.scheduler.state_dict(), directory / SCHEDULER_FILE)
+        future = pending if hasattr(pending, "result") else pending.upload_completion
+        return future.result
 
     def load(self, directory: Path, meta: CheckpointMeta) -> None:  # noqa: ARG002 - DCP reshards
         """Load a DCP checkpoint saved by any number of ranks into this run's shards."""
