@@ -13,8 +13,12 @@ from hpctrain.launcher.contract.errors import UserError
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path):
     # a live holder: a process whose command line names hpctrain, as `hpctrain run` does
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hpctrain", "run"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)",
+                             "hpctrain", "run"], stdout=subprocess.PIPE, text=True)
     try:
+        # Popen returns while the kernel may still be setting up the new program: until it prints, its
+        # /proc/PID/cmdline can read empty (seen once in CI), which is not what a running holder shows
+        assert live.stdout.readline() == "up\n"
         first = {**lock.process_owner("hpctrain run"), "pid": live.pid}
         lock.acquire(tmp_path, first)
         lock.acquire(tmp_path, first)  # the same holder again (a requeued job, a retry) is fine
