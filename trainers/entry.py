@@ -111,6 +111,19 @@ MMAP_THRESHOLD_MAX = 32 << 20  # the largest mmap threshold glibc accepts on 64-
 MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
+def _mallopt():
+    """glibc's mallopt, or None where malloc is not ours to tune: off Linux/glibc, or when the
+    environment tunes it already (MALLOC_*_ variables, GLIBC_TUNABLES with glibc.malloc)."""
+    if sys.platform != "linux" or any(k in os.environ for k in MALLOC_ENV):
+        return None
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """glibc malloc: keep the memory a training step frees for the next step instead of giving
     it back to the kernel and faulting it in again. True when set.
@@ -126,13 +139,8 @@ def keep_freed_memory() -> bool:
 
     Left alone when the environment tunes malloc itself (MALLOC_*_ variables, GLIBC_TUNABLES
     with glibc.malloc), and off glibc (no mallopt)."""
-    if sys.platform != "linux" or any(k in os.environ for k in MALLOC_ENV):
-        return False
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     # -1: never trim (glibc reads it as SIZE_MAX)
     return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
@@ -149,13 +157,8 @@ def return_large_blocks() -> bool:
     sum of them (the 30M bench model on 2 ranks: a rank's peak 671 MiB above its start with
     this setting, about 910 with the trainer's default; DDP 927). Same environment rules as
     `keep_freed_memory`; True when set."""
-    if sys.platform != "linux" or any(k in os.environ for k in MALLOC_ENV):
-        return False
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, SHARDED_MMAP_THRESHOLD))
 

@@ -171,8 +171,9 @@ def _build_on_meta(spec: RunSpec, labels, pad_id) -> BuiltModel:
     return BuiltModel(model, sorted({n.rsplit(".", 1)[0] for n in missing}), on_meta=True, weights_from=folder)
 
 
-def checkpointed_blocks(model) -> list[torch.nn.Module]:
-    """The transformer blocks activation checkpointing can recompute, in order."""
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model, in order: what activation checkpointing
+    recomputes and FSDP shards one by one."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # transformers before 4.52 checkpoints whole stacks, not blocks
@@ -190,7 +191,7 @@ def apply_activation_checkpointing(model, spec: RunSpec) -> int:
     t = spec.training
     if t.activation_checkpointing == "none":
         return 0
-    if not getattr(model, "supports_gradient_checkpointing", False) or not checkpointed_blocks(model):
+    if not getattr(model, "supports_gradient_checkpointing", False) or not transformer_blocks(model):
         raise UserError(f"{type(model).__name__} does not support activation checkpointing",
                         field="training.activation_checkpointing", expected="none for this model")
     kwargs = {"use_reentrant": False}
@@ -199,7 +200,7 @@ def apply_activation_checkpointing(model, spec: RunSpec) -> int:
     else:  # transformers before 5
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     every = 1 if t.activation_checkpointing == "full" else t.activation_checkpointing_every
-    blocks = checkpointed_blocks(model)
+    blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i % every == 0
     return sum(b.gradient_checkpointing for b in blocks)

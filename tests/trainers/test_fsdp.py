@@ -15,11 +15,13 @@ import yaml
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
     clm_spec,
+    last_val_loss,
     losses,
     rank_of,
     start_run,
     stop_with_ctrl_c,
     trainer_pids,
+    two_rank_validation_loss,
     wait_for,
     write_spec,
 )
@@ -140,30 +142,11 @@ def test_kill_9_during_an_fsdp_save_keeps_the_previous_checkpoint(tmp_path, runs
 
 
 def test_fsdp_export_loads_in_plain_transformers_with_the_trainers_validation_loss(runs, bpe_corpus):
-    import json
-
-    import numpy as np
     from transformers import AutoModelForCausalLM
-
-    from hpctrain.launcher.contract.corpus import open_corpus
-    from hpctrain.trainers.data.sampler import PackedSource
 
     run, _ = runs["fsdp"]
     model = AutoModelForCausalLM.from_pretrained(run / "export").eval()
-    src = PackedSource(open_corpus(bpe_corpus).split("valid"), 32)
-    per_rank = []
-    for rank in range(2):  # the trainer's eval: 4 micro-batches of 2 per rank, strided over ranks
-        idx = list(range(rank, min(src.num_samples, 4 * 2 * 2), 2))
-        ls = []
-        for i in range(0, len(idx), 2):
-            toks = torch.from_numpy(np.stack([src.sample(k) for k in idx[i : i + 2]]).astype(np.int64))
-            with torch.no_grad():
-                logits = model(input_ids=toks[:, :-1]).logits
-            ls.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                              toks[:, 1:].reshape(-1))))
-        per_rank.append(sum(ls) / len(ls))
-    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
-    assert abs(sum(per_rank) / 2 - val[-1]["val_loss"]) < 1e-5
+    assert abs(two_rank_validation_loss(model, bpe_corpus) - last_val_loss(run)) < 1e-5
 
 
 @pytest.mark.parametrize("change", ["activation_checkpointing", "offload_params"])

@@ -96,6 +96,19 @@ def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: flo
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
 
 
+def clip_and_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float | None) -> float:
+    """The step of an engine that keeps its own optimizer (DDP, fsdp): clip the gradients to
+    `grad_clip` (none: measure only), step the optimizer and the LR schedule, drop the gradients;
+    returns the pre-clip norm (a sharded model's norm is a DTensor: its whole value)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = grad_clip if grad_clip is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The trained parameters in AdamW groups: weight decay on matrices, none on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
 from hpctrain.trainers.checkpoint import save_tensor_file
-from hpctrain.trainers.engines import Capabilities
+from hpctrain.trainers.engines import Capabilities, clip_and_step
 
 
 class DDPEngine:
@@ -66,13 +66,7 @@ class DDPEngine:
 
     def step(self) -> float:
         """Clip, optimizer step, LR schedule step; returns the pre-clip grad norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.model, self.optimizer, self.scheduler, self.grad_clip)
 
     @property
     def lr(self) -> float:

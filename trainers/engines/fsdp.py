@@ -25,17 +25,10 @@ import torch
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.checkpoint import save_tensor_file
-from hpctrain.trainers.engines import Capabilities, adamw, lr_lambda, param_groups
+from hpctrain.trainers.engines import Capabilities, adamw, clip_and_step, lr_lambda, param_groups
 
 DCP_DIR = "dcp"  # the DCP checkpoint inside a step folder
 SCHEDULER_FILE = "scheduler.pt"  # the LR schedule (rank 0)
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers model, in order (what FSDP shards one by one)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def materialize(model: torch.nn.Module, device: torch.device, weights_from: Path | None) -> None:
@@ -101,6 +94,8 @@ class FSDPEngine:
         offload = CPUOffloadPolicy() if offloaded else OffloadPolicy()
         if not offloaded and not on_meta:
             model = model.to(self.device)
+        from hpctrain.trainers.model import transformer_blocks
+
         blocks = transformer_blocks(model)
         if not blocks:
             from hpctrain.launcher.contract.errors import UserError
@@ -134,13 +129,7 @@ class FSDPEngine:
         (loss / self.accum).backward()
 
     def step(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return clip_and_step(self.model, self.optimizer, self.scheduler, self.grad_clip)
 
     @property
     def lr(self) -> float:
