@@ -43,6 +43,8 @@ from hpctrain.trainers.distributed import Dist, eval_slices
 from hpctrain.trainers.engines import Engine, build_engine, prepare_model_loading
 from hpctrain.trainers.entry import Launch, entry_parser, frozen_spec, run_entry, seed_everything
 from hpctrain.trainers.model import (
+    HFExport,
+    export_shard_bytes,
     flops_per_token,
     fresh_modules_note,
     load_tokenizer,
@@ -51,7 +53,6 @@ from hpctrain.trainers.model import (
 )
 from hpctrain.trainers.peft_model import (
     build_finetune_model,
-    export,
     load_exported,
     merge,
     parameter_report,
@@ -177,7 +178,7 @@ class FineTuning:
         self.mon.print("  validation: " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
         if better(self.metric, res[self.metric], self.best):
             self.best, self.stale = res[self.metric], 0
-            engine.export(lambda m, full: export(m, self.tok, self.labels, self.run_dir.best, full))
+            engine.export(HFExport(self.run_dir.best, self.tok, self.labels, export_shard_bytes(self.spec)))
             self.mon.print(f"  new best {self.metric} {self.best:.4f}: saved to {self.run_dir.best}")
             return False
         self.stale += 1
@@ -197,7 +198,7 @@ class FineTuning:
         if not self.spec.export.enabled:
             return
         out = self.run_dir.export
-        engine.export(lambda m, full: export(m, self.tok, self.labels, out, full))
+        engine.export(HFExport(out, self.tok, self.labels, export_shard_bytes(self.spec)))
         self.mon.print(f"exported to {out}")
         if self.d.is_main and self.ft.merge and self.ft.method != "full":
             self.mon.print(f"merged model: {merge(self.spec, out, self.tok)}")

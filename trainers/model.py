@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,26 +295,103 @@ def _deepspeed_only_if_imported():
         other.is_deepspeed_available = original
 
 
-def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = None,
-                  state_dict: dict | None = None) -> None:
-    """`save_pretrained` (safetensors) + tokenizer (+ label map), renamed into place when
-    complete: an export is whole or absent, and a previous one is replaced only at the end.
-    `state_dict`: the full weights, where `model` holds only its shards (fsdp)."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _deepspeed_only_if_imported():
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if labels is not None:
-        (tmp / LABELS_FILE).write_text(json.dumps({"labels": labels}, indent=2))
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+@dataclass
+class HFExport:
+    """An export in HF format: weights as safetensors (files of at most `max_shard_bytes`, with
+    HF's index when there are several), config, tokenizer, label map. Engines call it on the
+    rank that writes (`Engine.export`). It is whole or absent: written into a temporary folder
+    and renamed into place at the end, a previous export replaced only then."""
+
+    directory: Path
+    tokenizer: object = None
+    labels: list[str] | None = None
+    max_shard_bytes: int = 5000 << 20
+
+    def __call__(self, model, state_dict: dict | None = None, shards: Iterable[dict] | None = None,
+                 count: int = 0) -> None:
+        """`model` whole (`save_pretrained`), or with its `state_dict` given (an adapter whose
+        weights were gathered), or with its weights arriving as `count` `shards`: {name: full
+        tensor} per file, gathered one after another by a sharding engine."""
+        directory = Path(self.directory)
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _deepspeed_only_if_imported():
+            if shards is None:
+                model.save_pretrained(tmp, safe_serialization=True, max_shard_size=self.max_shard_bytes,
+                                      **({"state_dict": state_dict} if state_dict else {}))
+            else:  # config and generation config as HF writes them; the weights follow
+                model.save_pretrained(tmp, safe_serialization=True, state_dict={})
+                write_weight_files(model, shards, count, tmp)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        if self.labels is not None:
+            (tmp / LABELS_FILE).write_text(json.dumps({"labels": self.labels}, indent=2))
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf_model(model, tokenizer, directory: Path, labels: list[str] | None = None) -> None:
+    """A whole model (one process: a merge, a tool) exported as `HFExport` does."""
+    HFExport(Path(directory), tokenizer, labels)(model)
+
+
+def export_shard_bytes(spec: RunSpec) -> int:
+    """The largest weight file of an export (`export.max_shard_mib`)."""
+    return int(spec.export.max_shard_mib * 2**20)
+
+
+def weight_groups(model, max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """The tensors a full export writes, in state-dict order and grouped into files of at most
+    `max_bytes` (a larger tensor alone): what the model holds for each (an FSDP shard, a ZeRO-3
+    partition) and its state-dict name; a tied weight once, under its first name (as HF
+    saves it: the input embedding, not the output layer)."""
+    ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    seen: set[int] = set()
+    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen or name in ignore:
+            continue
+        seen.add(id(t))
+        nbytes = param_numel(t) * t.element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, t))
+        size += nbytes
+    return [g for g in groups if g]
+
+
+def write_weight_files(model, shards: Iterable[dict], count: int, directory: Path) -> None:
+    """Write `count` shards ({name: full tensor}) as HF's safetensors files: `model.safetensors`
+    alone, or `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`. A shard is
+    written and dropped before the next is gathered."""
+    from safetensors.torch import save_file
+
+    try:  # names and layouts transformers changes at load (fused experts ...) go back to the files'
+        from transformers.modeling_utils import revert_weight_conversion
+    except ImportError:
+        def revert_weight_conversion(model, state):
+            return state
+    (directory / "model.safetensors").unlink(missing_ok=True)  # save_pretrained's empty one
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        shard = revert_weight_conversion(model, shard)
+        name = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, directory / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+        if count > 1:
+            print(f"  export: {name} ({total / 2**30:.2f} GiB written)", flush=True)
+        del shard
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def flops_per_token(model, seq_len: float) -> float:

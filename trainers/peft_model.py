@@ -68,11 +68,6 @@ def parameter_report(model) -> str:
             f"weights in memory: {mem / 2**20:.1f} MiB")
 
 
-def export(model, tokenizer, labels: list[str] | None, directory: Path, state_dict: dict | None = None) -> None:
-    """Adapter (PEFT) or full model, plus tokenizer and label map, renamed into place when complete."""
-    save_hf_model(model, tokenizer, directory, labels, state_dict)
-
-
 def is_adapter(directory: Path) -> bool:
     return (directory / "adapter_config.json").is_file()
 
@@ -97,5 +92,5 @@ def merge(spec: RunSpec, export_dir: Path, tokenizer) -> Path:
     model, labels = load_exported(spec, export_dir)
     merged = model.merge_and_unload()
     out = export_dir / "merged"
-    export(merged, tokenizer, labels, out)
+    save_hf_model(merged, tokenizer, out, labels)
     return out

@@ -36,11 +36,12 @@ from hpctrain.trainers.engines import (
 )
 from hpctrain.trainers.entry import Launch, entry_parser, run_entry, seed_everything
 from hpctrain.trainers.model import (
+    HFExport,
     build_model,
+    export_shard_bytes,
     flops_per_token,
     fresh_modules_note,
     load_tokenizer,
-    save_hf_model,
 )
 from hpctrain.trainers.objective import Objective
 from hpctrain.trainers.run import Run
@@ -112,7 +113,7 @@ class Pretraining:
 
     def export(self, engine: Engine) -> None:
         if self.spec.export.enabled:
-            engine.export(lambda m, full: save_hf_model(m, self.tokenizer, self.export_dir, state_dict=full))
+            engine.export(HFExport(self.export_dir, self.tokenizer, max_shard_bytes=export_shard_bytes(self.spec)))
             self.mon.print(f"exported HF model to {self.export_dir}")
 
     def final_status(self) -> dict:

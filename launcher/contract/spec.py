@@ -321,6 +321,10 @@ class ExportSpec(_Strict):
     enabled: bool = Field(
         True, description="save the final model in HF format under RUN_DIR/export"
     )
+    max_shard_mib: float = Field(
+        5000, gt=0, description="largest safetensors file of an export, MiB; a larger model is split "
+        "into several with HF's index (model.safetensors.index.json)"
+    )
 
 
 class LoraSpec(_Strict):
@@ -369,7 +373,7 @@ class RunSpec(_Strict):
     training: TrainingSpec
     checkpoint: CheckpointSpec = CheckpointSpec()
     cluster: ClusterSpec = ClusterSpec()
-    engine: EngineSpec = Field(EngineSpec(), description="ddp or deepspeed (ZeRO 1-3, offload)")
+    engine: EngineSpec = Field(EngineSpec(), description="ddp, deepspeed (ZeRO 1-3, offload) or fsdp")
     export: ExportSpec = ExportSpec()
     monitor: MonitorSpec = Field(MonitorSpec(), description="where metrics go besides metrics.jsonl")
 
@@ -629,6 +633,7 @@ RESUMABLE_CHANGES = (
     "training.log_every",
     "training.activation_checkpointing",  # and _every: a memory choice, the same losses
     "checkpoint.",
+    "export.",  # what the end writes, not how training goes
     "cluster.",
     "data.num_workers",
     "run_dir",

@@ -29,6 +29,7 @@ from tests.trainers.helpers import (
 pytestmark = pytest.mark.multiproc
 STEPS = 12
 FSDP = {"type": "fsdp"}
+EXPORT_SHARD_MIB = 1 / 16
 
 
 PRETRAINED: dict = {}  # the HF folder every run of this module starts from (made once)
@@ -59,8 +60,10 @@ def runs(tmp_path_factory, bpe_tokenizer, bpe_corpus):
     out = {}
     for name, engine in (("ddp", {}), ("fsdp", FSDP)):
         d = tmp_path_factory.mktemp(name)
-        r = run_cli("run", str(write_spec(d / "s.yaml", _spec(d / "run", bpe_tokenizer, bpe_corpus, engine))),
-                    timeout=900)
+        spec = _spec(d / "run", bpe_tokenizer, bpe_corpus, engine)
+        if name == "fsdp":  # the export in files of at most 64 KiB: the ~240 KiB model takes several
+            spec["export"] = {"max_shard_mib": EXPORT_SHARD_MIB}
+        r = run_cli("run", str(write_spec(d / "s.yaml", spec)), timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr
         out[name] = (d / "run", r)
     return out
@@ -142,10 +145,25 @@ def test_kill_9_during_an_fsdp_save_keeps_the_previous_checkpoint(tmp_path, runs
 
 
 def test_fsdp_export_loads_in_plain_transformers_with_the_trainers_validation_loss(runs, bpe_corpus):
+    """Gathered a file's worth at a time and written as HF's sharded safetensors with their index:
+    plain transformers loads it and gives the trainer's own last validation loss."""
+    import json
+
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     run, _ = runs["fsdp"]
+    index = json.loads((run / "export" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    for f in files:  # every file within the bound, or a single tensor larger than it
+        with safe_open(run / "export" / f, "pt") as st:
+            sizes = [st.get_slice(k).get_shape() for k in st.keys()]
+        nbytes = sum(4 * math.prod(shape) for shape in sizes)
+        assert nbytes <= EXPORT_SHARD_MIB * 2**20 or len(sizes) == 1, (f, nbytes)
+    assert not (run / "export" / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+    assert set(index["weight_map"]) == set(model.state_dict())  # every weight, nothing more
     assert abs(two_rank_validation_loss(model, bpe_corpus) - last_val_loss(run)) < 1e-5
 
 

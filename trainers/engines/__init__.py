@@ -19,12 +19,15 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
 from hpctrain.launcher.contract.spec import RunSpec
+
+if TYPE_CHECKING:
+    from hpctrain.trainers.model import HFExport
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,9 @@ class Engine(Protocol):
     def load(self, directory: Path, meta: CheckpointMeta) -> None:
         """Restore from a checkpoint `meta` describes (every rank calls it)."""
 
-    def export(self, write: Callable[[torch.nn.Module, dict | None], None]) -> None:
-        """Every rank calls it; on the rank that writes, the engine calls `write(model, state)`:
-        `state` is the full state dict where the model itself holds only shards, else None."""
+    def export(self, out: HFExport) -> None:
+        """Every rank calls it; on the rank that writes, the engine calls `out` with the model
+        whole, or with its weights gathered a file's worth at a time (`HFExport`)."""
 
 
 def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
@@ -107,6 +110,27 @@ def clip_and_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def export_in_shards(model, out: HFExport, rank: int, gather: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+    """A sharding engine's export: the weights a file's worth at a time (`weight_groups`), each
+    tensor gathered whole by every rank (`gather`: a collective; the whole tensor on rank 0,
+    None elsewhere), rank 0 writing each file before the next is gathered. No rank holds more
+    than a file's worth beyond its shards. Should rank 0's writing fail, it goes on gathering
+    with the others before it raises: no rank is left waiting in a collective."""
+    from hpctrain.trainers.model import weight_groups
+
+    groups = weight_groups(model, out.max_shard_bytes)
+    shards = ({name: gather(t) for name, t in group} for group in groups)
+    if rank != 0:
+        for _ in shards:
+            pass
+        return
+    try:
+        out(model, shards=shards, count=len(groups))
+    finally:
+        for _ in shards:
+            pass
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

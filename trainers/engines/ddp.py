@@ -4,8 +4,8 @@ needs no wrapper at all."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -13,6 +13,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
 from hpctrain.trainers.checkpoint import save_tensor_file
 from hpctrain.trainers.engines import Capabilities, clip_and_step
+
+if TYPE_CHECKING:
+    from hpctrain.trainers.model import HFExport
 
 
 class DDPEngine:
@@ -111,7 +114,7 @@ class DDPEngine:
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
 
-    def export(self, write: Callable[[torch.nn.Module, dict | None], None]) -> None:
+    def export(self, out: HFExport) -> None:
         """Every rank calls it; rank 0 holds the full model and writes it."""
         if self.rank == 0:
-            write(self.model, None)
+            out(self.model)

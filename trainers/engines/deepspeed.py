@@ -21,13 +21,16 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
-from hpctrain.trainers.engines import Capabilities, param_numel
+from hpctrain.trainers.engines import Capabilities, export_in_shards, param_numel
+
+if TYPE_CHECKING:
+    from hpctrain.trainers.model import HFExport
 
 DS_TAG = "ds"  # one DeepSpeed tag per step_N/ folder: our folder names the step
 UNIVERSAL_TAG = "ds_universal"  # its conversion for another data-parallel size
@@ -205,15 +208,26 @@ class DeepSpeedEngine:
             torch.distributed.barrier()
         return UNIVERSAL_TAG
 
-    def export(self, write: Callable[[torch.nn.Module, dict | None], None]) -> None:
-        """ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes the full model."""
+    def export(self, out: HFExport) -> None:
+        """Under ZeRO-3 every rank gathers the weights a file's worth at a time, one tensor after
+        another, and rank 0 writes them (an adapter: only its weights are gathered, at once);
+        at stages 1-2 rank 0 holds the whole model and writes it."""
         module = self.ds.module
-        if self.stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    write(module, None)
+        if self.stage != 3:
+            if self.rank == 0:
+                out(module)
             return
-        if self.rank == 0:
-            write(module, None)
+        import deepspeed
+
+        if self.trainable_only:
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+                if self.rank == 0:
+                    out(module)
+            return
+
+        def gather(t: torch.Tensor) -> torch.Tensor | None:
+            with deepspeed.zero.GatheredParameters([t] if hasattr(t, "ds_id") else [], modifier_rank=None):
+                return t.detach().to("cpu", copy=True) if self.rank == 0 else None
+
+        export_in_shards(module, out, self.rank, gather)

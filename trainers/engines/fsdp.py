@@ -19,13 +19,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.checkpoint import save_tensor_file
-from hpctrain.trainers.engines import Capabilities, adamw, clip_and_step, lr_lambda, param_groups
+from hpctrain.trainers.engines import (
+    Capabilities,
+    adamw,
+    clip_and_step,
+    export_in_shards,
+    lr_lambda,
+    param_groups,
+)
+
+if TYPE_CHECKING:
+    from hpctrain.trainers.model import HFExport
 
 DCP_DIR = "dcp"  # the DCP checkpoint inside a step folder
 SCHEDULER_FILE = "scheduler.pt"  # the LR schedule (rank 0)
@@ -189,12 +200,26 @@ class FSDPEngine:
                        optim_state_dict=state["optim"], options=self._options())
         self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
 
-    def export(self, write: Callable[..., None]) -> None:
-        """Every rank takes part in gathering the full state dict; rank 0 holds it (in host
-        memory) and writes the model with it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def export(self, out: HFExport) -> None:
+        """Every rank gathers the weights a file's worth at a time, one tensor after another,
+        and rank 0 writes them; an adapter (only trainable weights) is gathered at once."""
+        from torch.distributed.tensor import DTensor
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                          ignore_frozen_params=self.trainable_only))
-        if self.rank == 0:
-            write(self.model, full)
+        if self.trainable_only:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+            if self.rank == 0:
+                out(self.model, state_dict=full)
+            return
+
+        def gather(t: torch.Tensor) -> torch.Tensor | None:
+            if isinstance(t, DTensor):  # offloaded shards gather on the device the mesh is on
+                t = (t if t.device == self.device else t.to(self.device)).full_tensor()
+            return t.detach().to("cpu", copy=True) if self.rank == 0 else None
+
+        export_in_shards(self.model, out, self.rank, gather)
