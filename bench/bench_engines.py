@@ -114,9 +114,11 @@ def main() -> None:
     ap.add_argument("--pretrained", action="store_true",
                     help="every engine loads the model from an HF folder (else: built from its config)")
     ap.add_argument("--only", nargs="*", choices=list(ENGINES), help="a subset of engines")
+    ap.add_argument("--keep", type=Path, help="run in this folder and keep it (run dirs, rank logs, the model)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hpctrain-bench-engines-") as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         rows = [measure(root, n, e, args) for n, e in ENGINES.items() if not args.only or n in args.only]
     print(f"\n{'engine':<25}{'step s':>9}{'tok/s':>9}{'peak MiB':>10}{'plan MiB':>10}{'final loss':>12}")
     for r in rows:
