@@ -29,6 +29,8 @@ class Objective:
                 )
             self.mask_id = tokenizer.mask_token_id
             self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        self.document_mask = bool(spec.data is not None and spec.data.document_mask)
+        self.attention: str | None = None  # the model's attention implementation (attach)
         self.keep: torch.Tensor | None = None  # mlm: the positions the output layer runs on
         self.targets: torch.Tensor | None = None  # clm: next tokens, for the loss in chunks
 
@@ -40,6 +42,10 @@ class Objective:
         CLM: the output layer takes the loss in chunks (`chunked_loss_head`) where the engine
         keeps whole weights on every rank (not ZeRO-3, whose partitioned weights would be gone
         when the backward recomputes a chunk)."""
+        self.attention = getattr(model.config, "_attn_implementation", None)
+        if self.document_mask and self.kind == "mlm" and self.attention not in ("sdpa", "eager"):
+            raise UserError(f"a document mask for mlm needs sdpa or eager attention, not {self.attention}",
+                            field="data.document_mask", expected="false for this model")
         head = model.get_output_embeddings()
         if self.kind == "mlm" and head is not None:
             head.register_forward_pre_hook(self._select_masked)
@@ -53,21 +59,32 @@ class Objective:
 
     def __call__(self, module, batch: dict, device) -> torch.Tensor:
         tokens = batch["tokens"].to(device)
+        docs = None
+        if self.document_mask:
+            docs = DocumentLayout.of(batch["doc_starts"], tokens.shape[1] - 1)
         if self.kind == "clm":
-            self.targets = tokens[:, 1:]
+            targets = tokens[:, 1:] if docs is None else docs.within(tokens[:, 1:])
+            self.targets = targets
+            # position ids that restart: transformers masks each document (varlen with flash
+            # attention) where no KV cache is built
+            extra = {} if docs is None else {"position_ids": docs.positions.to(device), "use_cache": False}
             try:
-                out = module(input_ids=tokens[:, :-1]).logits
+                out = module(input_ids=tokens[:, :-1], **extra).logits
             finally:
                 self.targets = None
             if out.dim() == 0:  # the output layer took the loss itself, in chunks
                 return out
-            return F.cross_entropy(out.float().reshape(-1, out.size(-1)), tokens[:, 1:].reshape(-1))
+            return F.cross_entropy(out.float().reshape(-1, out.size(-1)), targets.reshape(-1))
         inputs, labels = self.mask(tokens[:, :-1].cpu(), batch["positions"])
         labels = labels.to(device)
         keep = labels != -100
         self.keep = keep
+        extra = {}
+        if docs is not None:
+            extra = {"position_ids": docs.positions.to(device),
+                     "attention_mask": docs.bidirectional_mask(self.attention).to(device)}
         try:
-            logits = module(input_ids=inputs.to(device)).logits
+            logits = module(input_ids=inputs.to(device), **extra).logits
         finally:
             self.keep = None
         if logits.dim() == 3:  # a model whose output layer the hook could not reach: all positions
@@ -95,6 +112,46 @@ class Objective:
             swap = masked & (r >= 0.8) & (r < 0.9)
             inputs[row, swap] = rand_tok[swap]
         return inputs, labels
+
+
+class DocumentLayout:
+    """Where the documents of a micro-batch of packed samples begin: position ids that restart
+    at each document, the document of every position, and what that means for attention and
+    targets (`data.document_mask`)."""
+
+    def __init__(self, segments: torch.Tensor, positions: torch.Tensor, starts: list[torch.Tensor]) -> None:
+        self.segments, self.positions, self.starts = segments, positions, starts
+
+    @classmethod
+    def of(cls, doc_starts: list[torch.Tensor], n: int) -> DocumentLayout:
+        """`doc_starts`: per sample, the offsets (0 .. n) at which a document begins, of a sample
+        whose first `n` tokens are the input."""
+        b = len(doc_starts)
+        begins = torch.zeros(b, n, dtype=torch.bool)
+        for row, starts in enumerate(doc_starts):
+            inside = starts[(starts > 0) & (starts < n)]
+            begins[row, inside.long()] = True
+        index = torch.arange(n).expand(b, n)
+        first = torch.where(begins, index, torch.zeros_like(index)).cummax(dim=1).values
+        return cls(begins.long().cumsum(dim=1), index - first, [s.long() for s in doc_starts])
+
+    def within(self, targets: torch.Tensor) -> torch.Tensor:
+        """Next-token targets without those across a boundary: the token at offset k that begins
+        a document is not predicted from the one before it (ignored, -100)."""
+        out = targets.clone()
+        n = targets.shape[1]
+        for row, starts in enumerate(self.starts):
+            s = starts[(starts >= 1) & (starts <= n)]
+            out[row, s - 1] = -100
+        return out
+
+    def bidirectional_mask(self, attention: str | None) -> torch.Tensor:
+        """(b, 1, n, n): every token attends to every token of its own document, in the form the
+        attention implementation takes (sdpa: True where allowed; eager: 0 or the dtype's min)."""
+        same = (self.segments[:, :, None] == self.segments[:, None, :])[:, None]
+        if attention == "eager":
+            return torch.zeros(same.shape).masked_fill_(~same, torch.finfo(torch.float32).min)
+        return same
 
 
 CHUNK_LOGITS = 1 << 25  # fp32 logits per chunk of the clm loss (128 MiB)
@@ -130,22 +187,27 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, rows, with_grads):
-        n = h.size(0)
+        counted = targets != -100  # targets across a document boundary are ignored, as F.cross_entropy does
+        n = int(counted.sum())
         grad_h = torch.empty_like(h) if with_grads else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight.requires_grad else None
         grad_b = (torch.zeros_like(bias, dtype=torch.float32)
                   if with_grads and bias is not None and bias.requires_grad else None)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, n, rows):
-            hc, tc = h[i:i + rows], targets[i:i + rows]
+        all_counted = n == h.size(0)
+        for i in range(0, h.size(0), rows):
+            hc, tc, kc = h[i:i + rows], targets[i:i + rows].clamp_min(0), counted[i:i + rows]
             logits = F.linear(hc, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            per_row = lse - logits.gather(1, tc[:, None]).squeeze(1)
+            total += (per_row if all_counted else per_row * kc).sum()
             if not with_grads:
                 continue
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             g[torch.arange(g.size(0), device=g.device), tc] -= 1.0
-            g = g.div_(n).to(hc.dtype)  # d(mean loss)/d logits
+            if not all_counted:
+                g.mul_(kc[:, None])
+            g = g.div_(max(n, 1)).to(hc.dtype)  # d(mean loss)/d logits
             grad_h[i:i + rows] = g @ weight.to(hc.dtype)
             if grad_w is not None:
                 grad_w += g.t() @ hc
@@ -153,7 +215,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_b += g.sum(0)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return total / n
+        return total / max(n, 1)
 
     @staticmethod
     def backward(ctx, grad_out):

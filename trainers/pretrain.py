@@ -65,7 +65,10 @@ def evaluate(spec: RunSpec, engine, objective: Objective, source: PackedSource, 
         for idx in eval_slices(n, d, mb):
             batch_idx = idx or [0]  # an empty slice still runs its forward (ZeRO-3), not counted
             tokens = torch.from_numpy(np.stack([source.sample(k) for k in batch_idx]).astype(np.int64))
-            loss = float(objective(module, {"tokens": tokens, "positions": torch.tensor(batch_idx)}, d.device))
+            batch = {"tokens": tokens, "positions": torch.tensor(batch_idx)}
+            if spec.data.document_mask:
+                batch["doc_starts"] = [torch.from_numpy(source.document_starts(k)) for k in batch_idx]
+            loss = float(objective(module, batch, d.device))
             if idx:
                 losses.append(loss)
     # mean over every batch of every rank (a rank with fewer batches weighs less)
@@ -135,7 +138,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     objective = Objective(spec, tokenizer, vocab_size)
     total = spec.total_steps_for(sum(s.num_samples for s in sources))
     batches = TrainBatches(sources, [c.weight for c in spec.data.corpora], t.seed, t.global_batch,
-                           t.micro_batch, d.rank, d.world_size, num_workers=spec.data.num_workers)
+                           t.micro_batch, d.rank, d.world_size, num_workers=spec.data.num_workers,
+                           with_boundaries=spec.data.document_mask)
     n_params = parameter_count(model)
     run.measure(flops_per_token(model, spec.data.seq_len))
     engine = build_engine(spec, model, d, total, batches.accum, on_meta=built.on_meta, weights_from=built.weights_from)

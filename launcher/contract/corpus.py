@@ -94,14 +94,18 @@ class TokenStream:
             base = int(self._starts[k])
             if base >= end or base + f.num_tokens <= start or f.num_documents == 0:
                 continue
-            # document_indices[j] is a sequence index; pointers give byte offsets.
-            starts_tok = f.sequence_pointers // f.dtype.itemsize
-            lo = np.searchsorted(starts_tok, start - base, side="left")
-            hi = np.searchsorted(starts_tok, end - base, side="left")
+            # document_indices[j] is a sequence index; pointers give byte offsets (both sorted:
+            # binary searches only, nothing per document, since the loader asks for every sample)
+            size = f.dtype.itemsize
+            ptr = f.sequence_pointers
+            lo = np.searchsorted(ptr, (start - base) * size, side="left")
+            hi = np.searchsorted(ptr, (end - base) * size, side="left")
             seqs = np.arange(lo, hi)
             # only sequences that begin a document count as boundaries
-            is_doc = np.isin(seqs, f.document_indices[:-1])
-            out.append(starts_tok[seqs[is_doc]] + base)
+            docs = f.document_indices[:-1]
+            at = np.minimum(np.searchsorted(docs, seqs), max(len(docs) - 1, 0))
+            is_doc = (docs[at] == seqs) if len(docs) else np.zeros(len(seqs), bool)
+            out.append(ptr[seqs[is_doc]] // size + base)
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def max_token_id(self, chunk: int = 1 << 24) -> int:

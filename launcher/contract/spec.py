@@ -75,6 +75,10 @@ class DataSpec(_Strict):
     )
     seq_len: int = Field(gt=1, description="tokens per training sequence")
     validation: ValidationRef | None = Field(None, description="validation corpus (optional)")
+    document_mask: bool = Field(
+        False, description="a token attends only within its own document of a packed sample, positions "
+        "restart at each document, and no token is predicted across a document boundary (clm, mlm)"
+    )
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes per rank (0: read in the trainer)"
     )
