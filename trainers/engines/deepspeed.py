@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,10 @@ def import_deepspeed(device: torch.device):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     import deepspeed
 
+    # DeepSpeed's ZeRO calls torch's collectives by their old names; torch warns at every call
+    # (two lines per gather in a rank's log, thousands a run) about something no user can change
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
 
 
