@@ -237,3 +237,40 @@ def test_mlm_under_fsdp_trains_on_masked_positions(tmp_path, minilm_path, minilm
     got = losses(tmp_path / "run")
     assert sorted(got) == list(range(1, 9)) and got[8] < got[1] - 0.3
     assert "validation: loss" in r.stdout
+
+
+def test_fsdp_bf16_computes_in_bf16_over_fp32_master_weights_and_resumes_bitwise(tmp_path, runs, bpe_tokenizer,
+                                                                                  bpe_corpus):
+    """`training.precision: bf16` under fsdp is FSDP2's MixedPrecisionPolicy, not autocast: the
+    forward and backward run on bf16 copies of the parameters, the optimizer steps fp32 shards
+    (the export is fp32), the losses follow DDP's bf16 autocast closely (not bitwise: the
+    weights themselves are rounded to bf16 for the matmuls, where autocast rounds per op), and a
+    stopped run resumes bitwise, also on one rank (the master-path lever at world size 1)."""
+    from safetensors.torch import load_file
+
+    def spec(name, engine, procs=2):
+        s = _spec(tmp_path / name, bpe_tokenizer, bpe_corpus, engine, procs)
+        s["training"]["precision"] = "bf16"
+        return write_spec(tmp_path / f"{name}.yaml", s)
+
+    for name, engine in (("ddp", {}), ("fsdp", FSDP)):
+        r = run_cli("run", str(spec(name, engine)), timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == list(range(1, STEPS + 1))
+    assert all(abs(fsdp[s] - ddp[s]) <= 0.02 * abs(ddp[s]) for s in ddp), (fsdp, ddp)
+    assert fsdp != ddp  # a path of its own, not autocast
+    assert {t.dtype for t in load_file(tmp_path / "fsdp" / "export" / "model.safetensors").values()} == {torch.float32}
+
+    cut = spec("cut", FSDP)
+    stopped = stop_with_ctrl_c(cut, tmp_path / "cut", 5, timeout=600)
+    r = run_cli("run", str(cut), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = losses(tmp_path / "cut")
+    assert [got[s] for s in range(stopped + 1, STEPS + 1)] == [fsdp[s] for s in range(stopped + 1, STEPS + 1)]
+
+    one = spec("one", FSDP, procs=1)  # world size 1: bf16 compute, fp32 master weights
+    r = run_cli("run", str(one), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    single = losses(tmp_path / "one")
+    assert all(abs(single[s] - ddp[s]) <= 0.02 * abs(ddp[s]) for s in ddp)
