@@ -42,6 +42,7 @@ from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.distributed import Dist, eval_slices
 from hpctrain.trainers.engines import Engine, build_engine, prepare_model_loading
 from hpctrain.trainers.entry import Launch, entry_parser, frozen_spec, run_entry, seed_everything
+from hpctrain.trainers.kernels import use_kernels
 from hpctrain.trainers.model import (
     HFExport,
     export_shard_bytes,
@@ -218,6 +219,9 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
     built = build_finetune_model(spec, labels, train_set.pad_id)
     model = built.model
+    kernels = use_kernels(model, spec, d.device)  # Liger's on CUDA where asked and possible
+    if kernels:
+        mon.print(kernels)
     if built.new_modules:
         why = "a new task head, trained" + (" and saved with the adapter" if ft.method != "full" else "")
         mon.print(fresh_modules_note(built.new_modules, why))

@@ -35,6 +35,7 @@ from hpctrain.trainers.engines import (
     prepare_model_loading,
 )
 from hpctrain.trainers.entry import Launch, entry_parser, run_entry, seed_everything
+from hpctrain.trainers.kernels import use_kernels
 from hpctrain.trainers.model import (
     HFExport,
     build_model,
@@ -131,6 +132,9 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
     built = build_model(spec, on_meta=loads_sharded(spec))  # fsdp: each rank materializes its shards
     model = built.model
+    kernels = use_kernels(model, spec, d.device)  # Liger's on CUDA where asked and possible
+    if kernels:
+        run.mon.print(kernels)
     if built.new_modules:
         run.mon.print(fresh_modules_note(built.new_modules, "the objective's head"))
     vocab_size = model.get_input_embeddings().num_embeddings

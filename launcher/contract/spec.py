@@ -126,6 +126,11 @@ class TrainingSpec(_Strict):
     compile: bool = Field(
         False, description="torch.compile the model (ddp engine; the first steps compile, minutes on a CPU)"
     )
+    kernels: Literal["auto", "liger", "torch"] = Field(
+        "auto", description="fused GPU kernels: liger (Liger-Kernel's RMSNorm, RoPE, SwiGLU; CUDA only, "
+        "extra 'gpu'), torch (PyTorch's own), auto (liger where CUDA, the package and the architecture "
+        "allow, else torch)"
+    )
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="recompute transformer blocks' activations in the backward instead of "
         "keeping them: full (every block) or selective (every k-th block, activation_checkpointing_every); "
