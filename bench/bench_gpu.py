@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/bench_gpu.py                 # on a CUDA machine (about 10 minutes)
     .venv/bin/python bench/bench_gpu.py --tiny          # the same path on a CPU, tiny model (a check)
+    .venv/bin/python bench/bench_gpu.py --levers baseline master liger compile docmask all
+
+Each lever (LEVERS below) is one hpctrain run with one change over the baseline, measured in
+the same call as HF Trainer on the same model and samples.
 
 Same model config (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads,
 4 KV heads, vocabulary 32,000, from scratch, seed 0), same packed samples (the
@@ -48,14 +52,28 @@ def flops_per_token(cfg: dict, seq: int) -> float:
     return 6 * (n - m.get_input_embeddings().weight.numel()) + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq
 
 
-def ours(root: Path, cfg: dict, seq: int, peak: float | None) -> dict:
-    run = root / f"hpctrain-{time.time_ns()}"
+# Each lever on its own over the baseline (DDP's path at one GPU: bf16 autocast over fp32
+# weights, PyTorch's kernels): what it changes in the run spec
+LEVERS = {
+    "baseline": {"training": {"kernels": "torch"}},
+    "master": {"engine": {"type": "fsdp"}, "training": {"kernels": "torch"}},  # bf16 weights, fp32 master
+    "liger": {"training": {"kernels": "liger"}},
+    "compile": {"training": {"kernels": "torch", "compile": True}},
+    "docmask": {"training": {"kernels": "torch"}, "data": {"document_mask": True}},
+    "all": {"engine": {"type": "fsdp"}, "training": {"kernels": "liger"}, "data": {"document_mask": True}},
+}
+
+
+def ours(root: Path, cfg: dict, seq: int, peak: float | None, lever: str = "baseline") -> dict:
+    run = root / f"hpctrain-{lever}-{time.time_ns()}"
     spec = {"name": "bench-gpu", "run_dir": str(run), "model": {"config": cfg, "tokenizer": tokenizer_path()},
             "objective": {"type": "clm"}, "data": {"corpora": [{"path": str(build_corpus(root))}], "seq_len": seq},
             "training": {"global_batch": GLOBAL, "micro_batch": MICRO, "steps": STEPS, "lr": 3e-4,
                          "warmup_steps": 5, "precision": "bf16", "log_every": 1, "seed": 0},
             "checkpoint": {"every_steps": SAVE_AT, "keep_last": 1}, "export": {"enabled": False},
             "cluster": {"procs_per_node": 1}}
+    for section, values in LEVERS[lever].items():
+        spec.setdefault(section, {}).update(values)
     if peak:
         spec["monitor"] = {"peak_tflops": peak}
     path = root / "gpu.yaml"
@@ -132,13 +150,17 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model and seq 64: check the path on a CPU")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: hpctrain's table)")
     ap.add_argument("--only", choices=["hpctrain", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--lever", choices=list(LEVERS), default="baseline", help=argparse.SUPPRESS)
+    ap.add_argument("--levers", nargs="*", choices=list(LEVERS), default=["baseline"],
+                    help="hpctrain configurations to run, each in its own process (default: baseline); "
+                    f"all of them: {' '.join(LEVERS)}")
     ap.add_argument("--out", default="/tmp/hpctrain-bench-gpu")
     args = ap.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     cfg, seq = (TINY, 64) if args.tiny else (BIG, 2048)
     if args.only:
-        res = ours(root, cfg, seq, args.peak_tflops) if args.only == "hpctrain" else hf(root, cfg, seq)
+        res = ours(root, cfg, seq, args.peak_tflops, args.lever) if args.only == "hpctrain" else hf(root, cfg, seq)
         print(json.dumps(res))
         return
     import torch
@@ -152,14 +174,16 @@ def main() -> None:
     print(f"device: {name}; FLOPs/token {per_token:.4g} (6(N - N_emb) + 12 L H T); peak "
           f"{peak or 'unknown'} TFLOP/s bf16", flush=True)
     results = {}
-    for who in ("hpctrain", "hf"):  # each in its own process: clean peak memory
-        cmd = [sys.executable, __file__, "--only", who, "--out", str(root)] + (["--tiny"] if args.tiny else [])
+    runs = [(f"hpctrain:{lever}", ["--only", "hpctrain", "--lever", lever]) for lever in args.levers]
+    for who, which in runs + [("hf", ["--only", "hf"])]:  # each in its own process: clean peak memory
+        cmd = [sys.executable, __file__, *which, "--out", str(root)] + (["--tiny"] if args.tiny else [])
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        (root / f"{who}.log").write_text(proc.stdout + proc.stderr)
+        log = root / f"{who.replace(':', '-')}.log"
+        log.write_text(proc.stdout + proc.stderr)
         if proc.returncode:
-            sys.exit(f"{who} failed (exit {proc.returncode}); its output, in {root / f'{who}.log'}, ends:\n"
+            sys.exit(f"{who} failed (exit {proc.returncode}); its output, in {log}, ends:\n"
                      + (proc.stdout + proc.stderr)[-4000:])
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         res["tflops"] = per_token * res["tokens_per_s"] / 1e12

@@ -1,7 +1,8 @@
 """`hpctrain plot RUN_DIR [RUN_DIR ...] [--out FILE.png]`: one figure to compare runs.
 
 Panels against the training step: training loss (line) with validation loss (dots), LR,
-tokens/s, and MFU (or achieved TFLOP/s per device where no MFU is known, as on CPU).
+tokens/s, and MFU (or achieved TFLOP/s per device where no MFU is known, as on CPU); a run
+with named validation sets (`data.validation` as a list) gets a panel per set.
 Restarts (an attempt resuming from a checkpoint) are dashed vertical lines in the run's
 colour. Read from each run's metrics.jsonl (the last value of each step wins).
 """
@@ -32,8 +33,11 @@ def series(run_dir: Path) -> dict:
         xs = [s for s in steps if rows[s].get(key) is not None]
         return xs, [float(rows[s][key]) for s in xs]
 
+    named = sorted({k[len("val/"):-len("/loss")] for r in rows.values() for k in r
+                    if k.startswith("val/") and k.endswith("/loss")})
     return {"loss": col("loss"), "val_loss": col("val_loss"), "lr": col("lr"), "tokens_per_s": col("tokens_per_s"),
-            "mfu": col("mfu"), "tflops": col("tflops_per_device"), "restarts": [s for s in starts if s > 0]}
+            "mfu": col("mfu"), "tflops": col("tflops_per_device"), "restarts": [s for s in starts if s > 0],
+            "val_sets": {name: col(f"val/{name}/loss") for name in named}}
 
 
 def plot(run_dirs: list[str], out: str | None) -> Path:
@@ -47,14 +51,22 @@ def plot(run_dirs: list[str], out: str | None) -> Path:
 
     runs = [(Path(r), series(Path(r))) for r in run_dirs]
     use_mfu = any(s["mfu"][0] for _, s in runs)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
-    (ax_loss, ax_lr), (ax_tok, ax_eff) = axes
+    sets = sorted({name for _, s in runs for name in s["val_sets"]})  # named validation sets: a panel each
+    rows = 2 + (len(sets) + 1) // 2
+    fig, grid = plt.subplots(rows, 2, figsize=(12, 3.75 * rows), sharex=True, squeeze=False)
+    (ax_loss, ax_lr), (ax_tok, ax_eff) = grid[0], grid[1]
+    val_axes = dict(zip(sets, grid[2:].flat, strict=False))
+    for ax in list(grid[2:].flat)[len(sets):]:
+        ax.set_visible(False)
+    axes = grid[:2]
     for i, (path, s) in enumerate(runs):
         color = f"C{i}"
         name = path.name if path.name not in ("run", "") else f"{path.parent.name}/{path.name}"
         ax_loss.plot(*s["loss"], color=color, lw=1.2, label=f"{name} train")
         if s["val_loss"][0]:
             ax_loss.plot(*s["val_loss"], "o", color=color, ms=4, label=f"{name} validation")
+        for set_name, points in s["val_sets"].items():
+            val_axes[set_name].plot(*points, "o-", color=color, ms=4, lw=1, label=name)
         ax_lr.plot(*s["lr"], color=color, lw=1.2, label=name)
         ax_tok.plot(*s["tokens_per_s"], color=color, lw=1.2, label=name)
         if use_mfu:
@@ -63,15 +75,18 @@ def plot(run_dirs: list[str], out: str | None) -> Path:
         else:
             ax_eff.plot(*s["tflops"], color=color, lw=1.2, label=name)
         for step in s["restarts"]:
-            for ax in axes.flat:
+            for ax in [*axes.flat, *val_axes.values()]:
                 ax.axvline(step, color=color, ls="--", lw=0.8, alpha=0.7)
     ax_loss.set_title("loss (dots: validation)")
     ax_lr.set_title("learning rate")
     ax_tok.set_title("tokens/s")
     ax_eff.set_title("MFU (%)" if use_mfu else "achieved TFLOP/s per device (no MFU on CPU)")
-    for ax in axes.flat:
+    for set_name, ax in val_axes.items():
+        ax.set_title(f"validation loss: {set_name}")
+        ax.legend(fontsize=8)
+    for ax in [*axes.flat, *val_axes.values()]:
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
+    for ax in grid[-1]:
         ax.set_xlabel("step")
     ax_loss.legend(fontsize=8)
     if any(s["restarts"] for _, s in runs):

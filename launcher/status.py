@@ -29,6 +29,26 @@ def last_metrics(run_dir: Path) -> dict:
     return next((r for r in reversed(metrics_records(run_dir)) if "loss" in r), {})
 
 
+def validation_losses(record: dict) -> list[tuple[str | None, float]]:
+    """[(set name, or None for the single unnamed set; loss)] in a metrics record."""
+    out: list[tuple[str | None, float]] = []
+    for k, v in record.items():
+        if k == "val_loss":
+            out.append((None, v))
+        elif k.startswith("val/") and k.endswith("/loss"):
+            out.append((k[len("val/"):-len("/loss")], v))
+    return out
+
+
+def last_validation(run_dir: Path) -> tuple[int, list[tuple[str | None, float]]] | None:
+    """(step, the losses of every validation set) of the last evaluation, or None."""
+    for r in reversed(metrics_records(run_dir)):
+        sets = validation_losses(r)
+        if sets:
+            return int(r["step"]), sets
+    return None
+
+
 def rank_logs(run_dir: Path) -> list[Path]:
     """stderr/stdout files of every rank of the newest attempt (torchrun --log-dir layout)."""
     root = RunDir(run_dir).logs
@@ -91,6 +111,11 @@ def status_text(run_dir: str) -> str:
             speed.append(f"{m['restarts']} restart(s)")
         if speed:
             lines.append("speed: " + ", ".join(speed))
+    val = last_validation(run)
+    if val:
+        step, sets = val
+        lines.append(f"validation at step {step}: " + "; ".join(
+            f"{name + ' ' if name else ''}loss {loss:.4f}" for name, loss in sets))
     if st.get("retries"):
         lines.append(f"retries: {len(st['retries'])} ("
                      + "; ".join(f"step {r['step']}: {r['reason']}" for r in st["retries"]) + ")")

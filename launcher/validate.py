@@ -226,8 +226,8 @@ def check_files(
         notes += ft_notes
     if spec.data is not None:
         refs = [(f"data.corpora.{i}.path", c.path, c.split) for i, c in enumerate(spec.data.corpora)]
-    if spec.data is not None and spec.data.validation is not None:
-        refs.append(("data.validation.path", spec.data.validation.path, spec.data.validation.split))
+    if spec.data is not None:
+        refs += [(v.field, v.path, v.split) for v in spec.data.validation_sets()]
     checked: set[str] = set()
     train_tokens: dict[str, int] = {}
     for field, raw, split in refs:

@@ -22,7 +22,7 @@ from hpctrain.launcher.contract.corpus import check_token_ids, open_corpus
 from hpctrain.launcher.contract.fast_exit import exit_process
 from hpctrain.launcher.contract.paths import resolve_path
 from hpctrain.launcher.contract.rundir import RunDir
-from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.launcher.contract.spec import RunSpec, ValidationSet
 from hpctrain.trainers import loop
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.data.sampler import PackedSource
@@ -81,7 +81,8 @@ class Pretraining:
     """The pretraining task for the loop: packed samples of the blended corpora, the objective
     (clm | mlm), and the validation loss on a fixed set of samples."""
 
-    def __init__(self, run: Run, objective: Objective, batches: TrainBatches, valid: PackedSource | None,
+    def __init__(self, run: Run, objective: Objective, batches: TrainBatches,
+                 valid: list[tuple[ValidationSet, PackedSource]],
                  n_params: int, tokenizer) -> None:
         self.spec, self.d, self.mon, self.export_dir = run.spec, run.d, run.mon, RunDir(run.run_dir).export
         self.objective, self.batches, self.valid = objective, batches, valid
@@ -101,12 +102,16 @@ class Pretraining:
 
     def evaluate(self, engine: Engine, step: int, total: int) -> bool:
         every = self.spec.training.eval_every
-        if self.valid is None or not every or (step % every != 0 and step != total):
+        if not self.valid or not every or (step % every != 0 and step != total):
             return False
-        vloss = evaluate(self.spec, engine, self.objective, self.valid, self.d)
-        ppl = math.exp(min(vloss, 50))
-        self.mon.log({"step": step, "val_loss": vloss, "val_ppl": ppl})
-        self.mon.print(f"  validation: loss {vloss:.4f} | ppl {ppl:.2f}")
+        record, shown = {"step": step}, []
+        for v, source in self.valid:  # every set, the same samples at every evaluation
+            vloss = evaluate(self.spec, engine, self.objective, source, self.d)
+            ppl = math.exp(min(vloss, 50))
+            record.update({v.key("loss"): vloss, v.key("ppl"): ppl})
+            shown.append(f"{v.name + ' ' if v.name else ''}loss {vloss:.4f} | ppl {ppl:.2f}")
+        self.mon.log(record)
+        self.mon.print("  validation: " + "; ".join(shown))
         return False
 
     def state(self) -> dict:
@@ -148,12 +153,11 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     run.measure(flops_per_token(model, spec.data.seq_len))
     engine = build_engine(spec, model, d, total, batches.accum, on_meta=built.on_meta, weights_from=built.weights_from)
     objective.attach(model, whole_weights=engine.capabilities.whole_weights)
-    valid = None
-    if spec.data.validation is not None:
-        vref = spec.data.validation
-        vcorpus = open_corpus(resolve_path(vref.path, field="data.validation.path"))
-        check_token_ids(vcorpus, vocab_size, split=vref.split)
-        valid = PackedSource(vcorpus.split(vref.split), spec.data.seq_len)
+    valid = []
+    for v in spec.data.validation_sets():
+        vcorpus = open_corpus(resolve_path(v.path, field=v.field))
+        check_token_ids(vcorpus, vocab_size, split=v.split)
+        valid.append((v, PackedSource(vcorpus.split(v.split), spec.data.seq_len)))
     return loop.train(run, engine, Pretraining(run, objective, batches, valid, n_params, tokenizer), total)
 
 

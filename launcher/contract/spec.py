@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import difflib
 import math
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from hpctrain.launcher.contract.errors import UserError, UserErrors
 
@@ -69,12 +80,45 @@ class ValidationRef(_Strict):
     split: str = Field("valid", description="split name")
 
 
+# tags of a field that takes one form or a list of another: errors name the list's own path
+ONE, MANY = "(one)", "(list)"
+UNION_TAGS = (ONE, MANY)
+
+
+class NamedValidation(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the set's name in metrics (val/<name>/loss), the console and plots")
+    path: str = Field(description="corpus directory holding the validation split")
+    split: str = Field("valid", description="split name")
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """One validation corpus of a run: its name (None for the single unnamed form), where it is,
+    the spec field to name in errors, and the metric keys it is logged under."""
+
+    name: str | None
+    path: str
+    split: str
+    field: str
+
+    def key(self, what: str) -> str:
+        """`val_loss` for the single form (as always), `val/<name>/loss` for a named set."""
+        return f"val_{what}" if self.name is None else f"val/{self.name}/{what}"
+
+
 class DataSpec(_Strict):
     corpora: list[CorpusRef] = Field(
         min_length=1, description="training corpora, blended by weight"
     )
     seq_len: int = Field(gt=1, description="tokens per training sequence")
-    validation: ValidationRef | None = Field(None, description="validation corpus (optional)")
+    validation: Annotated[
+        Annotated[ValidationRef, Tag(ONE)] | Annotated[list[NamedValidation], Tag(MANY)],
+        Discriminator(lambda v: MANY if isinstance(v, list) else ONE),
+    ] | None = Field(
+        None, description="validation corpus (optional): one {path, split}, or a list of named sets "
+        "{name, path, split}, each evaluated at every eval_every and logged as val/<name>/loss"
+    )
     document_mask: bool = Field(
         False, description="a token attends only within its own document of a packed sample, positions "
         "restart at each document, and no token is predicted across a document boundary (clm, mlm)"
@@ -82,6 +126,27 @@ class DataSpec(_Strict):
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes per rank (0: read in the trainer)"
     )
+
+    def validation_sets(self) -> list[ValidationSet]:
+        v = self.validation
+        if v is None:
+            return []
+        if isinstance(v, ValidationRef):
+            return [ValidationSet(None, v.path, v.split, "data.validation.path")]
+        return [ValidationSet(x.name, x.path, x.split, f"data.validation.{i}.path") for i, x in enumerate(v)]
+
+    @model_validator(mode="after")
+    def _named_once(self) -> DataSpec:
+        if isinstance(self.validation, list):
+            if not self.validation:
+                raise ValueError("data.validation is an empty list: give at least one {name, path} or leave it out")
+            seen: dict[str, int] = {}
+            for i, x in enumerate(self.validation):
+                if x.name in seen:
+                    raise ValueError(f"two validation sets are named {x.name!r} (data.validation.{seen[x.name]} "
+                                     f"and data.validation.{i}): names must differ")
+                seen[x.name] = i
+        return self
 
     @model_validator(mode="after")
     def _some_weight(self) -> DataSpec:
@@ -466,8 +531,9 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
     if data["data"]:
         for c in data["data"]["corpora"]:
             c["path"] = fix(c["path"])
-        if data["data"]["validation"]:
-            data["data"]["validation"]["path"] = fix(data["data"]["validation"]["path"])
+        v = data["data"]["validation"]
+        for ref in v if isinstance(v, list) else [v] if v else []:
+            ref["path"] = fix(ref["path"])
     data["engine"]["config"] = fix(data["engine"]["config"])
     if data["finetune"]:
         data["finetune"]["train_file"] = fix(data["finetune"]["train_file"])
@@ -475,43 +541,45 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
     return RunSpec.model_validate(data)
 
 
+def _unannotated(ann: Any) -> Any:
+    """`ann` with Annotated wrappers taken off, also inside a union."""
+    if typing.get_origin(ann) is Annotated:
+        return _unannotated(typing.get_args(ann)[0])
+    args = typing.get_args(ann)
+    if args and typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_unannotated(a) for a in args)]  # noqa: UP007
+    return ann
+
+
+def _models_in(ann: Any, in_list: bool = False) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation names (with `in_list`: only as list items)."""
+    ann = _unannotated(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [] if in_list else [ann]
+    if typing.get_origin(ann) is list:
+        return _models_in(typing.get_args(ann)[0]) if in_list else []
+    return [m for a in typing.get_args(ann) for m in _models_in(a, in_list)]
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at `loc` (for did-you-mean hints)."""
-    cur: Any = model
-    for part in loc:
+    cur: type[BaseModel] | None = model
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             continue
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-            return None
-        field = cur.model_fields.get(part)
+        field = cur.model_fields.get(part) if cur is not None else None
         if field is None:
             return None
-        ann = field.annotation
-        cur = next(
-            (
-                a
-                for a in getattr(ann, "__args__", (ann,))
-                if isinstance(a, type) and issubclass(a, BaseModel)
-            ),
-            None,
-        )
-        if cur is None and getattr(ann, "__args__", None):  # list[CorpusRef]
-            inner = ann.__args__[0]
-            cur = next(
-                (
-                    a
-                    for a in getattr(inner, "__args__", (inner,))
-                    if isinstance(a, type) and issubclass(a, BaseModel)
-                ),
-                None,
-            )
-    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+        indexed = i + 1 < len(loc) and isinstance(loc[i + 1], int)  # list[CorpusRef] then an index
+        found = _models_in(field.annotation, in_list=indexed) or _models_in(field.annotation)
+        cur = found[0] if found else None
+    return cur
 
 
 def _errors_from(exc: ValidationError, file: str | None) -> UserErrors:
     out = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        loc = tuple(p for p in err["loc"] if p not in UNION_TAGS)
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         kind = err["type"]
         if kind == "extra_forbidden":
