@@ -3,6 +3,7 @@
     hpctrain prepare 'raw/*.jsonl' --field text --tokenizer TOK --out corpus/x --workers 4
     hpctrain corpus inspect corpus/x
     hpctrain validate SPEC | plan SPEC | run SPEC | submit SPEC | status RUN_DIR
+    hpctrain sweep SPEC --over data.corpora.0.weight=0.2,0.3,0.5 [--report]
 
 No torch at module level: `hpctrain --help` must start instantly on a login node, and each
 verb imports what it needs when it runs. The trainers and tools are reached through a
@@ -114,30 +115,41 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
-    from hpctrain.launcher.contract.states import State, read_status
-    from hpctrain.launcher.local import run_local
-
     stages, future = _load_stages(args)
     _check(stages, future, args.spec)
     for name, spec in stages:
         if name is not None:
-            done = read_status(spec.run_path).get("state") == State.FINISHED
-            if done and not args.no_resume:
+            if _finished(spec) and not args.no_resume:
                 print(f"stage {name}: already finished ({spec.run_path})")
                 continue
             print(f"== stage {name}", flush=True)
-        owner = lock.process_owner("hpctrain run")
-        spec, run_dir = _hold_run_dir(spec, not args.no_resume, owner)
-        try:
-            ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
-            print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
-            rc = run_local(spec, run_dir)
-        finally:
-            lock.release(run_dir, owner)
-        if rc != 0 or read_status(run_dir).get("state") != State.FINISHED:
+        rc, finished = _run_one(spec, args.no_resume)
+        if rc != 0 or not finished:
             return rc
     return 0
+
+
+def _finished(spec) -> bool:
+    from hpctrain.launcher.contract.states import State, read_status
+
+    return read_status(spec.run_path).get("state") == State.FINISHED
+
+
+def _run_one(spec, no_resume: bool) -> tuple[int, bool]:
+    """One run on this machine, its run dir held while it trains: (exit code, finished)."""
+    from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
+    from hpctrain.launcher.contract.states import State, read_status
+    from hpctrain.launcher.local import run_local
+
+    owner = lock.process_owner("hpctrain run")
+    spec, run_dir = _hold_run_dir(spec, not no_resume, owner)
+    try:
+        ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
+        print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
+        rc = run_local(spec, run_dir)
+    finally:
+        lock.release(run_dir, owner)
+    return rc, read_status(run_dir).get("state") == State.FINISHED
 
 
 def _hold_run_dir(spec, resume: bool, owner: dict):
@@ -159,8 +171,7 @@ def _hold_run_dir(spec, resume: bool, owner: dict):
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
-    from hpctrain.launcher.slurm import dry_run, submit
+    from hpctrain.launcher.slurm import dry_run
 
     stages, future = _load_stages(args)
     _check(stages, future, args.spec)
@@ -172,24 +183,74 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         return 0
     previous = None
     for name, spec in stages:
-        owner = lock.process_owner("hpctrain submit")
-        spec, run_dir = _hold_run_dir(spec, not args.no_resume, owner)
-        ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
-        try:
-            job = submit(spec, run_dir, dependency=f"afterok:{previous}" if previous else None)
-        except BaseException:
-            lock.release(run_dir, owner)
-            raise
-        lock.hand_over(run_dir, lock.job_owner(job))  # the job, its requeues and node tasks hold it
-        label = f"stage {name}: " if name else ""
-        print(
-            f"{label}submitted job {job}: {spec.cluster.nodes} node(s) x {spec.cluster.procs_per_node} process(es)"
-            + (f", after job {previous}" if previous else "")
-            + (f", resuming from {ckpt.name}" if ckpt else "")
-        )
-        print(f"run dir: {run_dir}")
-        print(f"follow:  hpctrain status {run_dir}   |   hpctrain logs {run_dir} -f   |   hpctrain cancel {run_dir}")
-        previous = job
+        previous = _submit_one(f"stage {name}: " if name else "", spec, args.no_resume, previous, "afterok")
+    return 0
+
+
+def _submit_one(label: str, spec, no_resume: bool, after: str | None, kind: str) -> str:
+    """Submit one run as a Slurm job (after job `after` ends: `kind` afterok | afterany), its run
+    dir handed to the job; its job id."""
+    from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
+    from hpctrain.launcher.slurm import submit
+
+    owner = lock.process_owner("hpctrain submit")
+    spec, run_dir = _hold_run_dir(spec, not no_resume, owner)
+    ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
+    try:
+        job = submit(spec, run_dir, dependency=f"{kind}:{after}" if after else None)
+    except BaseException:
+        lock.release(run_dir, owner)
+        raise
+    lock.hand_over(run_dir, lock.job_owner(job))  # the job, its requeues and node tasks hold it
+    print(
+        f"{label}submitted job {job}: {spec.cluster.nodes} node(s) x {spec.cluster.procs_per_node} process(es)"
+        + (f", after job {after}" if after else "")
+        + (f", resuming from {ckpt.name}" if ckpt else "")
+    )
+    print(f"run dir: {run_dir}")
+    print(f"follow:  hpctrain status {run_dir}   |   hpctrain logs {run_dir} -f   |   hpctrain cancel {run_dir}")
+    return job
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from hpctrain.launcher.contract.errors import EXIT_INTERRUPTED
+    from hpctrain.launcher.sweep import report, sweep_specs, write_sweep_file
+
+    if args.report:
+        from hpctrain.launcher.contract.spec import load_spec, with_absolute_paths
+
+        print(report(with_absolute_paths(load_spec(args.spec, args.set)).run_path))
+        return 0
+    base, points = sweep_specs(args.spec, args.set, args.over)
+    stages = [(p.name, s) for p, s in points]
+    _check(stages, set(), args.spec)  # every point, before anything runs or is submitted
+    sweep_file = write_sweep_file(base, args.spec, points)
+    print(f"sweep of {len(points)} point(s) in {base.run_path} ({sweep_file.name}): "
+          + ", ".join(p.name for p in [p for p, _ in points]), flush=True)
+    if all(s.cluster.executor == "slurm" for _, s in stages):
+        jobs: list[str] = []
+        for i, (name, spec) in enumerate(stages):
+            n = args.max_parallel
+            after = jobs[i - n] if n and i >= n else None  # at most n points at a time
+            jobs.append(_submit_one(f"point {name}: ", spec, args.no_resume, after, "afterany"))
+        print(f"report: hpctrain sweep {args.spec} --report   (or hpctrain status {base.run_path})")
+        return 0
+    failed = []
+    for name, spec in stages:
+        if _finished(spec) and not args.no_resume:
+            print(f"point {name}: already finished ({spec.run_path})")
+            continue
+        print(f"== point {name}", flush=True)
+        rc, finished = _run_one(spec, args.no_resume)
+        if rc == EXIT_INTERRUPTED or (rc == 0 and not finished):  # Ctrl-C, a preemption: stop here
+            print(f"sweep stopped at point {name}: the same command resumes it", flush=True)
+            return rc
+        if rc != 0:  # this point failed; the others are independent of it
+            failed.append(name)
+    print(report(base.run_path))
+    if failed:
+        print(f"hpctrain: {len(failed)} point(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -342,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     su.add_argument("--no-resume", action="store_true", help="start over in a new run dir")
     su.set_defaults(func=_cmd_submit)
+
+    sw = sub.add_parser("sweep", help="one run per point of a grid of spec values (--over KEY=V1,V2,...), "
+                        "locally one after another or on Slurm as independent jobs; --report compares them")
+    _spec_args(sw)
+    sw.add_argument("--over", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a spec field and its values (repeatable: the grid of all of them), e.g. "
+                    "--over data.corpora.0.weight=0.2,0.3,0.5")
+    sw.add_argument("--max-parallel", type=int, metavar="N", help="Slurm: at most N points queued or "
+                    "running at once (default: all)")
+    sw.add_argument("--report", action="store_true", help="print the sweep's comparison table and stop")
+    sw.add_argument("--no-resume", action="store_true", help="start every point over in a new run dir")
+    sw.set_defaults(func=_cmd_sweep)
 
     st = sub.add_parser("status", help="job state, restarts, step, last loss, newest checkpoint")
     st.add_argument("run_dir")

@@ -49,7 +49,17 @@ def plot(run_dirs: list[str], out: str | None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(Path(r), series(Path(r))) for r in run_dirs]
+    from hpctrain.launcher.sweep import point_dirs
+
+    runs = []
+    for r in run_dirs:
+        points = point_dirs(r)  # a sweep dir: every point that has started
+        if points is None:
+            runs.append((Path(r), series(Path(r))))
+        else:
+            runs += [(d, series(d)) for d in points if RunDir(d).metrics.is_file()]
+    if not runs:
+        raise UserError("no point of the sweep has started", file=run_dirs[0])
     use_mfu = any(s["mfu"][0] for _, s in runs)
     sets = sorted({name for _, s in runs for name in s["val_sets"]})  # named validation sets: a panel each
     rows = 2 + (len(sets) + 1) // 2
@@ -91,9 +101,9 @@ def plot(run_dirs: list[str], out: str | None) -> Path:
     ax_loss.legend(fontsize=8)
     if any(s["restarts"] for _, s in runs):
         fig.text(0.01, 0.005, "dashed lines: restarts (resumed from a checkpoint)", fontsize=8)
-    fig.suptitle(", ".join(str(p) for p, _ in runs) if len(runs) > 1 else str(runs[0][0]), fontsize=10)
+    fig.suptitle(", ".join(run_dirs) if len(runs) > 1 else str(runs[0][0]), fontsize=10)
     fig.tight_layout()
-    target = Path(out) if out else runs[0][0] / "plot.png"
+    target = Path(out) if out else Path(run_dirs[0]) / "plot.png"
     tmp = target.with_name(f".{target.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

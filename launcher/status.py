@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hpctrain.launcher.contract.checkpoints import latest_checkpoint
 from hpctrain.launcher.contract.errors import UserError
-from hpctrain.launcher.contract.rundir import RunDir, metrics_records
+from hpctrain.launcher.contract.rundir import RunDir, metrics_records, validation_losses
 from hpctrain.launcher.contract.states import State, read_status
 
 
@@ -27,17 +27,6 @@ def _require_run_dir(run_dir: str) -> Path:
 def last_metrics(run_dir: Path) -> dict:
     """The newest training record (a line still being written is skipped by the one reader)."""
     return next((r for r in reversed(metrics_records(run_dir)) if "loss" in r), {})
-
-
-def validation_losses(record: dict) -> list[tuple[str | None, float]]:
-    """[(set name, or None for the single unnamed set; loss)] in a metrics record."""
-    out: list[tuple[str | None, float]] = []
-    for k, v in record.items():
-        if k == "val_loss":
-            out.append((None, v))
-        elif k.startswith("val/") and k.endswith("/loss"):
-            out.append((k[len("val/"):-len("/loss")], v))
-    return out
 
 
 def last_validation(run_dir: Path) -> tuple[int, list[tuple[str | None, float]]] | None:
@@ -69,7 +58,10 @@ def tail(path: Path, n: int) -> list[str]:
 
 def status_text(run_dir: str) -> str:
     from hpctrain.launcher.slurm import jobs_of, slurm_state
+    from hpctrain.launcher.sweep import read_sweep, report
 
+    if read_sweep(run_dir) is not None:  # a sweep's dir: its comparison table
+        return report(run_dir)
     run = _require_run_dir(run_dir)
     st = read_status(run)
     lines = [f"run dir: {run}"]

@@ -9,6 +9,7 @@ and exits 2 with the same one line.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -72,3 +73,6 @@ def run_command(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("hpctrain: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `hpctrain status RUN | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0

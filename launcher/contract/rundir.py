@@ -234,3 +234,15 @@ def metrics_records(run_dir: str | Path) -> list[dict]:
 def last_logged_step(run_dir: str | Path) -> int:
     """The highest training step in metrics.jsonl (0 when none)."""
     return max((int(r.get("step", 0)) for r in metrics_records(run_dir) if "loss" in r), default=0)
+
+
+def validation_losses(record: dict) -> list[tuple[str | None, float]]:
+    """[(set name, or None for the single unnamed set; loss)] in a metrics record: `val_loss`, or
+    `val/<name>/loss` of named sets (`ValidationSet.key` in the spec writes them)."""
+    out: list[tuple[str | None, float]] = []
+    for k, v in record.items():
+        if k == "val_loss":
+            out.append((None, v))
+        elif k.startswith("val/") and k.endswith("/loss"):
+            out.append((k[len("val/"):-len("/loss")], v))
+    return out

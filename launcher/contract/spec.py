@@ -625,14 +625,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each `dotted.key=value`; a number in the path indexes a list (`data.corpora.0.weight`)."""
     for text in overrides:
         path, value = parse_override(text)
-        cur = data
-        for part in path[:-1]:
-            if not isinstance(cur.get(part, {}), dict):
+        cur: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(cur, list):
+                if not part.isdigit() or int(part) >= len(cur):
+                    raise UserError(f"no item {part} in a list of {len(cur)}", field="--set " + ".".join(path),
+                                    expected=f"an index 0..{len(cur) - 1}")
+                if last:
+                    cur[int(part)] = value
+                else:
+                    cur = cur[int(part)]
+                continue
+            if not isinstance(cur, dict):
+                raise UserError(f"'{path[i - 1]}' is not a section", field="--set " + ".".join(path))
+            if last:
+                cur[part] = value
+            elif isinstance(cur.get(part), (dict, list)):
+                cur = cur[part]
+            elif part in cur:
                 raise UserError(f"'{part}' is not a section", field="--set " + ".".join(path))
-            cur = cur.setdefault(part, {})
-        cur[path[-1]] = value
+            else:
+                cur = cur.setdefault(part, {})
     return data
 
 
