@@ -112,18 +112,16 @@ def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], 
     """
     ft = spec.finetune
     notes: list[str] = []
-    sets: dict[str, list[dict] | None] = {}
-    for field in ("train_file", "valid_file"):
-        raw = getattr(ft, field)
-        if raw is None:
-            continue
+    sets: dict[str, list[dict] | None] = {}  # spec field -> its examples
+    files = [("finetune.train_file", ft.train_file)] + [(field, raw) for _, raw, field in ft.valid_sets()]
+    for field, raw in files:
         path = resolve_path(raw)
         if not Path(path).is_file():
-            errors.append(UserError(f"file not found ({raw})", field=f"finetune.{field}",
+            errors.append(UserError(f"file not found ({raw})", field=field,
                                     expected="a JSONL or CSV file of examples"))
             continue
-        sets[field] = _read_examples(path, spec, f"finetune.{field}", errors)
-    train = sets.get("train_file")
+        sets[field] = _read_examples(path, spec, field, errors)
+    train = sets.get("finetune.train_file")
     if train is None:
         return notes, None
     n_train = len(train)
@@ -148,15 +146,15 @@ def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], 
                                     file=ft.train_file, field="finetune.label_field",
                                     expected="at least two labels to classify"))
         notes.append(f"  {len(labels)} labels: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}")
-        valid = sets.get("valid_file")
-        if valid is not None:
-            extra = sorted({str(r[ft.label_field]) for r in valid} - set(labels))
+        for _, raw, field in ft.valid_sets():
+            valid = sets.get(field)
+            extra = sorted({str(r[ft.label_field]) for r in valid} - set(labels)) if valid is not None else []
             if extra:
-                errors.append(UserError(f"labels {extra} do not occur in the training file", file=ft.valid_file,
-                                        field="finetune.valid_file",
-                                        expected=f"labels of the training file ({', '.join(labels)})"))
-    if ft.valid_file is not None and sets.get("valid_file") is not None:
-        notes.append(f"finetune.valid_file: {len(sets['valid_file']):,} examples")
+                errors.append(UserError(f"labels {extra} do not occur in the training file", file=raw,
+                                        field=field, expected=f"labels of the training file ({', '.join(labels)})"))
+    for _, _, field in ft.valid_sets():
+        if sets.get(field) is not None:
+            notes.append(f"{field.removesuffix('.path')}: {len(sets[field]):,} examples")
     if ft.kind == "sft" and ft.packing:
         return notes, None  # packed sequences are counted after tokenizing, at start
     return notes, n_train

@@ -62,32 +62,35 @@ from hpctrain.trainers.run import Run
 
 
 def load_examples(spec: RunSpec, tok):
-    """(train dataset, validation dataset, labels, notes) from the spec's files."""
+    """(train dataset, [(validation set name or None, its dataset)], labels, notes) from the
+    spec's files: every named validation file, the single one, or a seeded split of train_file."""
     ft = spec.finetune
     train_path = resolve_path(ft.train_file)
     records = read_records(train_path)
     if ft.valid_file:
-        valid_path = resolve_path(ft.valid_file)
-        valid_records = read_records(valid_path)
+        held = [(name, resolve_path(raw), None) for name, raw, _ in ft.valid_sets()]
+        held = [(name, path, read_records(path)) for name, path, _ in held]
     else:
         tr, va = split_indices(len(records), ft.valid_fraction, spec.training.seed)
-        valid_records, records, valid_path = [records[i] for i in va], [records[i] for i in tr], train_path
+        held = [(None, train_path, [records[i] for i in va])]
+        records = [records[i] for i in tr]
     labels = None
     if ft.kind == "classify":
         labels = label_names(records, ft, train_path)
         label2id = {n: i for i, n in enumerate(labels)}
         train = tokenize_classify(records, tok, ft, label2id, train_path)
-        valid = tokenize_classify(valid_records, tok, ft, label2id, valid_path) if valid_records else None
+        valid = [(name, tokenize_classify(recs, tok, ft, label2id, path)) for name, path, recs in held if recs]
     else:
         train = tokenize_sft(records, tok, ft, train_path)
-        valid = tokenize_sft(valid_records, tok, ft, valid_path) if valid_records else None
+        valid = [(name, tokenize_sft(recs, tok, ft, path)) for name, path, recs in held if recs]
         if ft.packing:
             train = pack(train, ft.seq_len)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    notes = f"{len(train.input_ids)} training / {len(valid.input_ids) if valid else 0} validation examples"
+    counts = " + ".join(f"{len(v.input_ids)}" + (f" ({name})" if name else "") for name, v in valid) or "0"
+    notes = f"{len(train.input_ids)} training / {counts} validation examples"
     if train.truncated:
         notes += f"; {train.truncated} training example(s) truncated to {ft.seq_len} tokens"
-    return (ExampleDataset(train, pad, ft.kind), ExampleDataset(valid, pad, ft.kind) if valid else None,
+    return (ExampleDataset(train, pad, ft.kind), [(name, ExampleDataset(v, pad, ft.kind)) for name, v in valid],
             labels, notes)
 
 
@@ -142,18 +145,19 @@ def evaluate(model, data: ExampleDataset, kind: str, micro: int, d: Dist, num_la
 def better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True
-    return new < old if metric == "val_loss" else new > old
+    return new < old if metric == "val_loss" or metric.endswith("/loss") else new > old
 
 
 class FineTuning:
     """The fine-tuning task for the loop: examples in a seeded global order, the SFT or
     classification loss, and validation that keeps the best export and may stop early."""
 
-    def __init__(self, run: Run, batches: TrainBatches, valid: ExampleDataset | None, labels, tok) -> None:
+    def __init__(self, run: Run, batches: TrainBatches, valid: list[tuple[str | None, ExampleDataset]], labels,
+                 tok) -> None:
         self.spec, self.ft, self.d, self.mon = run.spec, run.spec.finetune, run.d, run.mon
         self.run_dir = RunDir(run.run_dir)
         self.batches, self.valid, self.labels, self.tok = batches, valid, labels, tok
-        self.metric = self.ft.best_metric or ("accuracy" if self.ft.kind == "classify" else "val_loss")
+        self.metric = self.ft.best()
         self.best: float | None = None
         self.stale = 0  # evaluations since the best
 
@@ -170,13 +174,19 @@ class FineTuning:
 
     def evaluate(self, engine: Engine, step: int, total: int) -> bool:
         every = self.spec.training.eval_every
-        if self.valid is None or not ((every and step % every == 0) or step == total):
+        if not self.valid or not ((every and step % every == 0) or step == total):
             return False
+        res, shown = {}, []
         with engine.evaluating() as module:
-            res = evaluate(module, self.valid, self.ft.kind, self.spec.training.micro_batch, self.d,
-                           len(self.labels) if self.labels else None)
+            for name, data in self.valid:  # every set: its loss (and accuracy, F1), the whole set each time
+                one = evaluate(module, data, self.ft.kind, self.spec.training.micro_batch, self.d,
+                               len(self.labels) if self.labels else None)
+                shown.append((f"{name} " if name else "") + " | ".join(f"{k} {v:.4f}" for k, v in one.items()))
+                if name is not None:
+                    one = {self.ft.metric_key(name, k.removeprefix("val_")): v for k, v in one.items()}
+                res.update(one)
         self.mon.log({"step": step, **res})
-        self.mon.print("  validation: " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        self.mon.print("  validation: " + "; ".join(shown))
         if better(self.metric, res[self.metric], self.best):
             self.best, self.stale = res[self.metric], 0
             engine.export(HFExport(self.run_dir.best, self.tok, self.labels, export_shard_bytes(self.spec)))

@@ -413,12 +413,22 @@ class LoraSpec(_Strict):
     )
 
 
+class NamedValidFile(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the set's name in metrics (val/<name>/loss, /accuracy, /f1)")
+    path: str = Field(description="JSONL (sft, classify) or CSV (classify) validation examples")
+
+
 class FinetuneSpec(_Strict):
     kind: Literal["sft", "classify"] = Field(description="sft: prompt -> response; classify: text -> label")
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
     lora: LoraSpec = LoraSpec()
     train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
-    valid_file: str | None = Field(None, description="validation examples (default: a seeded split of train_file)")
+    valid_file: Annotated[
+        Annotated[str, Tag(ONE)] | Annotated[list[NamedValidFile], Tag(MANY)],
+        Discriminator(lambda v: MANY if isinstance(v, list) else ONE),
+    ] | None = Field(None, description="validation examples (default: a seeded split of train_file), or a "
+                     "list of named files {name, path}, each evaluated and logged as val/<name>/...")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of train_file held out when no valid_file")
     seq_len: int = Field(128, gt=1, description="tokens per example (longer ones are truncated and counted)")
     prompt_field: str = Field("prompt", description="sft: prompt field")
@@ -431,9 +441,51 @@ class FinetuneSpec(_Strict):
     group_by_length: bool = Field(
         True, description="batch examples of similar length together (less padding; seeded, exact on resume)"
     )
-    best_metric: str | None = Field(None, description="val_loss | accuracy | f1 (default: val_loss; accuracy to classify)")
+    best_metric: str | None = Field(None, description="val_loss | accuracy | f1, or val/<name>/loss | accuracy | f1 "
+                                    "with named valid files (default: the (first) set's loss; accuracy to classify)")
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
     merge: bool = Field(False, description="lora/qlora: also export the merged full model")
+
+
+    def valid_sets(self) -> list[tuple[str | None, str, str]]:
+        """[(name, or None for the single unnamed file; path; spec field)] of the validation files."""
+        v = self.valid_file
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [(None, v, "finetune.valid_file")]
+        return [(x.name, x.path, f"finetune.valid_file.{i}.path") for i, x in enumerate(v)]
+
+    def metric_key(self, name: str | None, what: str) -> str:
+        """The metrics key of `what` (loss, ppl, accuracy, f1) of a validation set."""
+        if name is None:
+            return {"loss": "val_loss", "ppl": "val_ppl"}.get(what, what)
+        return f"val/{name}/{what}"
+
+    def metrics_for_best(self) -> list[str]:
+        """What `best_metric` may name for this run."""
+        names = [n for n, _, _ in self.valid_sets()] or [None]
+        kinds = ["loss", "accuracy", "f1"] if self.kind == "classify" else ["loss"]
+        return [self.metric_key(n, k) for n in names for k in kinds]
+
+    def best(self) -> str:
+        """The metric that picks the best export (the first set's accuracy to classify, else its loss)."""
+        return self.best_metric or self.metrics_for_best()[1 if self.kind == "classify" else 0]
+
+    @model_validator(mode="after")
+    def _valid_files(self) -> FinetuneSpec:
+        if isinstance(self.valid_file, list):
+            if not self.valid_file:
+                raise ValueError("finetune.valid_file is an empty list: give at least one {name, path} or leave it out")
+            names = [x.name for x in self.valid_file]
+            for i, n in enumerate(names):
+                if n in names[:i]:
+                    raise ValueError(f"two validation files are named {n!r} (finetune.valid_file.{names.index(n)} "
+                                     f"and finetune.valid_file.{i}): names must differ")
+        if self.best_metric is not None and self.best_metric not in self.metrics_for_best():
+            raise ValueError(f"finetune.best_metric {self.best_metric!r} is not a metric of this run (one of "
+                             f"{', '.join(self.metrics_for_best())})")
+        return self
 
 
 class RunSpec(_Strict):
@@ -537,7 +589,12 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
     data["engine"]["config"] = fix(data["engine"]["config"])
     if data["finetune"]:
         data["finetune"]["train_file"] = fix(data["finetune"]["train_file"])
-        data["finetune"]["valid_file"] = fix(data["finetune"]["valid_file"])
+        v = data["finetune"]["valid_file"]
+        if isinstance(v, list):
+            for ref in v:
+                ref["path"] = fix(ref["path"])
+        else:
+            data["finetune"]["valid_file"] = fix(v)
     return RunSpec.model_validate(data)
 
 

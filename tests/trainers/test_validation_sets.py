@@ -74,3 +74,43 @@ def test_bad_validation_lists_are_refused_naming_the_field(tmp_path, bpe_tokeniz
         assert r.returncode == 2, r.stdout + r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiproc
+def test_fine_tuning_evaluates_every_named_file_and_keeps_the_best_of_the_one_named(tmp_path):
+    from tests.trainers.helpers import DATA, cls_spec
+
+    s = cls_spec(tmp_path / "run", merge=False, best_metric="val/heldout/f1",
+                 valid_file=[{"name": "heldout", "path": str(DATA / "classify_valid.csv")},
+                             {"name": "seen", "path": str(DATA / "classify_train.csv")}])
+    s["training"].update(steps=20, eval_every=10)
+    s["cluster"]["procs_per_node"] = 1
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", s)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    evals = _evaluations(tmp_path / "run")
+    assert sorted(evals) == [10, 20]
+    for rec in evals.values():
+        assert set(rec) == {f"val/{n}/{k}" for n in ("heldout", "seen") for k in ("loss", "accuracy", "f1")}
+    assert any(line.startswith("  validation: heldout val_loss ") and "; seen val_loss " in line
+               for line in r.stdout.splitlines())
+    best = max(evals, key=lambda step: (evals[step]["val/heldout/f1"], -step))
+    assert f"new best val/heldout/f1 {evals[best]['val/heldout/f1']:.4f}" in r.stdout
+    assert (tmp_path / "run" / "best" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(("finetune", "message"), [
+    ({"best_metric": "val/other/f1", "valid_file": [{"name": "a", "path": "V"}]},
+     "finetune.best_metric 'val/other/f1' is not a metric of this run (one of val/a/loss, val/a/accuracy, val/a/f1)"),
+    ({"valid_file": [{"name": "a", "path": "V"}, {"name": "a", "path": "V"}]}, "two validation files are named 'a'"),
+    ({"valid_file": [{"name": "a", "path": "/nonexistent.csv"}]}, "finetune.valid_file.0.path: file not found"),
+    ({"best_metric": "accuracy", "kind": "sft"}, "is not a metric of this run (one of val_loss)"),
+])
+def test_bad_validation_files_are_refused_naming_the_field(tmp_path, finetune, message):
+    from tests.trainers.helpers import DATA, cls_spec
+
+    over = {k: ([{**x, "path": str(DATA / "classify_valid.csv") if x["path"] == "V" else x["path"]} for x in v]
+                if k == "valid_file" else v) for k, v in finetune.items()}
+    s = cls_spec(tmp_path / "run", **over)
+    r = run_cli("validate", str(write_spec(tmp_path / "s.yaml", s)))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
