@@ -124,6 +124,14 @@ def test_only(spec: RunSpec) -> str:
     return text
 
 
+def rendezvous_port(job_id: int, restart: int) -> int:
+    """The torchrun rendezvous port of one attempt of a job: every node task of the attempt
+    computes the same one, and a requeued attempt gets another, since the previous attempt's
+    store can still hold its port while the job starts again on the same node (seen under load:
+    EADDRINUSE and the requeued job failed)."""
+    return 20000 + (job_id * 16 + restart % 16) % 20000
+
+
 def _restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
@@ -183,7 +191,7 @@ class NodeTask:
         stop = self.stop_path(job_id)
         nnodes, node = env.num_nodes, env.node
         master = first_node(os.environ["SLURM_JOB_NODELIST"])
-        port = 20000 + int(env.raw_job_id) % 20000
+        port = rendezvous_port(int(env.raw_job_id), _restart_count())
         print(
             f"hpctrain node task {node}/{nnodes} on {env.hostname} (job {job_id}, restart "
             f"{_restart_count()}), rendezvous {master}:{port}",
