@@ -143,6 +143,6 @@ def test_the_sharding_engines_hold_less_than_ddp_per_rank():
     (docs/benchmarks.md)."""
     if len(PEAKS) < 3:
         pytest.fail(f"the peak-memory runs above did not all run in this worker: {sorted(PEAKS)}")
-    assert PEAKS["fsdp"] <= 0.85 * PEAKS["ddp"], PEAKS
+    assert PEAKS["fsdp"] <= 0.9 * PEAKS["ddp"], PEAKS
     assert PEAKS["deepspeed"] <= 1.2 * PEAKS["ddp"], PEAKS
 
