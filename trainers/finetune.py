@@ -27,7 +27,7 @@ from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.fast_exit import exit_process
 from hpctrain.launcher.contract.paths import resolve_path
 from hpctrain.launcher.contract.rundir import RunDir
-from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.launcher.contract.spec import RunSpec, metric_key
 from hpctrain.trainers import loop
 from hpctrain.trainers.data.examples import (
     ExampleDataset,
@@ -183,7 +183,7 @@ class FineTuning:
                                len(self.labels) if self.labels else None)
                 shown.append((f"{name} " if name else "") + " | ".join(f"{k} {v:.4f}" for k, v in one.items()))
                 if name is not None:
-                    one = {self.ft.metric_key(name, k.removeprefix("val_")): v for k, v in one.items()}
+                    one = {metric_key(name, k.removeprefix("val_")): v for k, v in one.items()}
                 res.update(one)
         self.mon.log({"step": step, **res})
         self.mon.print("  validation: " + "; ".join(shown))

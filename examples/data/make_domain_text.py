@@ -70,19 +70,28 @@ CLAUSES = [
 ]
 
 
-def main() -> None:
-    rng = random.Random(7)
+def compose(seed: int, subjects, verbs, objects, clauses, documents: int = 600) -> list[str]:
+    """Documents of 1-3 sentences, each subject verb object clause, drawn with `seed`."""
+    rng = random.Random(seed)
     lines = []
-    for _ in range(600):
+    for _ in range(documents):
         n = rng.randint(1, 3)
         sents = []
         for _ in range(n):
-            s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(CLAUSES)}."
+            s = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(clauses)}."
             sents.append(s[0].upper() + s[1:])
         lines.append(" ".join(sents))
-    out = Path(__file__).with_name("domain.txt")
+    return lines
+
+
+def write(name: str, lines: list[str]) -> None:
+    out = Path(__file__).with_name(name)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {len(lines)} documents to {out}")
+
+
+def main() -> None:
+    write("domain.txt", compose(7, SUBJECTS, VERBS, OBJECTS, CLAUSES))
 
 
 if __name__ == "__main__":

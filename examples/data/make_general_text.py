@@ -6,8 +6,7 @@ the public domain under CC0), unlike the cluster vocabulary of domain.txt, so th
 more domain text shows on its validation loss. Regenerate: python examples/data/make_general_text.py
 """
 
-import random
-from pathlib import Path
+from make_domain_text import compose, write  # the same composer, other words
 
 SUBJECTS = [
     "my neighbour",
@@ -64,17 +63,7 @@ CLAUSES = [
 
 
 def main() -> None:
-    rng = random.Random(11)
-    lines = []
-    for _ in range(600):
-        sents = []
-        for _ in range(rng.randint(1, 3)):
-            s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(CLAUSES)}."
-            sents.append(s[0].upper() + s[1:])
-        lines.append(" ".join(sents))
-    out = Path(__file__).with_name("general.txt")
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} documents to {out}")
+    write("general.txt", compose(11, SUBJECTS, VERBS, OBJECTS, CLAUSES))
 
 
 if __name__ == "__main__":

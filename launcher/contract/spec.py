@@ -103,8 +103,24 @@ class ValidationSet:
     field: str
 
     def key(self, what: str) -> str:
-        """`val_loss` for the single form (as always), `val/<name>/loss` for a named set."""
-        return f"val_{what}" if self.name is None else f"val/{self.name}/{what}"
+        return metric_key(self.name, what)
+
+
+def metric_key(name: str | None, what: str) -> str:
+    """The metrics key of `what` (loss, ppl, accuracy, f1) of a validation set: `val_loss`,
+    `val_ppl`, `accuracy`, `f1` for the single unnamed set (as always), `val/<name>/<what>` for a
+    named one (pretraining's corpora and fine-tuning's files alike)."""
+    if name is None:
+        return {"loss": "val_loss", "ppl": "val_ppl"}.get(what, what)
+    return f"val/{name}/{what}"
+
+
+def _named_once(names: list[str], field: str, what: str) -> None:
+    """A list of named sets names each once (`field`.i is where each sits)."""
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ValueError(f"two {what} are named {n!r} ({field}.{names.index(n)} and {field}.{i}): "
+                             "names must differ")
 
 
 class DataSpec(_Strict):
@@ -140,12 +156,7 @@ class DataSpec(_Strict):
         if isinstance(self.validation, list):
             if not self.validation:
                 raise ValueError("data.validation is an empty list: give at least one {name, path} or leave it out")
-            seen: dict[str, int] = {}
-            for i, x in enumerate(self.validation):
-                if x.name in seen:
-                    raise ValueError(f"two validation sets are named {x.name!r} (data.validation.{seen[x.name]} "
-                                     f"and data.validation.{i}): names must differ")
-                seen[x.name] = i
+            _named_once([x.name for x in self.validation], "data.validation", "validation sets")
         return self
 
     @model_validator(mode="after")
@@ -456,17 +467,11 @@ class FinetuneSpec(_Strict):
             return [(None, v, "finetune.valid_file")]
         return [(x.name, x.path, f"finetune.valid_file.{i}.path") for i, x in enumerate(v)]
 
-    def metric_key(self, name: str | None, what: str) -> str:
-        """The metrics key of `what` (loss, ppl, accuracy, f1) of a validation set."""
-        if name is None:
-            return {"loss": "val_loss", "ppl": "val_ppl"}.get(what, what)
-        return f"val/{name}/{what}"
-
     def metrics_for_best(self) -> list[str]:
         """What `best_metric` may name for this run."""
         names = [n for n, _, _ in self.valid_sets()] or [None]
         kinds = ["loss", "accuracy", "f1"] if self.kind == "classify" else ["loss"]
-        return [self.metric_key(n, k) for n in names for k in kinds]
+        return [metric_key(n, k) for n in names for k in kinds]
 
     def best(self) -> str:
         """The metric that picks the best export (the first set's accuracy to classify, else its loss)."""
@@ -477,11 +482,7 @@ class FinetuneSpec(_Strict):
         if isinstance(self.valid_file, list):
             if not self.valid_file:
                 raise ValueError("finetune.valid_file is an empty list: give at least one {name, path} or leave it out")
-            names = [x.name for x in self.valid_file]
-            for i, n in enumerate(names):
-                if n in names[:i]:
-                    raise ValueError(f"two validation files are named {n!r} (finetune.valid_file.{names.index(n)} "
-                                     f"and finetune.valid_file.{i}): names must differ")
+            _named_once([x.name for x in self.valid_file], "finetune.valid_file", "validation files")
         if self.best_metric is not None and self.best_metric not in self.metrics_for_best():
             raise ValueError(f"finetune.best_metric {self.best_metric!r} is not a metric of this run (one of "
                              f"{', '.join(self.metrics_for_best())})")
