@@ -18,7 +18,7 @@ POINTS = ["lr=1e-3", "lr=2e-3", "lr=3e-3"]
 
 
 def _spec(tmp_path, name, tok, corpus, **cluster):
-    s = slurm_spec(tmp_path / name, tok, corpus, steps=12, nodes=1, **cluster)
+    s = slurm_spec(tmp_path / name, tok, corpus, steps=40, nodes=1, **cluster)
     s["name"] = "lrs"
     s["checkpoint"] = {"every_steps": 4}
     return write_spec(tmp_path / f"{name}.yaml", s)
