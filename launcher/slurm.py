@@ -81,14 +81,27 @@ def executor_parameters(spec: RunSpec) -> dict:
     return params
 
 
+def node_task_python(python: str = sys.executable) -> str:
+    """How srun starts Python on each node (submitit appends `-u -m submitit.core._submit DIR`).
+
+    Through hpctrain.launcher.slurm_entry, so that a USR2 that lands before submitit's handler
+    is in place is recorded and replayed, not fatal. Before that, Python is still starting up
+    (0.1 s, longer on a loaded node), where USR2's default action would kill the node task and
+    leave the other nodes' torchrun waiting for it: /bin/sh ignores USR2 and execs Python, and
+    an ignored signal stays ignored through exec until slurm_entry installs its handler. A USR2
+    in that window is dropped on that node only: the stop file another node writes reaches the
+    trainers all the same, and node 0 requeues a run its trainers stopped.
+    """
+    return f"/bin/sh -c 'trap \"\" USR2; exec \"$0\" \"$@\"' {shlex.quote(python)} -u -m hpctrain.launcher.slurm_entry"
+
+
 def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
     import submitit
 
     ex = submitit.SlurmExecutor(
         folder=RunDir(run_dir).slurm,
         max_num_timeout=spec.cluster.max_requeues,
-        # start through hpctrain.launcher.slurm_entry so that an early USR2 is caught, not fatal
-        python=f"{shlex.quote(sys.executable)} -u -m hpctrain.launcher.slurm_entry",
+        python=node_task_python(),
     )
     params = executor_parameters(spec)
     if dependency:

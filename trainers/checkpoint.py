@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -117,8 +118,8 @@ class Checkpointer:
     DDP and one process), training is blocked only for a copy of it in host memory and the
     RNG files: rank 0 writes the copy in a thread and publishes the checkpoint (meta last,
     rename, `latest`, pruning) when the write is done. A new save, a stop and the end of the
-    run wait for the write in flight (`wait`); a crash during it leaves the previous
-    checkpoint as `latest`. Other engines (DeepSpeed, whose every rank writes shards) save
+    run wait for the write in flight (`wait`); so does an exception in training, for a while
+    (`settle`); a kill during the write leaves the previous checkpoint as `latest`. Other engines (DeepSpeed, whose every rank writes shards) save
     synchronously.
     """
 
@@ -224,6 +225,23 @@ class Checkpointer:
             self.wait()
         done, self._done = self._done, []
         return done
+
+    def settle(self, timeout_s: float) -> None:
+        """The attempt is failing: give the save in flight up to `timeout_s` to publish, so a
+        crash keeps the checkpoint it had already taken; its own error is printed, not raised
+        (the crash is the error to report). A save still writing after that is left: the
+        previous checkpoint stays `latest`."""
+        if self._thread is None:
+            return
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            print(f"hpctrain: checkpoint {self._inflight.path.name if self._inflight else ''} still writing after "
+                  f"{timeout_s:.0f}s: left unpublished", file=sys.stderr, flush=True)
+            return
+        try:
+            self.wait()
+        except RuntimeError as e:
+            print(f"hpctrain: {e}", file=sys.stderr, flush=True)
 
     def wait(self) -> None:
         """Block until the save in flight is published; re-raise its error."""

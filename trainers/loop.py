@@ -52,7 +52,18 @@ class Task(Protocol):
 
 
 def train(run: Run, engine: Engine, task: Task, total: int) -> str:
-    """Train `task` from the newest whole checkpoint to step `total`; "finished" or "preempted"."""
+    """Train `task` from the newest whole checkpoint to step `total`; "finished" or "preempted".
+
+    An exception ends the attempt only once a checkpoint still being written is published.
+    """
+    try:
+        return _train(run, engine, task, total)
+    except Exception:
+        run.crashed()
+        raise
+
+
+def _train(run: Run, engine: Engine, task: Task, total: int) -> str:
     spec, d, mon, batches = run.spec, run.d, run.mon, task.batches
     meta = run.resume(engine, batches)
     step, tokens_seen = (meta.step, meta.tokens_seen) if meta else (0, 0)

@@ -29,6 +29,8 @@ from hpctrain.trainers.monitor import Monitor, PeakMemory, Throughput, device_pe
 from hpctrain.trainers.preemption import StopRequest
 from hpctrain.trainers.watchdog import Watchdog, clear_reports
 
+CRASH_SETTLE_S = 300.0  # how long a failing attempt waits for the save in flight to publish
+
 
 class Run:
     """One attempt of a run on one rank: console and metrics (rank 0), resume, the
@@ -51,6 +53,7 @@ class Run:
         self.checkpointer = Checkpointer(self.run_dir, d.rank, spec.checkpoint.keep_last,
                                          background=spec.checkpoint.background)
         self._host_prepared = False  # Checkpointer.prepare, after the first step
+        self.watchdog: Watchdog | None = None  # from `started` on
         import_engine_library(spec, d.device)  # before the memory baseline is taken
         self.memory = PeakMemory(d.device)
         self.restarts = 0
@@ -148,6 +151,14 @@ class Run:
             self.checkpointer.wait()  # the run ends (or stops) only with its checkpoint published
             self._report_written(step)
         return reason
+
+    def crashed(self) -> None:
+        """Training raised: a background save in flight publishes before the process ends."""
+        if self.watchdog is not None:
+            self.watchdog.stop()  # no step follows
+        self.checkpointer.settle(timeout_s=CRASH_SETTLE_S)
+        for done in self.checkpointer.finished():
+            self.mon.print(f"  checkpoint: {done.path.name} written before the attempt ended")
 
     def _report_written(self, step: int) -> None:
         """A background save that completed: say so, and log how long the whole save took."""

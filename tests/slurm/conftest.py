@@ -6,6 +6,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -57,3 +58,21 @@ def local_reference(tmp_path_factory, bpe_tokenizer, bpe_corpus):
     r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
     assert r.returncode == 0, r.stdout + r.stderr
     return losses(d / "run")
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(tmp_path):
+    """A failed test can leave its job running (say, a node task waiting for a peer): cancel the
+    jobs started under this test's folder, so that the next test does not wait for their nodes."""
+    yield
+    if shutil.which("squeue") is None:
+        return
+    out = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True, timeout=30).stdout
+    left = [line.split()[0] for line in out.splitlines() if str(tmp_path) in line]
+    if left:
+        print(f"cancelling job(s) {', '.join(left)} left by the test")
+        subprocess.run(["scancel", *left], check=False, timeout=60)
+        end = time.time() + 120
+        while time.time() < end and any(j in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
+                                                             text=True, timeout=30).stdout.split() for j in left):
+            time.sleep(1)

@@ -60,6 +60,25 @@ def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_bitwise(tmp_path, b
     assert all(again[s] == first[s] for s in range(16, 23))  # trained again from 15: the same losses
 
 
+def test_a_crash_while_a_checkpoint_is_written_in_the_background_keeps_that_checkpoint(
+        tmp_path, bpe_tokenizer, bpe_corpus):
+    """Step 20's write is still in flight (held 3 s before it publishes) when step 21 crashes:
+    the attempt ends only once step 20 is published, so a restart resumes from it."""
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", _spec(run, bpe_tokenizer, bpe_corpus))
+    r = run_cli("run", str(spec), env={"HPCTRAIN_FAULT_FAIL_AT_STEP": "21",
+                                       "HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S": "20:3"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "checkpoint: step_00000020 written before the attempt ended" in r.stdout, r.stdout
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000020"  # published, and the older ones pruned
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_00000015", "step_00000020"]
+
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "step_00000020 (step 20" in r.stdout, r.stdout
+
+
 def test_a_second_run_on_a_live_run_dir_is_refused_and_a_dead_holder_is_taken_over(tmp_path, bpe_tokenizer,
                                                                                    bpe_corpus):
     run = tmp_path / "run"
