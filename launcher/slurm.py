@@ -81,7 +81,7 @@ def executor_parameters(spec: RunSpec) -> dict:
     return params
 
 
-def node_task_python(python: str = sys.executable) -> str:
+def node_task_python() -> str:
     """How srun starts Python on each node (submitit appends `-u -m submitit.core._submit DIR`).
 
     Through hpctrain.launcher.slurm_entry, so that a USR2 that lands before submitit's handler
@@ -92,7 +92,7 @@ def node_task_python(python: str = sys.executable) -> str:
     in that window is dropped on that node only: the stop file another node writes reaches the
     trainers all the same, and node 0 requeues a run its trainers stopped.
     """
-    return f"/bin/sh -c 'trap \"\" USR2; exec \"$0\" \"$@\"' {shlex.quote(python)} -u -m hpctrain.launcher.slurm_entry"
+    return f"/bin/sh -c 'trap \"\" USR2; exec \"$0\" \"$@\"' {shlex.quote(sys.executable)} -u -m hpctrain.launcher.slurm_entry"
 
 
 def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):

@@ -119,8 +119,8 @@ class Checkpointer:
     RNG files: rank 0 writes the copy in a thread and publishes the checkpoint (meta last,
     rename, `latest`, pruning) when the write is done. A new save, a stop and the end of the
     run wait for the write in flight (`wait`); so does an exception in training, for a while
-    (`settle`); a kill during the write leaves the previous checkpoint as `latest`. Other engines (DeepSpeed, whose every rank writes shards) save
-    synchronously.
+    (`settle`); a kill during the write leaves the previous checkpoint as `latest`. Other
+    engines (DeepSpeed, whose every rank writes shards) save synchronously.
     """
 
     def __init__(self, run_dir: Path, rank: int, keep_last: int, background: bool = True) -> None:

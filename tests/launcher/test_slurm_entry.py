@@ -58,10 +58,13 @@ def test_without_the_shell_the_same_signal_kills_python(tmp_path):
 
 def test_a_usr2_once_slurm_entry_runs_is_recorded(tmp_path):
     """After start-up the recorder holds the signal for NodeTask to replay."""
-    wait = ("import time\nprint('ready', flush=True)\nend = time.time() + 20\n"
-            "while not slurm_entry.EARLY_SIGNALS and time.time() < end:\n    time.sleep(0.01)\n")
-    proc = _start(tmp_path, node_task_python(), REPORT.replace("\nprint(", "\n" + wait + "print(", 1),
-                  slow_start=False)
+    waits = ("import time\nfrom hpctrain.launcher import slurm_entry\n"
+             "print('ready', flush=True)\n"
+             "end = time.time() + 20\n"
+             "while not slurm_entry.EARLY_SIGNALS and time.time() < end:\n"
+             "    time.sleep(0.01)\n"
+             "print('early signals:', len(slurm_entry.EARLY_SIGNALS), flush=True)\n")
+    proc = _start(tmp_path, node_task_python(), waits, slow_start=False)
     assert proc.stdout.readline().strip() == "ready"
     os.kill(proc.pid, signal.SIGUSR2)
     out, err = proc.communicate(timeout=60)

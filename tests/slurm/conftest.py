@@ -67,12 +67,16 @@ def no_job_outlives_its_test(tmp_path):
     yield
     if shutil.which("squeue") is None:
         return
-    out = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True, timeout=30).stdout
-    left = [line.split()[0] for line in out.splitlines() if str(tmp_path) in line]
+    left = _queued_under(tmp_path)
     if left:
         print(f"cancelling job(s) {', '.join(left)} left by the test")
         subprocess.run(["scancel", *left], check=False, timeout=60)
         end = time.time() + 120
-        while time.time() < end and any(j in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
-                                                             text=True, timeout=30).stdout.split() for j in left):
+        while _queued_under(tmp_path) and time.time() < end:
             time.sleep(1)
+
+
+def _queued_under(folder) -> list[str]:
+    """Ids of the queued or running jobs whose command lies under `folder`."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True, timeout=30).stdout
+    return [line.split()[0] for line in out.splitlines() if str(folder) in line]
