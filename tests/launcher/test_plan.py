@@ -135,14 +135,14 @@ def test_plan_predicts_a_real_cpu_runs_peak_memory(tmp_path, minilm_path, minilm
 
 @pytest.mark.multiproc
 def test_the_sharding_engines_hold_less_than_ddp_per_rank():
-    """The runs above (this module runs in one worker, in order): fsdp below DDP's peak, ZeRO-3
-    about level with it, on 2 ranks. On this 30M model the activations and the libraries weigh
-    more than the sharded states (measured: fsdp 0.75-0.84, ZeRO-3 0.97-1.12 of DDP over three
-    runs, the top one with a second test worker busy beside it: DDP's peak moves most, 833-930
-    MiB); on the 305M bench model fsdp holds 0.46 and falls with the rank count
-    (docs/benchmarks.md)."""
+    """The runs above (this module runs in one worker, in order): fsdp and ZeRO-3 below DDP's
+    peak on 2 ranks. On this 30M model the activations and the libraries weigh more than the
+    sharded states (measured: fsdp 0.75-0.84 of DDP over three runs, the top one with a second
+    test worker busy beside it: DDP's peak moves most, 833-930 MiB; ZeRO-3 0.83, 738 against
+    888 MiB, since its gather buffers are given back as fsdp's are, 0.97-1.12 before); on the
+    305M bench model both hold less and fall with the rank count (docs/benchmarks.md)."""
     if len(PEAKS) < 3:
         pytest.fail(f"the peak-memory runs above did not all run in this worker: {sorted(PEAKS)}")
     assert PEAKS["fsdp"] <= 0.9 * PEAKS["ddp"], PEAKS
-    assert PEAKS["deepspeed"] <= 1.2 * PEAKS["ddp"], PEAKS
+    assert PEAKS["deepspeed"] <= 0.95 * PEAKS["ddp"], PEAKS
 

@@ -212,6 +212,19 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(param_numel(p) for p in model.parameters())
 
 
+def gathers_by_block(spec: RunSpec, world_size: int) -> bool:
+    """Whether each rank holds a shard of the weights and gathers a block's at a time (fsdp,
+    ZeRO-3): its gather and reduction buffers live for one block, and the trainer's malloc
+    setting for them differs (trainers/entry.py: `return_large_blocks`)."""
+    if spec.engine.type == "fsdp":
+        return True
+    if spec.engine.type != "deepspeed":
+        return False
+    from hpctrain.launcher.contract.ds_config import build_ds_config
+
+    return int(build_ds_config(spec, world_size).get("zero_optimization", {}).get("stage", 0)) == 3
+
+
 def loads_sharded(spec: RunSpec) -> bool:
     """Whether the engine takes the model with its parameters on the meta device and
     materializes only each rank's shards (fsdp); the others take a whole model."""
