@@ -156,7 +156,7 @@ def return_large_blocks() -> bool:
     glibc's growing mmap threshold (or `keep_freed_memory`) they come from the heap, which
     fragments and holds the sum of them. A rank's peak above its start on 2 ranks: fsdp, 30M
     bench model, 671 MiB with this setting, about 910 with the trainer's default (DDP 927);
-    ZeRO-3, 40M model from an HF folder, 1,102 against 1,450 (DDP 1,358). Same environment
+    ZeRO-3, 40M model from an HF folder, 1,093 against 1,450 (DDP 1,358). Same environment
     rules as `keep_freed_memory`; True when set."""
     mallopt = _mallopt()
     if mallopt is None:
