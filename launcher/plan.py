@@ -29,9 +29,9 @@ We use the same parts, split into trainable and frozen parameters:
 At load (the load/node column), a rank builds the whole model in host memory before the
 engine moves or partitions it (w·Ψ per rank), except under fsdp (built on the meta device,
 each rank reads only its slices of the safetensors files, mapped: w·Ψ/N; from
-`model.config`, w·L/N) and under ZeRO-3 from pretrained weights (partitioned as they load;
-w·Ψ + w·L all the same: what a rank holds beyond its states, measured, not the files' pages,
-see docs/benchmarks.md).
+`model.config`, w·L/N) and under ZeRO-3 from pretrained weights (partitioned as they load,
+a whole layer at a time: w·L; the trainer gives DeepSpeed's transient copies back to the
+kernel, see docs/benchmarks.md).
 ZeRO-3's buckets are hidden² elements and it gathers at most a rank's share of the
 parameters at once (p·Ψ/N): the trainer fills DeepSpeed's "auto" values so.
 
@@ -166,10 +166,11 @@ def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float
     if e.get("type") == "fsdp" and not lora:  # its slices of the files (read through a mapping)
         return (whole if spec.model.path is not None else w * m.largest_layer) / world
     if e.get("type") == "deepspeed" and (e.get("zero_stage") or 2) == 3 and spec.model.path is not None and not qlora:
-        # the weights are held as partitions, yet a rank's peak stays about a whole model's
-        # worth above its states (the 305M bench: 124 MiB of it file pages, the rest anonymous
-        # memory of DeepSpeed's); counted here so that plan stays within 25% of it
-        return whole + w * m.largest_layer
+        # a layer gathered whole as it loads, then partitioned; the copies DeepSpeed makes while
+        # it flattens them go back to the kernel (the trainer's malloc setting for engines that
+        # gather by block), so they do not stay in the rank's peak (the 305M bench, 2 ranks:
+        # measured 0.90 of this estimate; with a whole model's worth counted here it was 0.73)
+        return w * m.largest_layer
     return whole
 
 
