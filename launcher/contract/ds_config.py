@@ -110,3 +110,8 @@ def build_ds_config(spec: RunSpec, world_size: int, file: str | None = None) -> 
     if problems:
         raise UserErrors(problems)
     return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a complete config (`build_ds_config`) runs: the spec's, or the JSON's."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -181,10 +181,10 @@ def prepare_model_loading(spec: RunSpec, dist_info) -> None:
         return
     if spec.task == "finetune" and spec.finetune.method == "qlora":
         return
-    from hpctrain.launcher.contract.ds_config import build_ds_config
+    from hpctrain.launcher.contract.ds_config import build_ds_config, zero_stage
 
     ds_config = build_ds_config(spec, dist_info.world_size)
-    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+    if zero_stage(ds_config) == 3:
         from hpctrain.trainers.engines.deepspeed import fill_bucket_sizes, partition_while_loading
         from hpctrain.trainers.model import model_config
 
@@ -220,9 +220,9 @@ def gathers_by_block(spec: RunSpec, world_size: int) -> bool:
         return True
     if spec.engine.type != "deepspeed":
         return False
-    from hpctrain.launcher.contract.ds_config import build_ds_config
+    from hpctrain.launcher.contract.ds_config import build_ds_config, zero_stage
 
-    return int(build_ds_config(spec, world_size).get("zero_optimization", {}).get("stage", 0)) == 3
+    return zero_stage(build_ds_config(spec, world_size)) == 3
 
 
 def loads_sharded(spec: RunSpec) -> bool:
