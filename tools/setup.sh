@@ -19,7 +19,10 @@ key="$(cat pyproject.toml tools/constraints.txt | sha256sum | cut -c1-16) $pins 
 # process writes it, and every launcher, torchrun and rank process compiled numpy, pydantic,
 # transformers and the project's own modules from source again (measured: a tiny 2-rank run
 # 11-12 s without it, 8-9 s with it). Stale files are recompiled in memory, never wrong.
-compile_own() { "$venv/bin/python" -m compileall -q -j 0 launcher trainers tools >/dev/null; }
+compile_own() {  # best effort: a read-only checkout still runs, compiling at each start
+  "$venv/bin/python" -m compileall -q -j 0 launcher trainers tools >/dev/null 2>&1 \
+    || echo "setup: could not write the project's bytecode (read-only checkout?): modules compile at each start" >&2
+}
 # a venv already holding these extras (or more) for the same pyproject and lock is reused
 if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$key" ]; then
   have="$(sed -n 2p "$stamp")"
