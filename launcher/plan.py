@@ -168,8 +168,8 @@ def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float
     if e.get("type") == "deepspeed" and (e.get("zero_stage") or 2) == 3 and spec.model.path is not None and not qlora:
         # a layer gathered whole as it loads, then partitioned; the copies DeepSpeed makes while
         # it flattens them go back to the kernel (the trainer's malloc setting for engines that
-        # gather by block), so they do not stay in the rank's peak (the 305M bench, 2 ranks:
-        # measured 0.90 of this estimate; with a whole model's worth counted here it was 0.73)
+        # gather by block), so they do not stay in the rank's peak (the 305M bench, 2 ranks: its
+        # peak is 0.90 of plan's total so; 0.73 with a whole model's worth counted here)
         return w * m.largest_layer
     return whole
 

@@ -15,10 +15,8 @@ stamp="$venv/.hpctrain-installed"
 pins="pinned"
 [ -n "${HPCTRAIN_UNPINNED:-}" ] && pins="unpinned"
 key="$(cat pyproject.toml tools/constraints.txt | sha256sum | cut -c1-16) $pins $torch_req"
-# Bytecode, written once here: where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) no
-# process writes it, and every launcher, torchrun and rank process compiled numpy, pydantic,
-# transformers and the project's own modules from source again (measured: a tiny 2-rank run
-# 11-12 s without it, 8-9 s with it). Stale files are recompiled in memory, never wrong.
+# Bytecode, written once here: where PYTHONDONTWRITEBYTECODE is set no process writes it, and
+# every process would compile its imports from source at each start (docs/install.md)
 compile_own() {  # best effort: a read-only checkout still runs, compiling at each start
   "$venv/bin/python" -m compileall -q -j 0 launcher trainers tools >/dev/null 2>&1 \
     || echo "setup: could not write the project's bytecode (read-only checkout?): modules compile at each start" >&2
