@@ -72,6 +72,17 @@ def test_zero_stage_trains_with_ddps_losses(zero_runs, ddp_losses, stage):
     assert (ckpt / "meta.json").is_file() and (ckpt / "ds").is_dir()
 
 
+def test_zero_on_cpu_builds_no_kernel_that_training_does_not_call(zero_runs):
+    """DeepSpeed compiles (30-60 s, once per environment) and loads a shared-memory all-reduce
+    kernel when it starts on a CPU, and says so in each rank's log; only its inference path
+    calls it. The trainer's ranks neither build nor load it."""
+    for stage, (run, _) in zero_runs.items():
+        logs = sorted((run / "logs").rglob("*.log"))
+        assert any("step" in p.read_text() for p in logs), (stage, logs)  # the ranks' own logs
+        named = [p for p in logs if "shm_comm" in p.read_text()]
+        assert not named, (stage, named)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stop_and_resume_is_bitwise(tmp_path, zero_runs, bpe_tokenizer, bpe_corpus, stage):
     ref = losses(zero_runs[stage][0])

@@ -80,6 +80,12 @@ def import_deepspeed(device: torch.device):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     import deepspeed
 
+    if device.type == "cpu":
+        # DeepSpeed's communication layer compiles a shared-memory all-reduce kernel when it
+        # starts on a CPU (30-60 s in a new environment) that only its inference all-reduce
+        # calls; training's collectives go through torch.distributed (gloo). Marked unavailable,
+        # it is not built (DeepSpeed keeps this table for the process: its own comment says so)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # DeepSpeed's ZeRO calls torch's collectives by their old names; torch warns at every call
     # (two lines per gather in a rank's log, thousands a run) about something no user can change
     warnings.filterwarnings("ignore", category=FutureWarning,
