@@ -165,7 +165,7 @@ def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float
     lora = spec.task == "finetune" and spec.finetune.method != "full"
     if e.get("type") == "fsdp" and not lora:  # its slices of the files (read through a mapping)
         return (whole if spec.model.path is not None else w * m.largest_layer) / world
-    if e.get("type") == "deepspeed" and (e.get("zero_stage") or 2) == 3 and spec.model.path is not None and not qlora:
+    if e.get("type") == "deepspeed" and _stage(spec, engine) == 3 and spec.model.path is not None and not qlora:
         # a layer gathered whole as it loads, then partitioned; the copies DeepSpeed makes while
         # it flattens them go back to the kernel (the trainer's malloc setting for engines that
         # gather by block), so they do not stay in the rank's peak (the 305M bench, 2 ranks: its
@@ -174,17 +174,29 @@ def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float
     return whole
 
 
+def _stage(spec: RunSpec, engine: dict | None) -> int:
+    """The ZeRO stage of a table row's section, or of the spec's own (its JSON's, if it has one)."""
+    if engine is not None:
+        return engine.get("zero_stage") or 2
+    from hpctrain.launcher.contract.ds_config import zero_choice
+
+    return zero_choice(spec)[0]
+
+
 def chosen_name(spec: RunSpec) -> str:
-    """The table row of the spec's own engine section."""
+    """The table row of the spec's own engine section (for DeepSpeed, what its JSON says where
+    the engine fields leave it open: stage, offload)."""
     e = spec.engine
     if e.type == "ddp":
         return "ddp"
     if e.type == "fsdp":
         return "fsdp+offload" if e.offload_params == "cpu" else "fsdp"
-    stage = e.zero_stage or 2
-    if e.offload_params == "cpu":
+    from hpctrain.launcher.contract.ds_config import zero_choice
+
+    stage, offload_optimizer, offload_params = zero_choice(spec)
+    if offload_params:
         return "zero3+offload_all"
-    if e.offload_optimizer == "cpu" and stage in (2, 3):
+    if offload_optimizer and stage in (2, 3):
         return f"zero{stage}+offload_optimizer"
     return f"zero{stage}"
 

@@ -115,3 +115,12 @@ def build_ds_config(spec: RunSpec, world_size: int, file: str | None = None) -> 
 def zero_stage(ds_config: dict) -> int:
     """The ZeRO stage a complete config (`build_ds_config`) runs: the spec's, or the JSON's."""
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def zero_choice(spec: RunSpec) -> tuple[int, bool, bool]:
+    """(ZeRO stage, optimizer offloaded, parameters offloaded) that the spec's DeepSpeed section
+    runs: its engine fields where set, else what its JSON (engine.config) says, else the
+    template's. Raises the UserErrors `build_ds_config` does."""
+    zo = build_ds_config(spec, max(spec.cluster.world_size, 1)).get("zero_optimization", {})
+    off = lambda k: isinstance(zo.get(k), dict) and zo[k].get("device") not in (None, "none")  # noqa: E731
+    return int(zo.get("stage", 2)), off("offload_optimizer"), off("offload_param")

@@ -41,6 +41,21 @@ def test_plan_counts_llama2_7b_and_picks_the_smallest_engine_that_fits(tmp_path)
     assert "nothing fits" in r.stdout
 
 
+@pytest.mark.parametrize(("zero", "row"), [({"stage": 3, "offload_param": {"device": "cpu"},
+                                              "offload_optimizer": {"device": "cpu"}}, "zero3+offload_all"),
+                                             ({"stage": 1}, "zero1")])
+def test_plan_marks_the_row_a_deepspeed_json_chooses(tmp_path, zero, row):
+    """engine.config's own stage and offload decide the marked row where the engine fields
+    leave them open (the run uses the JSON's: build_ds_config)."""
+    ds = tmp_path / "my ds.json"
+    ds.write_text(json.dumps({"zero_optimization": zero}))
+    spec = write_spec(tmp_path / "s.yaml", _big_spec(tmp_path, {"type": "deepspeed", "config": str(ds)}))
+    r = run_cli("plan", str(spec), "--gpu-mem", "80")
+    assert r.returncode == 0, r.stderr
+    marked = [line.split()[0] for line in r.stdout.splitlines() if "<- spec" in line]
+    assert marked == [row], r.stdout
+
+
 def test_plan_has_fsdp_rows_and_the_host_memory_each_engine_needs_at_load(tmp_path):
     spec = _big_spec(tmp_path, {"type": "fsdp"})
     spec["training"]["activation_checkpointing"] = "full"
