@@ -15,7 +15,7 @@ import json, resource, sys, torch
 from hpctrain.trainers.entry import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "trainer" else None
 faults = []
-for _ in range(16):  # a "step": ten 8 MiB tensors (a step's transients), all freed at its end
+for _ in range(24):  # a "step": ten 8 MiB tensors (a step's transients), all freed at its end
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step = [torch.ones(2 << 20) for _ in range(10)]
     del step
@@ -38,13 +38,14 @@ def test_later_steps_reuse_the_memory_earlier_steps_freed():
     # thresholds adapt to the process's history; a fixed small trim threshold always does, below)
     kept = _steps("trainer")
     assert kept["applied"] is True
-    # kept: the first steps fault the memory in (the heap grows), later steps only reuse it. The
-    # heap can grow for a few steps more, a tensor or three at a time (small blocks left between
-    # the large ones; how many differs from run to run: once at the 7th step under CI's load), so
-    # the bound is on the last eight steps together: less than half of what a step that faults
-    # its transients in again costs alone.
+    # kept: the first steps fault the memory in (the heap grows), later steps mostly reuse it.
+    # The heap still grows now and then by a few tensors (small blocks left between the large
+    # ones; measured: up to 14,336 pages in steps 9-16 inside the suite, 12,288 in steps 9-24
+    # beside two allocating processes), so the bound is on the last sixteen steps together:
+    # less than four steps' worth, where an allocator that gives the memory back faults all
+    # sixteen steps' worth in again (the environment test below: 20,490 pages every step).
     assert kept["faults"][0] > PAGES_PER_STEP // 2, kept
-    assert sum(kept["faults"][8:]) < PAGES_PER_STEP // 2, kept
+    assert sum(kept["faults"][8:]) < 4 * PAGES_PER_STEP, kept
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc (Linux) only")
