@@ -165,7 +165,7 @@ def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float
     lora = spec.task == "finetune" and spec.finetune.method != "full"
     if e.get("type") == "fsdp" and not lora:  # its slices of the files (read through a mapping)
         return (whole if spec.model.path is not None else w * m.largest_layer) / world
-    if e.get("type") == "deepspeed" and _stage(spec, engine) == 3 and spec.model.path is not None and not qlora:
+    if e.get("type") == "deepspeed" and spec.model.path is not None and not qlora and _stage(spec, engine) == 3:
         # a layer gathered whole as it loads, then partitioned; the copies DeepSpeed makes while
         # it flattens them go back to the kernel (the trainer's malloc setting for engines that
         # gather by block), so they do not stay in the rank's peak (the 305M bench, 2 ranks: its

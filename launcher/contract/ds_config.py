@@ -121,6 +121,6 @@ def zero_choice(spec: RunSpec) -> tuple[int, bool, bool]:
     """(ZeRO stage, optimizer offloaded, parameters offloaded) that the spec's DeepSpeed section
     runs: its engine fields where set, else what its JSON (engine.config) says, else the
     template's. Raises the UserErrors `build_ds_config` does."""
-    zo = build_ds_config(spec, max(spec.cluster.world_size, 1)).get("zero_optimization", {})
-    off = lambda k: isinstance(zo.get(k), dict) and zo[k].get("device") not in (None, "none")  # noqa: E731
-    return int(zo.get("stage", 2)), off("offload_optimizer"), off("offload_param")
+    cfg = build_ds_config(spec, max(spec.cluster.world_size, 1))
+    zo = cfg["zero_optimization"]  # build_ds_config drops an offload section whose device is none
+    return zero_stage(cfg), "offload_optimizer" in zo, "offload_param" in zo

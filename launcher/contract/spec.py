@@ -366,9 +366,9 @@ class EngineSpec(_Strict):
     def _fields_of_the_engine(self) -> EngineSpec:
         ds_only = [k for k in ("zero_stage", "offload_optimizer", "config") if getattr(self, k) is not None]
         if self.type != "deepspeed" and ds_only:
-            hint = {"fsdp": " (fsdp shards parameters, gradients and optimizer state as ZeRO-3 does, and"
-                            " offloads with engine.offload_params: cpu; drop the DeepSpeed fields)"}
-            raise ValueError(f"engine.{ds_only[0]} needs engine.type: deepspeed{hint.get(self.type, '')}")
+            hint = (" (fsdp shards parameters, gradients and optimizer state as ZeRO-3 does, and offloads"
+                    " with engine.offload_params: cpu; drop the DeepSpeed fields)") if self.type == "fsdp" else ""
+            raise ValueError(f"engine.{ds_only[0]} needs engine.type: deepspeed{hint}")
         if self.type == "ddp" and self.offload_params is not None:
             raise ValueError("engine.offload_params needs engine.type: deepspeed or fsdp")
         if self.type != "fsdp" and not self.reshard_after_forward:

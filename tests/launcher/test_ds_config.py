@@ -69,7 +69,7 @@ def test_engine_fields_are_checked_in_the_spec(tmp_path, bpe_tokenizer, bpe_corp
     assert r.returncode == 2 and "offload_params needs engine.zero_stage: 3" in r.stderr
     assert "Traceback" not in r.stderr
     s["engine"] = {"type": "fsdp", "zero_stage": 3}  # a DeepSpeed spec switched to fsdp: what to do
-    r = run_cli("validate", str(write_spec(tmp_path / "c.yaml", s)))
+    r = run_cli("validate", str(write_spec(tmp_path / "fsdp.yaml", s)))
     assert r.returncode == 2 and "engine.zero_stage needs engine.type: deepspeed" in r.stderr
     assert "offload_params: cpu; drop the DeepSpeed fields" in r.stderr and "Traceback" not in r.stderr
     s["engine"] = {"type": "deepspeed", "zero_stage": 1, "offload_optimizer": "cpu"}
