@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.pickles import unsafe_weight_files
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -141,6 +142,9 @@ def model_dir_problems(model_dir: Path, file: str | None) -> list[UserError]:
     bad_type = check_model_type(config.get("model_type"), "model_type", str(cfg_path))
     if bad_type is not None:
         errors.append(bad_type)
+    errors += [UserError(f"refused: {why}", file=str(f), field="model.path",
+                         expected="safetensors weights, or PyTorch weights holding tensors only")
+               for f, why in unsafe_weight_files(model_dir)]
     try:
         shapes = weight_shapes(model_dir)
     except UserError as e:

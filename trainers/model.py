@@ -16,6 +16,7 @@ import torch
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.paths import resolve_path
+from hpctrain.launcher.contract.pickles import unsafe_weight_files
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.engines import param_numel
 
@@ -47,6 +48,16 @@ def model_files_errors(spec: RunSpec):
         if "size mismatch" not in str(e) and "Error(s) in loading" not in str(e):
             raise
         raise UserError(str(e).strip().splitlines()[0][:400], file=spec.model.path, field=field) from e
+
+
+def refuse_pickled_code(folder: Path) -> None:
+    """A model folder whose pickled weights would call anything but tensor rebuilding is refused
+    before transformers reads them (contract/pickles.py; `validate` says the same)."""
+    bad = unsafe_weight_files(folder)
+    if bad:
+        f, why = bad[0]
+        raise UserError(f"refused: {why}", file=str(f), field="model.path",
+                        expected="safetensors weights, or PyTorch weights holding tensors only")
 
 
 @dataclass
@@ -211,6 +222,7 @@ def _build_model(spec: RunSpec, labels, pad_id, quantize) -> BuiltModel:
     auto, kw = auto_class(spec), {**label_overrides(labels), **weights_dtype(spec)}
     if spec.model.path is not None:
         path = resolve_path(spec.model.path, field="model.path")
+        refuse_pickled_code(Path(path))
         if quantize:
             from transformers import BitsAndBytesConfig
 

@@ -18,6 +18,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpctrain.launcher.contract.pickles import CHECKPOINT_GLOBALS, pickled_files, unsafe_global
+
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 LATEST = "latest"
@@ -101,8 +103,10 @@ def file_crc32(path: Path, chunk: int = 4 << 20) -> int:
 
 def checkpoint_damage(path: Path, checksums: bool = True) -> str | None:
     """Why a complete checkpoint cannot be trusted, or None when every file is as it was saved
-    (sizes always; contents with `checksums`). A checkpoint saved before files were recorded
-    is trusted as it is."""
+    (sizes always; contents with `checksums`) and no pickled file in it could run code when
+    loaded (with `checksums`: DeepSpeed and the distributed checkpoint unpickle some files
+    without torch's weights_only guard; contract/pickles.py). A checkpoint saved before files
+    were recorded is checked for the pickles alone."""
     try:
         recorded = json.loads((path / META).read_text()).get("files")
     except (OSError, ValueError) as e:
@@ -116,6 +120,11 @@ def checkpoint_damage(path: Path, checksums: bool = True) -> str | None:
             return f"{rel} has {on_disk:,} bytes on disk, {size:,} when it was saved"
         if checksums and file_crc32(f) != crc:
             return f"{rel} differs from what was saved (checksum)"
+    if checksums:  # every pickle, recorded or not (a conversion left beside the shards too)
+        for f in pickled_files(path):
+            why = unsafe_global(f, CHECKPOINT_GLOBALS)
+            if why is not None:
+                return f"{f.relative_to(path).as_posix()} {why}"
     return None
 
 

@@ -127,3 +127,45 @@ def test_a_finetuning_file_that_is_not_utf8(tmp_path, suffix):
         "training": {"global_batch": 4, "micro_batch": 4, "steps": 3},
     }
     _both_refuse(tmp_path, spec, str(bad), "line 3 is not UTF-8")
+
+
+class _Planted:
+    """What a hostile pickle holds: loading it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_pickled_weights_that_would_run_code_are_refused(tmp_path, bpe_tokenizer, bpe_corpus, tiny_model_dir):
+    """A model folder whose only weights are a pickle naming os.system: validate, run and the
+    model factory refuse it from its opcodes, naming the file and the global; nothing runs."""
+    import torch
+
+    from hpctrain.launcher.contract.errors import UserError
+    from hpctrain.trainers.model import refuse_pickled_code
+
+    d = _copy(tiny_model_dir, tmp_path)
+    (d / "model.safetensors").unlink()
+    marker = tmp_path / "code ran"
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": _Planted(marker)}, d / "pytorch_model.bin")
+    _both_refuse(tmp_path, _from_path(tmp_path, d, bpe_tokenizer, bpe_corpus), str(d / "pytorch_model.bin"),
+                 "would call posix.system when loaded")
+    with pytest.raises(UserError, match="posix.system"):
+        refuse_pickled_code(d)
+    assert not marker.exists()
+
+
+def test_pickled_weights_of_tensors_only_pass(tmp_path, bpe_tokenizer, bpe_corpus, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    d = _copy(tiny_model_dir, tmp_path)  # the same weights as PyTorch's pickle (older HF folders)
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    r = run_cli("validate", str(write_spec(tmp_path / "s.yaml", _from_path(tmp_path, d, bpe_tokenizer, bpe_corpus))))
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -188,3 +188,45 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, ddp_losses, ze
     assert r.returncode == 0, r.stdout + r.stderr
     reference = ddp_losses if engine == "ddp" else losses(zero_runs[3][0])
     assert losses(tmp_path / "run") == reference  # the recompute runs the same kernels on the same inputs
+
+
+def test_a_planted_pickle_in_a_zero_checkpoint_is_skipped_and_never_runs(tmp_path, zero_runs):
+    """DeepSpeed unpickles its own files with weights_only=False. A model-states file replaced by
+    a pickle that calls os.system (sizes and checksums in meta.json updated to match): the
+    resume names the file and the global, skips that checkpoint and continues bitwise from the
+    one before; with every checkpoint planted it refuses, naming the file (exit 2). No code runs."""
+    import torch
+
+    from hpctrain.launcher.contract.checkpoints import CheckpointMeta, file_records
+    from tests.launcher.contract.test_pickles import Planted
+
+    ref = losses(zero_runs[3][0])
+    run = tmp_path / "run"
+    shutil.copytree(zero_runs[3][0], run)
+    spec = yaml.safe_load((zero_runs[3][0].parent / "s.yaml").read_text())
+    spec["run_dir"] = str(run)
+    spec_path = write_spec(tmp_path / "s.yaml", spec)
+    marker = tmp_path / "code ran"
+
+    def plant(step: int) -> str:
+        ckpt = run / "checkpoints" / f"step_{step:08d}"
+        target = ckpt / "ds" / "mp_rank_00_model_states.pt"
+        torch.save({"module": Planted(marker)}, target)
+        meta = CheckpointMeta.read(ckpt)
+        meta.files = file_records(ckpt)
+        (ckpt / "meta.json").write_text(meta.to_json())
+        return "ds/mp_rank_00_model_states.pt would call posix.system when loaded"
+
+    why = plant(STEPS)
+    r = run_cli("run", str(spec_path), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"checkpoint step_{STEPS:08d} is damaged ({why}" in r.stdout and "skipped" in r.stdout
+    assert "resuming from" in r.stdout and "step_00000008" in r.stdout
+    got = losses(run)
+    assert [got[s] for s in range(9, STEPS + 1)] == [ref[s] for s in range(9, STEPS + 1)]
+    for step in (8, STEPS):
+        plant(step)
+    r = run_cli("run", str(spec_path), timeout=900)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no checkpoint is whole" in r.stderr and why in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()

@@ -4,6 +4,7 @@ transitions, the checkpoint meta record and the discovery of the newest whole ch
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ def test_meta_keeps_every_field_at_the_top_level_and_reads_back(tmp_path):
     assert CheckpointMeta.from_dict(old).task == {"best": None}
 
 
-def _checkpoint(run, step, payload=b"x" * 100):
+def _checkpoint(run, step, payload=pickle.dumps({"w": 1}).ljust(100, b"x")):  # a pickle and its bytes
     from hpctrain.launcher.contract.checkpoints import file_records
 
     d = RunDir(run).checkpoints / step_name(step)
