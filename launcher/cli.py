@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hpctrain.launcher import lock
@@ -181,6 +182,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                 print(f"# ===== stage {name}" + (" (after the stage before it succeeds)" if future else ""))
             print(dry_run(spec, Path(spec.run_path)), end="")
         return 0
+    from hpctrain.launcher.slurm import require_slurm
+
+    require_slurm(args.spec)
     previous = None
     for name, spec in stages:
         previous = _submit_one(f"stage {name}: " if name else "", spec, args.no_resume, previous, "afterok")
@@ -224,10 +228,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     base, points = sweep_specs(args.spec, args.set, args.over)
     stages = [(p.name, s) for p, s in points]
     _check(stages, set(), args.spec)  # every point, before anything runs or is submitted
+    on_slurm = all(s.cluster.executor == "slurm" for _, s in stages)
+    if on_slurm:
+        from hpctrain.launcher.slurm import require_slurm
+
+        require_slurm(args.spec)
     sweep_file = write_sweep_file(base, args.spec, points)
     print(f"sweep of {len(points)} point(s) in {base.run_path} ({sweep_file.name}): "
           + ", ".join(p.name for p in [p for p, _ in points]), flush=True)
-    if all(s.cluster.executor == "slurm" for _, s in stages):
+    if on_slurm:
         jobs: list[str] = []
         for i, (name, spec) in enumerate(stages):
             n = args.max_parallel
@@ -357,6 +366,22 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a number above zero (argparse names the option and exits 2 otherwise)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value != value or value == float("inf"):
+            what = "a whole number of at least 1" if kind is int else "a number above 0"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hpctrain",
@@ -381,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _spec_args(pl)
-    pl.add_argument("--gpu-mem", type=float, metavar="GB", help="memory of one GPU (default: "
+    pl.add_argument("--gpu-mem", type=positive(float), metavar="GB", help="memory of one GPU (default: "
                     "cluster.device_memory_gb, this machine's GPU, or its available memory / ranks)")
     pl.set_defaults(func=_cmd_plan)
 
@@ -410,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--over", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="a spec field and its values (repeatable: the grid of all of them), e.g. "
                     "--over data.corpora.0.weight=0.2,0.3,0.5")
-    sw.add_argument("--max-parallel", type=int, metavar="N", help="Slurm: at most N points queued or "
+    sw.add_argument("--max-parallel", type=positive(int), metavar="N", help="Slurm: at most N points queued or "
                     "running at once (default: all)")
     sw.add_argument("--report", action="store_true", help="print the sweep's comparison table and stop")
     sw.add_argument("--no-resume", action="store_true", help="start every point over in a new run dir")

@@ -95,10 +95,37 @@ def node_task_python() -> str:
     return f"/bin/sh -c 'trap \"\" USR2; exec \"$0\" \"$@\"' {shlex.quote(sys.executable)} -u -m hpctrain.launcher.slurm_entry"
 
 
+def slurm_missing() -> str | None:
+    """Which of Slurm's commands this machine lacks (a laptop where specs are written), or None."""
+    import shutil
+
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    return " and ".join(missing) or None
+
+
+def require_slurm(spec_file: str | None = None) -> None:
+    """A submit needs Slurm's commands here: without them, one line (exit 2) before anything is written."""
+    missing = slurm_missing()
+    if missing:
+        raise UserError(f"no Slurm on this machine ({missing} not found on PATH)", file=spec_file,
+                        field="cluster.executor",
+                        hint="submit from a login node of the cluster; `hpctrain submit SPEC --dry-run` shows the "
+                             "job here, `hpctrain run SPEC` trains on this machine")
+
+
 def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
     import submitit
 
-    ex = submitit.SlurmExecutor(
+    if slurm_missing():  # only a dry run gets here: submitit's check for srun would refuse to build the script
+        class ScriptOnly(submitit.SlurmExecutor):
+            @classmethod
+            def affinity(cls) -> int:
+                return 2
+
+        factory = ScriptOnly
+    else:
+        factory = submitit.SlurmExecutor
+    ex = factory(
         folder=RunDir(run_dir).slurm,
         max_num_timeout=spec.cluster.max_requeues,
         python=node_task_python(),
