@@ -143,14 +143,31 @@ def _run_one(spec, no_resume: bool) -> tuple[int, bool]:
     from hpctrain.launcher.local import run_local
 
     owner = lock.process_owner("hpctrain run")
-    spec, run_dir = _hold_run_dir(spec, not no_resume, owner)
+    try:
+        spec, run_dir = _hold_run_dir(spec, not no_resume, owner)
+    except OSError as e:
+        return _disk_full(spec.run_path, e), False
     try:
         ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
         print(f"run dir: {run_dir}" + (f" (resuming from {ckpt.name})" if ckpt else ""), flush=True)
         rc = run_local(spec, run_dir)
+    except OSError as e:  # the launcher's own writes (reserve, logs, status)
+        rc = _disk_full(run_dir, e)
     finally:
         lock.release(run_dir, owner)
     return rc, read_status(run_dir).get("state") == State.FINISHED
+
+
+def _disk_full(run_dir, error: OSError) -> int:
+    """A launcher write that found the disk full: one line naming the newest checkpoint, exit 1
+    (contract/diskfull.py); any other OSError is re-raised."""
+    from hpctrain.launcher.contract.diskfull import disk_full_cause, disk_full_reason, free_reserve
+
+    if disk_full_cause(error) is None:
+        raise error
+    free_reserve(run_dir)
+    print(f"hpctrain: {disk_full_reason(run_dir, error)}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _hold_run_dir(spec, resume: bool, owner: dict):
@@ -195,13 +212,18 @@ def _submit_one(label: str, spec, no_resume: bool, after: str | None, kind: str)
     """Submit one run as a Slurm job (after job `after` ends: `kind` afterok | afterany), its run
     dir handed to the job; its job id."""
     from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
+    from hpctrain.launcher.contract.diskfull import keep_reserve
     from hpctrain.launcher.slurm import submit
 
     owner = lock.process_owner("hpctrain submit")
     spec, run_dir = _hold_run_dir(spec, not no_resume, owner)
     ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
     try:
+        keep_reserve(run_dir)  # the job's ranks free it if the disk fills (contract/diskfull.py)
         job = submit(spec, run_dir, dependency=f"{kind}:{after}" if after else None)
+    except OSError as e:
+        lock.release(run_dir, owner)
+        raise SystemExit(_disk_full(run_dir, e)) from None
     except BaseException:
         lock.release(run_dir, owner)
         raise

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hpctrain.launcher.attempt import Outcome, attempt_outcome, give_up, retry_verdict
+from hpctrain.launcher.contract.diskfull import keep_reserve
 from hpctrain.launcher.contract.rundir import RunDir, aborted, next_free_path
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.launcher.contract.states import (
@@ -63,6 +64,7 @@ RESUME_HINT = "hpctrain: the same command resumes from the newest checkpoint"
 def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
     """One torchrun launch: its exit code for the user, or RETRY when it failed for a reason
     other than a user error (the reason and step are then in status.json)."""
+    keep_reserve(run_dir)  # OSError ENOSPC here: the disk is full before any rank starts (cli)
     logs = next_attempt_logs(run_dir)
     cmd = build_torchrun_command(
         str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module, log_dir=str(logs)

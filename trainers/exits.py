@@ -6,57 +6,43 @@ launcher (local or the Slurm node task) reads the record (launcher/attempt.py).
 
 - A user error (`user_error_exit`): one line on the console, recorded for the launcher, which
   exits 2 with it; never retried.
-- The disk filling up: the incomplete checkpoint folder is removed (it can never be used, and
-  removing it frees the space the failed save took, so the record can be written), the status
-  says where and which checkpoint is the newest complete one; not retried (nothing frees the
-  space but the user), and the same command resumes once there is room.
+- The disk filling up (a save, metrics, a log line): the incomplete checkpoint folder and the
+  run dir's reserve are removed (contract/diskfull.py: the space they free lets the record be
+  written), the status says where and which checkpoint is the newest complete one; not retried
+  (nothing frees the space but the user), and the same command resumes once there is room.
 - A rank whose peer went away after recording such a reason: its own error (a collective whose
   peer vanished) is a consequence, not a second failure.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from hpctrain.launcher.contract.checkpoints import CHECKPOINTS, latest_checkpoint
+from hpctrain.launcher.contract.checkpoints import CHECKPOINTS
+from hpctrain.launcher.contract.diskfull import disk_full_cause, disk_full_reason, free_reserve
 from hpctrain.launcher.contract.errors import EXIT_USER_ERROR
 from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.states import State, mark_failed, read_status
 
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+__all__ = ["disk_full_cause", "disk_full_exit", "peer_recorded_failure", "under_torchrun", "user_error_exit"]
 
 
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def disk_full_cause(error: BaseException) -> OSError | None:
-    """The "no space left" error behind `error` (torch.save wraps it in a RuntimeError), or None."""
-    stack, seen = [error], set()
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return e
-        stack += [x for x in (e.__cause__, e.__context__) if x is not None]
-    return None
-
-
 def disk_full_exit(cause: OSError, run_dir: Path) -> int:
     """Record a full disk (see the module docstring); returns this rank's exit code."""
     for tmp in (Path(run_dir) / CHECKPOINTS).glob(".step_*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
-    newest = latest_checkpoint(run_dir)
-    where = f"step {int(newest.name.split('_')[1])} ({newest})" if newest else "none"
-    reason = (f"disk full: {cause.strerror or 'no space left'} on the file system of {run_dir}; the newest "
-              f"complete checkpoint is {where}: free space, then the same command resumes from it")
-    print(f"hpctrain: {reason}", file=sys.stderr, flush=True)
+    free_reserve(run_dir)
+    reason = disk_full_reason(run_dir, cause)
+    with contextlib.suppress(OSError):  # the rank's log is on that disk too
+        print(f"hpctrain: {reason}", file=sys.stderr, flush=True)
     try:
         mark_failed(run_dir, reason, disk_full=True)
     except OSError:

@@ -9,7 +9,8 @@ and the one reader of metrics.jsonl. No torch here.
     RUN_DIR/export/, RUN_DIR/best/    the final model (and fine-tuning's best) in HF format
     RUN_DIR/control/                  between launcher and trainers: stop requests (`stop`
                                       locally, `stop-JOB.N` per Slurm attempt), `aborted`,
-                                      the run dir's `lock`, failure and hang reports
+                                      the run dir's `lock`, failure and hang reports, the
+                                      `disk-reserve` (contract/diskfull.py)
     RUN_DIR/logs/                     per-rank logs (`local.N/`, `jobJOB.N/nodeK/`)
     RUN_DIR/slurm/                    submitit's folder and `jobs.json`
 """
@@ -90,6 +91,11 @@ class RunDir:
     @property
     def lock(self) -> Path:
         return self.control / "lock"
+
+    @property
+    def disk_reserve(self) -> Path:
+        """Space kept for the record of a full disk (contract/diskfull.py)."""
+        return self.control / "disk-reserve"
 
     def slurm_stop_file(self, job: str, restart: int | str) -> Path:
         """The stop request of one Slurm attempt (a requeued job's next attempt has its own)."""

@@ -156,3 +156,49 @@ def test_a_disk_that_fills_up_during_a_save(tmp_path, small_disk, bpe_tokenizer,
     again = losses(run)
     assert sorted(again) == list(range(1, 31))
     assert all(again[s] == first[s] for s in first)  # the steps trained twice: the same losses
+
+
+def _one_disk_full_line(out: str, run) -> str:
+    lines = [x for x in out.splitlines() if "disk full" in x]
+    assert len(lines) == 1 and str(run) in lines[0], out
+    assert "free space, then the same command resumes from it" in lines[0], out
+    assert out.rstrip("\n").splitlines()[-1] == lines[0], out  # the last thing said: no report after it
+    assert "Traceback" not in out and "Error" not in out and "retry" not in out, out
+    return lines[0]
+
+
+def test_a_disk_that_fills_between_saves_and_before_a_launch(tmp_path, small_disk, bpe_tokenizer, bpe_corpus):
+    """Filled to the last byte right after the first checkpoint is published (the next write is
+    a metrics line or a log line, not a save), then still full when the same command is run
+    again (the launcher's own writes: lock, reserve, logs): one line each time, exit 1, the
+    newest checkpoint named; once space is freed the run resumes with the same losses."""
+    run = small_disk / "run"
+    spec = write_spec(tmp_path / "s.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus, training__steps=20,
+                                                     training__log_every=1, checkpoint__every_steps=10))
+    proc = start_run(spec)
+    wait_for(lambda: (run / "checkpoints" / "step_00000010" / "meta.json").is_file(), timeout=120,
+             what="the first checkpoint")
+    ranks = trainer_pids(run)
+    send(ranks, signal.SIGSTOP)
+    try:
+        _fill(small_disk / "filler", leave=0)
+    finally:
+        send(ranks, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, out
+    assert "newest complete checkpoint is step 10" in _one_disk_full_line(out, run)
+    first = losses(run)
+    assert trainer_pids(run) == []
+
+    _fill(small_disk / "filler 2", leave=0)  # what the ranks gave back is taken again
+    r = run_cli("run", str(spec))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "newest complete checkpoint is step 10" in _one_disk_full_line(r.stdout + r.stderr, run)
+
+    for f in small_disk.glob("filler*"):
+        f.unlink()
+    r = run_cli("run", str(spec))
+    assert r.returncode == 0 and "resuming from" in r.stdout and "(step 10," in r.stdout, r.stdout + r.stderr
+    again = losses(run)
+    assert sorted(again) == list(range(1, 21))
+    assert all(again[s] == first[s] for s in first)
