@@ -21,6 +21,15 @@ compile_own() {  # best effort: a read-only checkout still runs, compiling at ea
   "$venv/bin/python" -m compileall -q -j 0 launcher trainers tools >/dev/null 2>&1 \
     || echo "setup: could not write the project's bytecode (read-only checkout?): modules compile at each start" >&2
 }
+# DeepSpeed's CPU Adam (ZeRO-Offload's optimizer) is a C++ kernel DeepSpeed compiles at its first
+# use: built here once, into .venv/torch_extensions, so no run (and no test) stalls on it
+build_ops() {
+  case ",$extras," in *,deepspeed,*) ;; *) return 0 ;; esac
+  ls "$venv"/torch_extensions/cpu_adam/cpu_adam*.so >/dev/null 2>&1 && return 0
+  echo "setup: building DeepSpeed's CPU Adam kernel into $venv/torch_extensions (about 2 minutes, once)" >&2
+  "$venv/bin/python" -c "from hpctrain.trainers.engines.deepspeed import build_cpu_adam; build_cpu_adam()" >/dev/null 2>&1 \
+    || echo "setup: DeepSpeed's CPU Adam did not build here (a compiler missing?): a ZeRO-Offload run builds it at its first step" >&2
+}
 # a venv already holding these extras (or more) for the same pyproject and lock is reused
 if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$key" ]; then
   have="$(sed -n 2p "$stamp")"
@@ -28,7 +37,7 @@ if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$key" ]; then
   for e in ${extras//,/ }; do
     case ",$have," in *",$e,"*) ;; *) missing=1 ;; esac
   done
-  [ -z "$missing" ] && { compile_own; exit 0; }
+  [ -z "$missing" ] && { compile_own; extras="$have"; build_ops; exit 0; }
   extras="$have,$extras"
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
@@ -54,3 +63,4 @@ esac
 "${install[@]}" "${constraints[@]}" "$torch_req" -e ".[$extras]"
 printf '%s\n%s\n' "$key" "$extras" > "$stamp"
 compile_own
+build_ops

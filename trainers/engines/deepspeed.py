@@ -109,12 +109,24 @@ def partition_while_loading(ds_config: dict, device: torch.device) -> None:
     _LOADING_CONFIG.append(HfDeepSpeedConfig(ds_config))
 
 
+def build_cpu_adam() -> None:
+    """Build DeepSpeed's CPU Adam kernel into the venv now (tools/setup.sh does, with the
+    deepspeed extra): ZeRO-Offload's first step would otherwise compile it, about two minutes
+    (longer on a slower CPU) with every rank of the job waiting on the one that builds."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    import_deepspeed(device)
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    with contextlib.redirect_stdout(sys.stderr):
+        CPUAdamBuilder().load()
+
+
 def offloaded_adamw(ds_config: dict, groups: list[dict], lr: float, betas, weight_decay: float, device):
     """DeepSpeed's CPU Adam (AdamW mode) when the config offloads the optimizer, else None.
 
     ZeRO-Offload steps the optimizer on the host, on fp32 partitions in CPU memory; DeepSpeed
     refuses a client optimizer that is not its own CPU Adam there (its C++ kernel is built
-    once, ~2 minutes here, into the venv like the other ops).
+    once into the venv: by tools/setup.sh, `build_cpu_adam`, or else at the first step here).
     """
     if (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") != "cpu":
         return None
