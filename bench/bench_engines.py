@@ -46,10 +46,10 @@ ENGINES = {
 
 def model_config(args) -> dict:
     heads = max(args.hidden // 64, 1)
-    return {"model_type": "llama", "vocab_size": 30522, "hidden_size": args.hidden,
+    return {"model_type": "llama", "vocab_size": args.vocab, "hidden_size": args.hidden,
             "intermediate_size": args.hidden * 8 // 3 // 64 * 64, "num_hidden_layers": args.layers,
             "num_attention_heads": heads, "num_key_value_heads": heads,
-            "max_position_embeddings": 256, "tie_word_embeddings": True}
+            "max_position_embeddings": 256, "tie_word_embeddings": not args.untied}
 
 
 def pretrained_folder(root: Path, args) -> Path:
@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=30522,
+                    help="vocabulary size (MiniLM's tokenizer has 30,522; ids above it are never seen)")
+    ap.add_argument("--untied", action="store_true", help="an output head of its own (default: tied embeddings)")
     ap.add_argument("--pretrained", action="store_true",
                     help="every engine loads the model from an HF folder (else: built from its config)")
     ap.add_argument("--only", nargs="*", choices=list(ENGINES), help="a subset of engines")

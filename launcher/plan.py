@@ -32,8 +32,9 @@ each rank reads only its slices of the safetensors files, mapped: w·Ψ/N; from
 `model.config`, w·L/N) and under ZeRO-3 from pretrained weights (partitioned as they load,
 a whole layer at a time: w·L; the trainer gives DeepSpeed's transient copies back to the
 kernel, see docs/benchmarks.md).
-ZeRO-3's buckets are hidden² elements and it gathers at most a rank's share of the
-parameters at once (p·Ψ/N): the trainer fills DeepSpeed's "auto" values so.
+ZeRO-3's buckets are hidden² elements and it gathers at most two blocks' worth of
+parameters at once (p·24·h², or the largest parameter where that is more, never more than
+p·Ψ/N): the trainer fills DeepSpeed's "auto" values so.
 
 p is 2 with `training.precision: bf16` (DeepSpeed keeps 16-bit weights) and 4 otherwise.
 QLoRA's frozen 4-bit linear weights count 0.5 bytes each.
@@ -54,6 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpctrain.launcher.contract.ds_config import zero3_live_parameters
 from hpctrain.launcher.contract.errors import EXIT_USER_ERROR, UserError
 from hpctrain.launcher.contract.model_size import ModelSize
 from hpctrain.launcher.contract.spec import RunSpec, spec_to_yaml
@@ -124,10 +126,10 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
     opt = 16 * pt / n  # fp32 master, fp32 gradient partition, Adam's moments
     layer = 2 * p * m.largest_layer
     buckets = 2 * p * min(5e8, m.total)
-    # ZeRO-3's buckets are sized for the hidden size, and at most a rank's share of the
-    # parameters is gathered at once (what the trainer fills in for "auto": engines/deepspeed.py)
+    # ZeRO-3's buckets are sized for the hidden size, and a couple of blocks (or the largest
+    # parameter) gathered at once: what the trainer fills in for "auto" (engines/deepspeed.py)
     buckets3 = 2 * p * min(m.total, max(m.hidden * m.hidden, 1 << 20))
-    live3 = p * max(m.total / n, m.hidden * m.hidden)
+    live3 = p * zero3_live_parameters(m.total, m.hidden, n, m.largest_layer)
     ds = lambda stage, **kw: {"type": "deepspeed", "zero_stage": stage, **kw}  # noqa: E731
     # FSDP2 keeps fp32 shards of the weights, gradients and Adam's moments; a block's weights are
     # gathered in the compute dtype for its forward and backward, with its gradient, and the next

@@ -5,6 +5,8 @@ no product code path knows about them. Unset (always, outside the test suite), n
                                                        (a window to kill a rank mid-save)
     HPCTRAIN_FAULT_FAIL_AT_STEP=STEP                   rank 0 crashes after STEP, every attempt
     HPCTRAIN_FAULT_STALL=RANK:STEP                     RANK stops making progress after STEP
+    HPCTRAIN_FAULT_SLOW_STEP_S=SECONDS                 every step takes SECONDS longer, idle (a
+                                                       slow step without the CPU it would burn)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Faults:
     pause_before_commit: tuple[int, float] | None = None
     fail_at_step: int | None = None
     stall: tuple[int, int] | None = None
+    slow_step: float | None = None
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Faults:
@@ -41,10 +44,12 @@ class Faults:
             pause_before_commit=_read(env, "HPCTRAIN_FAULT_PAUSE_BEFORE_COMMIT_S", int, float),
             fail_at_step=_read(env, "HPCTRAIN_FAULT_FAIL_AT_STEP", int),
             stall=_read(env, "HPCTRAIN_FAULT_STALL", int, int),
+            slow_step=_read(env, "HPCTRAIN_FAULT_SLOW_STEP_S", float),
         )
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.pause_before_commit, self.fail_at_step, self.stall))
+        return any(v is not None for v in (self.pause_before_commit, self.fail_at_step, self.stall,
+                                           self.slow_step))
 
 
 def install(faults: Faults) -> None:
@@ -67,7 +72,7 @@ def install(faults: Faults) -> None:
 
         Checkpointer.publish = paused_publish
 
-    if faults.fail_at_step is not None or faults.stall is not None:
+    if faults.fail_at_step is not None or faults.stall is not None or faults.slow_step is not None:
         original = Run.after_step
 
         # named as the method it wraps: a stalled rank's stack shows it stopped in after_step
@@ -80,6 +85,9 @@ def install(faults: Faults) -> None:
                 print(f"HPCTRAIN_FAULT_STALL: rank {self.d.rank} stops at step {step} (tests)", file=sys.stderr,
                       flush=True)
                 time.sleep(3600)
+            if faults.slow_step is not None:  # counted in the step's time, as a slow step's would be
+                time.sleep(faults.slow_step)
+                step_seconds += faults.slow_step
             return original(self, step, total, step_seconds, *args, **kwargs)
 
         Run.after_step = after_step

@@ -18,6 +18,18 @@ from hpctrain.launcher.contract.errors import UserError, UserErrors
 from hpctrain.launcher.contract.spec import RunSpec
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "ds_configs"
+LIVE_LAYERS = 2  # ZeRO-3 keeps about this many transformer blocks gathered at once
+
+
+def zero3_live_parameters(n_params: int, hidden: int, world: int, largest: int = 0) -> int:
+    """How many parameter elements ZeRO-3 may hold gathered at once (DeepSpeed's
+    `stage3_max_live_parameters` and `stage3_max_reuse_distance`, which the trainer fills for
+    "auto"): LIVE_LAYERS blocks of a transformer (12·hidden² each: attention 4·h², an MLP of
+    about 8·h²), or the largest single parameter (an embedding matrix, gathered whole anyway)
+    where that is more; never more than a rank's share of the model, and never DeepSpeed's
+    default of 1e9, the whole of most models. Shared by the trainer and `plan`."""
+    share = max(n_params // max(world, 1), hidden * hidden)
+    return int(min(1e9, share, max(LIVE_LAYERS * 12 * hidden * hidden, largest)))
 
 
 def template_name(stage: int, offload_optimizer: str, offload_params: str) -> str:

@@ -104,3 +104,22 @@ def test_validate_refuses_a_conflicting_user_json(tmp_path, bpe_tokenizer, bpe_c
     assert r.returncode == 2 and "engine.config" in r.stderr
     assert "gradient_clipping is 5.0" in r.stderr and "(training.grad_clip)" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_zero3_gathers_a_couple_of_blocks_or_the_embedding_at_once():
+    """ZeRO-3's "auto" limits on what is gathered at once: two transformer blocks (24·h²), or
+    the largest parameter where that is more, never more than a rank's share; a value the
+    user's config sets is kept. (DeepSpeed's default, 1e9, keeps most models whole.)"""
+    from hpctrain.trainers.engines.deepspeed import fill_bucket_sizes
+
+    def live(n, h, world, largest, zo=None):
+        cfg = fill_bucket_sizes({"zero_optimization": {"stage": 3, **(zo or {})}}, n, h, world, largest)
+        return cfg["zero_optimization"]["stage3_max_live_parameters"], cfg["zero_optimization"]["stage3_max_reuse_distance"]
+
+    # a 277M Llama with its own 32,000 x 1,024 output head: the head, not half the model
+    assert live(277_253_120, 1024, 2, 32000 * 1024) == (32000 * 1024,) * 2
+    # a 7B model: two blocks of 4,096 (402M elements), not 1e9 nor half of 6.7B
+    assert live(6_738_415_616, 4096, 2, 32000 * 4096) == (24 * 4096 * 4096,) * 2
+    # a tiny model on 2 ranks: at most a rank's share
+    assert live(40_000, 32, 2, 600 * 32) == (20_000,) * 2
+    assert live(277_253_120, 1024, 2, 0, {"stage3_max_live_parameters": 123})[0] == 123

@@ -244,9 +244,9 @@ def test_deadline_saves_and_stops_ahead_of_the_time_limit(tmp_path, bpe_tokenize
     spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"procs_per_node": 1})})
     _, run = freeze_run_dir(spec)
     deadline = time.time() + 60  # room for a start-up slowed by the other test worker's runs
-    r = subprocess.run(
+    r = subprocess.run(  # steps made slow and idle: the minute is not a core burnt
         [sys.executable, "-m", "hpctrain.trainers.pretrain", "--run-dir", str(run), "--deadline", str(deadline)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HPCTRAIN_FAULT_SLOW_STEP_S": "0.2"},
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert time.time() < deadline + 1

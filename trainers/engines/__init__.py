@@ -191,7 +191,8 @@ def prepare_model_loading(spec: RunSpec, dist_info) -> None:
         config = model_config(spec)
         hidden = getattr(config, "hidden_size", None)
         n_params = _config_params(config)
-        partition_while_loading(fill_bucket_sizes(ds_config, n_params, hidden, dist_info.world_size),
+        largest = (getattr(config, "vocab_size", 0) or 0) * (hidden or 0)  # the embedding matrix
+        partition_while_loading(fill_bucket_sizes(ds_config, n_params, hidden, dist_info.world_size, largest),
                                 dist_info.device)
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
+from hpctrain.launcher.contract.ds_config import zero3_live_parameters
 from hpctrain.trainers.engines import Capabilities, export_in_shards, param_numel
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ ALIGN = 1024
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
 
 
-def fill_bucket_sizes(ds_config: dict, n_params: int, hidden: int | None = None, world: int = 1) -> dict:
+def fill_bucket_sizes(ds_config: dict, n_params: int, hidden: int | None = None, world: int = 1,
+                      largest: int = 0) -> dict:
     """"auto" bucket sizes, sized for the model and the rank count rather than DeepSpeed's
     defaults, which are sized for models larger than one bucket.
 
@@ -50,8 +52,9 @@ def fill_bucket_sizes(ds_config: dict, n_params: int, hidden: int | None = None,
     model of a few thousand parameters made a CPU step take seconds (measured here).
     ZeRO-3 (with the model's hidden size): buckets of hidden² elements (transformers' own
     "auto" rule; the model's size when smaller), parameters under 10·hidden elements kept whole,
-    and at most a rank's share of the parameters gathered at once
-    (`stage3_max_live_parameters`, `stage3_max_reuse_distance`, 1e9 by default: the whole of a
+    and at most a couple of blocks gathered at once, or the largest parameter (`largest`, an
+    embedding matrix) where that is more, never more than a rank's share (zero3_live_parameters:
+    `stage3_max_live_parameters`, `stage3_max_reuse_distance`; 1e9 by default, the whole of a
     model this size, which held ZeRO-3's peak above DDP's; docs/benchmarks.md). Values the
     config sets itself are kept.
     Rounded up to a multiple of ALIGN: ZeRO-1/2 assert that buckets split evenly (a model
@@ -64,10 +67,10 @@ def fill_bucket_sizes(ds_config: dict, n_params: int, hidden: int | None = None,
         if zo.get(key) == "auto":
             zo[key] = align(min(n_params, max(hidden * hidden, 1 << 20)) if stage3 else n_params)
     if stage3:
-        share = max(n_params // max(world, 1), hidden * hidden)
+        live = zero3_live_parameters(n_params, hidden, world, largest)
         zo.setdefault("stage3_param_persistence_threshold", 10 * hidden)
-        zo.setdefault("stage3_max_live_parameters", int(min(1e9, share)))
-        zo.setdefault("stage3_max_reuse_distance", int(min(1e9, share)))
+        zo.setdefault("stage3_max_live_parameters", live)
+        zo.setdefault("stage3_max_reuse_distance", live)
     return {**ds_config, "zero_optimization": zo}
 
 
@@ -143,9 +146,10 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed(dist_info.device)
         from deepspeed.utils import logger
 
-        ds_config = fill_bucket_sizes(ds_config, sum(param_numel(p) for p in model.parameters()),
+        sizes = [param_numel(p) for p in model.parameters()]
+        ds_config = fill_bucket_sizes(ds_config, sum(sizes),
                                       getattr(getattr(model, "config", None), "hidden_size", None),
-                                      dist_info.world_size)
+                                      dist_info.world_size, max(sizes, default=0))
 
         for h in logger.handlers:  # DeepSpeed logs to stdout, our console: keep it in the rank log
             if isinstance(h, logging.StreamHandler):
