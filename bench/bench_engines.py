@@ -66,7 +66,7 @@ def pretrained_folder(root: Path, args) -> Path:
 
 
 def spec_for(root: Path, name: str, engine: dict, args) -> dict:
-    return {
+    spec = {
         "name": f"bench-{name}", "run_dir": str(root / name),
         "model": ({"path": str(pretrained_folder(root, args)), "tokenizer": tokenizer_path()} if args.pretrained
                   else {"config": model_config(args), "tokenizer": tokenizer_path()}),
@@ -77,6 +77,14 @@ def spec_for(root: Path, name: str, engine: dict, args) -> dict:
         "cluster": {"procs_per_node": args.ranks},
         **({"engine": engine} if engine else {}),
     }
+    if args.zero3_live and engine.get("zero_stage") == 3:  # DeepSpeed's own limit, not the trainer's "auto"
+        cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+        cfg["zero_optimization"].update(stage3_max_live_parameters=args.zero3_live,
+                                        stage3_max_reuse_distance=args.zero3_live)
+        path = root / f"{name}-ds.json"
+        path.write_text(json.dumps(cfg))
+        spec["engine"] = {"type": "deepspeed", "config": str(path)}
+    return spec
 
 
 def measure(root: Path, name: str, engine: dict, args) -> dict:
@@ -114,6 +122,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=30522,
                     help="vocabulary size (MiniLM's tokenizer has 30,522; ids above it are never seen)")
     ap.add_argument("--untied", action="store_true", help="an output head of its own (default: tied embeddings)")
+    ap.add_argument("--zero3-live", type=int, default=0,
+                    help="ZeRO-3's stage3_max_live_parameters and _reuse_distance (default: the trainer's auto)")
     ap.add_argument("--pretrained", action="store_true",
                     help="every engine loads the model from an HF folder (else: built from its config)")
     ap.add_argument("--only", nargs="*", choices=list(ENGINES), help="a subset of engines")
