@@ -234,7 +234,7 @@ def checkpoint_times(root: Path) -> list[dict]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hpctrain.launcher.contract.checkpoints import CheckpointMeta
-    from hpctrain.trainers.checkpoint import save_checkpoint
+    from hpctrain.trainers.checkpoint import Checkpointer
     from hpctrain.trainers.distributed import Dist
     from hpctrain.trainers.engines.ddp import DDPEngine
 
@@ -263,7 +263,7 @@ def checkpoint_times(root: Path) -> list[dict]:
         )
         run = Path(tempfile.mkdtemp(dir=root, prefix="ckpt-"))
         t0 = time.perf_counter()
-        path = save_checkpoint(run, eng, CheckpointMeta(step=1, world_size=1, sampler={}), 0, keep_last=1)
+        path = Checkpointer(run, 0, 1, background=False).save(eng, CheckpointMeta(step=1, world_size=1, sampler={})).path
         dt = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in path.iterdir())
         n = sum(p.numel() for p in m.parameters())

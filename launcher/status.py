@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hpctrain.launcher.contract.checkpoints import latest_checkpoint
+from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.rundir import RunDir, metrics_records, validation_losses
 from hpctrain.launcher.contract.states import State, read_status
@@ -111,7 +111,7 @@ def status_text(run_dir: str) -> str:
     if st.get("retries"):
         lines.append(f"retries: {len(st['retries'])} ("
                      + "; ".join(f"step {r['step']}: {r['reason']}" for r in st["retries"]) + ")")
-    ck = latest_checkpoint(run)
+    ck = newest_whole_checkpoint(run, checksums=False)[0]
     lines.append(f"newest checkpoint: {ck if ck else 'none'}")
     lines += wandb_lines(run)
     if state == State.FAILED:

@@ -29,7 +29,6 @@ from hpctrain.launcher.contract.checkpoints import (
     CheckpointMeta,
     complete_checkpoints,
     file_records,
-    latest_checkpoint,
     rng_file,
     step_name,
     unfinished_name,
@@ -39,7 +38,7 @@ from hpctrain.launcher.contract.rundir import atomic_write_text
 if TYPE_CHECKING:  # the engines import this module: their interface is named for types only
     from hpctrain.trainers.engines import Engine
 
-__all__ = ["Checkpointer", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["Checkpointer", "load_checkpoint", "rng_state", "set_rng_state"]
 
 
 def _barrier() -> None:
@@ -92,11 +91,6 @@ def checkpoint_due(cfg, step: int, last_save: float) -> bool:
     by_steps = bool(cfg.every_steps and step % cfg.every_steps == 0)
     by_time = bool(cfg.every_minutes and time.time() - last_save >= cfg.every_minutes * 60)
     return by_steps or by_time
-
-
-def save_checkpoint(run_dir: Path, engine: Engine, meta: CheckpointMeta, rank: int, keep_last: int) -> Path:
-    """Collective synchronous save: every rank calls it. Returns the final checkpoint path."""
-    return Checkpointer(run_dir, rank, keep_last, background=False).save(engine, meta).path
 
 
 @dataclass

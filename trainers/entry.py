@@ -25,7 +25,7 @@ from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.spec import RunSpec, load_spec_dict, spec_from_dict
 from hpctrain.trainers.distributed import Dist, bind_rank_cpus, init_distributed, shutdown
-from hpctrain.trainers.engines import gathers_by_block, needs_process_group
+from hpctrain.trainers.engines import engine_class
 from hpctrain.trainers.exits import (
     disk_full_cause,
     disk_full_exit,
@@ -83,12 +83,13 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
     install_faults(Faults.from_env())  # test-only switches; nothing when unset
     try:
         spec = frozen_spec(launch.run_dir)
-        if gathers_by_block(spec, int(os.environ.get("WORLD_SIZE", 1))):
+        engine = engine_class(spec)
+        if engine.gathers_by_block(spec, int(os.environ.get("WORLD_SIZE", 1))):
             return_large_blocks()
         else:
             keep_freed_memory()
         deterministic_algorithms()
-        d = init_distributed(spec.cluster.backend, always_group=needs_process_group(spec))
+        d = init_distributed(spec.cluster.backend, always_group=engine.needs_process_group)
         train(spec, launch, d)
     except UserError as e:
         return user_error_exit(e, launch.run_dir)

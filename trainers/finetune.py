@@ -40,7 +40,7 @@ from hpctrain.trainers.data.examples import (
 )
 from hpctrain.trainers.data.loader import TrainBatches
 from hpctrain.trainers.distributed import Dist, eval_slices
-from hpctrain.trainers.engines import Engine, build_engine, prepare_model_loading
+from hpctrain.trainers.engines import Engine, build_engine, engine_class
 from hpctrain.trainers.entry import Launch, entry_parser, frozen_spec, run_entry, seed_everything
 from hpctrain.trainers.kernels import use_kernels
 from hpctrain.trainers.model import (
@@ -226,7 +226,7 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     tok = load_tokenizer(spec)
     train_set, valid_set, labels, notes = load_examples(spec, tok)
     mon.print(notes)
-    prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
+    engine_class(spec).prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
     built = build_finetune_model(spec, labels, train_set.pad_id)
     model = built.model
     kernels = use_kernels(model, spec, d.device)  # Liger's on CUDA where asked and possible

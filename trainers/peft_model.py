@@ -14,7 +14,7 @@ import torch
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.spec import RunSpec
-from hpctrain.trainers.engines import loads_sharded, param_numel
+from hpctrain.trainers.engines import engine_class, param_numel
 from hpctrain.trainers.model import LABELS_FILE, BuiltModel, auto_class, build_model, save_hf_model
 
 
@@ -51,7 +51,7 @@ def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | 
     ft = spec.finetune
     # a full fine-tune under fsdp is built on the meta device (each rank materializes its shards);
     # LoRA adapters are made whole on every rank, so their base is too (then sharded)
-    on_meta = loads_sharded(spec) and ft.method == "full"
+    on_meta = engine_class(spec).loads_sharded and not ft.trains.adapter
     built = build_model(spec, labels, pad_id, quantize=ft.method == "qlora", on_meta=on_meta)
     if ft.method in ("lora", "qlora"):
         built = BuiltModel(apply_lora(built.model, spec, built.new_modules), built.new_modules)

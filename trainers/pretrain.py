@@ -30,9 +30,8 @@ from hpctrain.trainers.distributed import Dist, eval_slices, mean_over_ranks
 from hpctrain.trainers.engines import (
     Engine,
     build_engine,
-    loads_sharded,
+    engine_class,
     parameter_count,
-    prepare_model_loading,
 )
 from hpctrain.trainers.entry import Launch, entry_parser, run_entry, seed_everything
 from hpctrain.trainers.kernels import use_kernels
@@ -134,8 +133,9 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     t = spec.training
     seed_everything(t.seed)
     tokenizer = load_tokenizer(spec)
-    prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
-    built = build_model(spec, on_meta=loads_sharded(spec))  # fsdp: each rank materializes its shards
+    engines = engine_class(spec)
+    engines.prepare_model_loading(spec, d)  # ZeRO-3: weights partitioned as they load
+    built = build_model(spec, on_meta=engines.loads_sharded)  # fsdp: each rank materializes its shards
     model = built.model
     kernels = use_kernels(model, spec, d.device)  # Liger's on CUDA where asked and possible
     if kernels:

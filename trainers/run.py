@@ -18,12 +18,12 @@ from hpctrain.launcher.contract.checkpoints import (
     step_name,
 )
 from hpctrain.launcher.contract.errors import UserError
-from hpctrain.launcher.contract.rundir import stop_file
+from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.launcher.contract.states import mark_finished, mark_preempted, mark_running
 from hpctrain.trainers.checkpoint import Checkpointer, checkpoint_due, load_checkpoint
 from hpctrain.trainers.distributed import Dist, from_main_rank
-from hpctrain.trainers.engines import Engine, import_engine_library
+from hpctrain.trainers.engines import Engine, engine_class
 from hpctrain.trainers.entry import Launch
 from hpctrain.trainers.monitor import Monitor, PeakMemory, Throughput, device_peak_tflops
 from hpctrain.trainers.preemption import StopRequest
@@ -47,14 +47,14 @@ class Run:
         # one line per rank (in each rank's log) so a multi-node run shows who took part
         print(f"rank {d.rank}/{d.world_size} on node {d.node_rank} ({socket.gethostname()}), "
               f"pid {os.getpid()}", file=sys.stderr, flush=True)
-        self.stopper = StopRequest(launch.stop_path or stop_file(self.run_dir), launch.deadline,
+        self.stopper = StopRequest(launch.stop_path or RunDir(self.run_dir).stop_file, launch.deadline,
                                    margin_s=5.0)
         self.last_save, self.save_seconds = time.time(), 0.0
         self.checkpointer = Checkpointer(self.run_dir, d.rank, spec.checkpoint.keep_last,
                                          background=spec.checkpoint.background)
         self._host_prepared = False  # Checkpointer.prepare, after the first step
         self.watchdog: Watchdog | None = None  # from `started` on
-        import_engine_library(spec, d.device)  # before the memory baseline is taken
+        engine_class(spec).prepare(spec, d)  # its library imported before the memory baseline is taken
         self.memory = PeakMemory(d.device)
         self.restarts = 0
         self.last_mfu: float | None = None

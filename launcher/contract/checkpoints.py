@@ -129,7 +129,9 @@ def checkpoint_damage(path: Path, checksums: bool = True) -> str | None:
 
 
 def newest_whole_checkpoint(run_dir: str | Path, checksums: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint whose files are whole, and the newer ones skipped (with why)."""
+    """The checkpoint a resume takes, found by scanning (never trusting a stored path): the newest
+    complete one whose files are whole, and the newer ones skipped (with why). Without
+    `checksums` only sizes are compared (what `status` and the launcher's messages afford)."""
     skipped = []
     for _, path in reversed(complete_checkpoints(run_dir)):
         why = checkpoint_damage(path, checksums)
@@ -137,11 +139,5 @@ def newest_whole_checkpoint(run_dir: str | Path, checksums: bool = True) -> tupl
             return path, skipped
         skipped.append((path, why))
     return None, skipped
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, found by scanning (never trusting a stored path)."""
-    ckpts = complete_checkpoints(run_dir)
-    return ckpts[-1][1] if ckpts else None
 
 

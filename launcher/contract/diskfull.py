@@ -15,7 +15,7 @@ import errno
 import os
 from pathlib import Path
 
-from hpctrain.launcher.contract.checkpoints import latest_checkpoint
+from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
 from hpctrain.launcher.contract.rundir import RunDir
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -64,7 +64,7 @@ def free_reserve(run_dir: str | Path) -> bool:
 
 def disk_full_reason(run_dir: str | Path, cause: OSError) -> str:
     """The one line: what filled, where, and the checkpoint the same command resumes from."""
-    newest = latest_checkpoint(run_dir)
+    newest = newest_whole_checkpoint(run_dir, checksums=False)[0]
     where = f"step {int(newest.name.split('_')[1])} ({newest})" if newest else "none"
     what = f" writing {cause.filename}" if cause.filename else ""
     return (f"disk full: {cause.strerror or 'no space left'}{what} on the file system of {run_dir}; the newest "

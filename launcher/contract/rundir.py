@@ -221,10 +221,6 @@ def freeze_run_dir(spec: RunSpec, resume: bool = True, log=print) -> tuple[RunSp
     return spec, run
 
 
-def stop_file(run_dir: str | Path) -> Path:
-    return RunDir(run_dir).stop_file
-
-
 def metrics_records(run_dir: str | Path) -> list[dict]:
     """The records of metrics.jsonl in order ([] when none; a line cut by a crash is skipped)."""
     f = RunDir(run_dir).metrics

@@ -432,6 +432,22 @@ class NamedValidFile(_Strict):
     path: str = Field(description="JSONL (sft, classify) or CSV (classify) validation examples")
 
 
+@dataclass(frozen=True)
+class Method:
+    """What a fine-tuning method trains, declared once (nothing else compares method names)."""
+
+    name: str
+    adapter: bool
+    """Trains adapters on a frozen base: checkpoints hold only them, the export is the adapter
+    (and `merge` can fold it into the base)."""
+    quantized: bool = False
+    """The frozen base is loaded in 4 bits (bitsandbytes)."""
+
+
+METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
+                               Method("qlora", adapter=True, quantized=True))}
+
+
 class FinetuneSpec(_Strict):
     kind: Literal["sft", "classify"] = Field(description="sft: prompt -> response; classify: text -> label")
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
@@ -459,6 +475,11 @@ class FinetuneSpec(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
     merge: bool = Field(False, description="lora/qlora: also export the merged full model")
 
+
+    @property
+    def trains(self) -> Method:
+        """The method's declaration (`METHODS`)."""
+        return METHODS[self.method]
 
     def valid_sets(self) -> list[tuple[str | None, str, str]]:
         """[(name, or None for the single unnamed file; path; spec field)] of the validation files."""
@@ -515,15 +536,20 @@ class RunSpec(_Strict):
                 raise ValueError("task finetune needs a finetune section (kind, method, train_file)")
             if self.training.tokens is not None:
                 raise ValueError("task finetune counts training.steps or training.epochs (not tokens)")
-            if self.finetune.method != "full" and self.model.path is None:
+            if self.finetune.trains.adapter and self.model.path is None:
                 raise ValueError(f"{self.finetune.method} adapts saved weights: give model.path (a pretrained "
                                  "or exported model), or use method: full from model.config")
-            if self.finetune.method == "qlora" and self.engine.type == "fsdp":
+            if self.finetune.trains.quantized and self.engine.type == "fsdp":
                 raise ValueError("qlora with engine.type: fsdp is not supported: bitsandbytes' packed 4-bit "
                                  "weights cannot be sharded by FSDP2 here; use engine.type: ddp or deepspeed")
         if self.training.compile and self.engine.type != "ddp":
             raise ValueError("training.compile needs engine.type: ddp (DeepSpeed compiles through its own config)")
         return self
+
+    @property
+    def quantized(self) -> bool:
+        """The model's base is loaded in 4 bits (a QLoRA fine-tune)."""
+        return self.finetune is not None and self.task == "finetune" and self.finetune.trains.quantized
 
     @property
     def run_path(self) -> str:

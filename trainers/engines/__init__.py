@@ -8,12 +8,15 @@ nobody asks an engine what it is. One file per engine:
     deepspeed.py  DeepSpeed ZeRO 1-3: partitioned optimizer state (and parameters at stage 3)
     fsdp.py       PyTorch FSDP2: parameters, gradients and optimizer state sharded, DCP checkpoints
 
-`build_engine(spec, model, dist, ...)` builds the optimizer (fused AdamW, no decay on biases
-and norms) and the warmup + decay schedule from the spec, then the engine the spec names.
+`engine_class(spec)` is the one reader of `engine.type`: the class answers what is asked
+before a model exists (a process group, how the model is loaded); `build_engine(spec, model,
+dist, ...)` has that class build its engine, its optimizer (fused AdamW, no decay on biases and
+norms) and the warmup + decay schedule from the spec.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -92,6 +95,34 @@ class Engine(Protocol):
         """Every rank calls it; on the rank that writes, the engine calls `out` with the model
         whole, or with its weights gathered a file's worth at a time (`HFExport`)."""
 
+    def frozen(self, model: torch.nn.Module, on_meta: bool = False,
+               weights_from: Path | None = None) -> torch.nn.Module:
+        """A second model that is never trained (a DPO reference, a reward model), ready for
+        forward-only use and held the way the engine holds the one it trains: whole on every
+        rank (DDP, ZeRO 1-2), partitioned (ZeRO-3), sharded (FSDP2). Every rank calls it, and
+        every rank runs each forward through it (under `torch.no_grad()`); no gradients, no
+        optimizer state, nothing of it in a checkpoint."""
+
+
+class Frozen(torch.nn.Module):
+    """A model held for forward passes only (`Engine.frozen`): eval mode, no gradients, and
+    the precision the engine trains in (`precision`: a context such as an autocast)."""
+
+    def __init__(self, module: torch.nn.Module, precision: Callable[[], AbstractContextManager] | None = None) -> None:
+        super().__init__()
+        module.eval()  # (DeepSpeed's engine returns None from eval)
+        module.requires_grad_(False)
+        self.module = module
+        self.training = False
+        self._precision = precision or contextlib.nullcontext
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self._precision():
+            return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> Frozen:  # noqa: ARG002 - never trained
+        return self
+
 
 def adamw(param_groups, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CPU and CUDA): one kernel over all tensors instead of a
@@ -157,46 +188,53 @@ def lr_lambda(spec: RunSpec, total: int) -> Callable[[int], float]:
     return f
 
 
-def needs_process_group(spec: RunSpec) -> bool:
-    """Whether the engine needs a process group even in one process (DeepSpeed's communication
-    layer and FSDP's device mesh do; DDP in one process runs without one)."""
-    return spec.engine.type in ("deepspeed", "fsdp")
+class EngineClass(Protocol):
+    """What an engine's class answers before the model exists (`engine_class(spec)`)."""
+
+    needs_process_group: bool
+    """A process group even in one process (DeepSpeed's communication layer and FSDP's device
+    mesh need one; DDP in one process runs without)."""
+
+    loads_sharded: bool
+    """The engine takes the model with its parameters on the meta device and materializes only
+    each rank's shards (fsdp); the others take a whole model."""
+
+    @classmethod
+    def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:
+        """Each rank holds a shard of the weights and gathers a block's at a time (fsdp, ZeRO-3):
+        the trainer's malloc setting for those buffers differs (trainers/entry.py)."""
+
+    @classmethod
+    def prepare(cls, spec: RunSpec, dist_info) -> None:
+        """Before the trainer's memory baseline: import the engine's library."""
+
+    @classmethod
+    def prepare_model_loading(cls, spec: RunSpec, dist_info) -> None:
+        """What must be set before the model is built (ZeRO-3: partition weights as they load)."""
+
+    @classmethod
+    def build(cls, spec: RunSpec, model, dist_info, total_steps: int, accum: int, trainable_only: bool = False,
+              on_meta: bool = False, weights_from: Path | None = None) -> Engine:
+        """The engine around `model`, with its optimizer and LR schedule from the spec."""
 
 
-def import_engine_library(spec: RunSpec, device: torch.device) -> None:
-    """Import the library the spec's engine runs on, before the trainer takes its memory
-    baseline (so the import does not count as the model's)."""
+def engine_class(spec: RunSpec) -> type[EngineClass]:
+    """The class of the engine the spec names: the one place in the trainers that reads
+    `engine.type` (tests/test_layout.py checks it); everything else asks the class or the engine."""
+    if spec.engine.type == "fsdp":
+        from hpctrain.trainers.engines.fsdp import FSDPEngine
+
+        return FSDPEngine
     if spec.engine.type == "deepspeed":
-        from hpctrain.trainers.engines.deepspeed import import_deepspeed
+        from hpctrain.trainers.engines.deepspeed import DeepSpeedEngine
 
-        import_deepspeed(device)
+        return DeepSpeedEngine
+    from hpctrain.trainers.engines.ddp import DDPEngine
 
-
-def prepare_model_loading(spec: RunSpec, dist_info) -> None:
-    """What the spec's engine needs done before the model is built: ZeRO-3 from pretrained
-    weights partitions them as they load (no rank builds the whole model). Not for a model from
-    `model.config` (its initialization stays that of every other engine) nor for QLoRA (its
-    4-bit weights are bitsandbytes', loaded whole)."""
-    if spec.engine.type != "deepspeed" or spec.model.path is None:
-        return
-    if spec.task == "finetune" and spec.finetune.method == "qlora":
-        return
-    from hpctrain.launcher.contract.ds_config import build_ds_config, zero_stage
-
-    ds_config = build_ds_config(spec, dist_info.world_size)
-    if zero_stage(ds_config) == 3:
-        from hpctrain.trainers.engines.deepspeed import fill_bucket_sizes, partition_while_loading
-        from hpctrain.trainers.model import model_config
-
-        config = model_config(spec)
-        hidden = getattr(config, "hidden_size", None)
-        n_params = _config_params(config)
-        largest = (getattr(config, "vocab_size", 0) or 0) * (hidden or 0)  # the embedding matrix
-        partition_while_loading(fill_bucket_sizes(ds_config, n_params, hidden, dist_info.world_size, largest),
-                                dist_info.device)
+    return DDPEngine
 
 
-def _config_params(config) -> int:
+def config_params(config) -> int:
     """A transformer's parameter count from its config alone (h·V + 12·h²·L, the usual
     estimate): what ZeRO-3's limits are sized with before the model exists."""
     h = getattr(config, "hidden_size", 0) or 0
@@ -213,25 +251,6 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(param_numel(p) for p in model.parameters())
 
 
-def gathers_by_block(spec: RunSpec, world_size: int) -> bool:
-    """Whether each rank holds a shard of the weights and gathers a block's at a time (fsdp,
-    ZeRO-3): its gather and reduction buffers live for one block, and the trainer's malloc
-    setting for them differs (trainers/entry.py: `return_large_blocks`)."""
-    if spec.engine.type == "fsdp":
-        return True
-    if spec.engine.type != "deepspeed":
-        return False
-    from hpctrain.launcher.contract.ds_config import build_ds_config, zero_stage
-
-    return zero_stage(build_ds_config(spec, world_size)) == 3
-
-
-def loads_sharded(spec: RunSpec) -> bool:
-    """Whether the engine takes the model with its parameters on the meta device and
-    materializes only each rank's shards (fsdp); the others take a whole model."""
-    return spec.engine.type == "fsdp"
-
-
 def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
                  trainable_only: bool = False, on_meta: bool = False, weights_from: Path | None = None) -> Engine:
     """The engine for this spec, with its optimizer and LR schedule.
@@ -240,26 +259,5 @@ def build_engine(spec: RunSpec, model, dist_info, total_steps: int, accum: int,
     modules); the frozen base is rebuilt from the spec on resume. on_meta, weights_from: a
     model built on the meta device (`loads_sharded`), and the HF folder its weights are in.
     """
-    t = spec.training
-    if spec.engine.type == "fsdp":  # its optimizer steps the shards: built after sharding
-        from hpctrain.trainers.engines.fsdp import FSDPEngine
-
-        return FSDPEngine(model, spec, dist_info, total_steps, accum, trainable_only, on_meta, weights_from)
-    assert not on_meta, f"engine {spec.engine.type} takes a whole model"
-    groups = param_groups(model, t.weight_decay)
-    if spec.engine.type == "deepspeed":
-        from hpctrain.launcher.contract.ds_config import build_ds_config
-        from hpctrain.trainers.engines.deepspeed import DeepSpeedEngine, offloaded_adamw
-
-        ds_config = build_ds_config(spec, dist_info.world_size)
-        optimizer = offloaded_adamw(ds_config, groups, t.lr, t.betas, t.weight_decay, dist_info.device)
-        optimizer = optimizer or adamw(groups, t.lr, t.betas, t.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
-        return DeepSpeedEngine(model.to(dist_info.device), optimizer, scheduler, ds_config, dist_info,
-                               trainable_only)
-    from hpctrain.trainers.engines.ddp import DDPEngine
-
-    optimizer = adamw(groups, t.lr, t.betas, t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
-    return DDPEngine(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum,
-                     trainable_only, compile_model=t.compile)
+    return engine_class(spec).build(spec, model, dist_info, total_steps, accum, trainable_only, on_meta,
+                                    weights_from)

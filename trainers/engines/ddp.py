@@ -11,8 +11,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
+from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.checkpoint import save_tensor_file
-from hpctrain.trainers.engines import Capabilities, clip_and_step
+from hpctrain.trainers.engines import (
+    Capabilities,
+    Frozen,
+    adamw,
+    clip_and_step,
+    lr_lambda,
+    param_groups,
+)
 
 if TYPE_CHECKING:
     from hpctrain.trainers.model import HFExport
@@ -23,6 +31,30 @@ class DDPEngine:
     weights where the spec asks."""
 
     capabilities = Capabilities(whole_weights=True, state_on_rank0=True)
+    needs_process_group = False  # one process runs without a process group
+    loads_sharded = False
+
+    @classmethod
+    def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:  # noqa: ARG003
+        return False
+
+    @classmethod
+    def prepare(cls, spec: RunSpec, dist_info) -> None:
+        pass
+
+    @classmethod
+    def prepare_model_loading(cls, spec: RunSpec, dist_info) -> None:
+        pass
+
+    @classmethod
+    def build(cls, spec: RunSpec, model, dist_info, total_steps: int, accum: int, trainable_only: bool = False,
+              on_meta: bool = False, weights_from: Path | None = None) -> DDPEngine:  # noqa: ARG003
+        assert not on_meta, "DDP takes a whole model"
+        t = spec.training
+        optimizer = adamw(param_groups(model, t.weight_decay), t.lr, t.betas, t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+        return cls(model, optimizer, scheduler, t.grad_clip, t.precision, dist_info, accum, trainable_only,
+                   compile_model=t.compile)
 
     def __init__(
         self,
@@ -118,3 +150,9 @@ class DDPEngine:
         """Every rank calls it; rank 0 holds the full model and writes it."""
         if self.rank == 0:
             out(self.model)
+
+    def frozen(self, model: torch.nn.Module, on_meta: bool = False,
+               weights_from: Path | None = None) -> torch.nn.Module:  # noqa: ARG002
+        """Whole on every rank, under the run's autocast (`Engine.frozen`)."""
+        assert not on_meta, "DDP takes a whole model"
+        return Frozen(model.to(self.device), self._autocast_ctx)

@@ -28,8 +28,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from hpctrain.launcher.contract.checkpoints import CheckpointMeta
-from hpctrain.launcher.contract.ds_config import zero3_live_parameters
-from hpctrain.trainers.engines import Capabilities, export_in_shards, param_numel
+from hpctrain.launcher.contract.ds_config import build_ds_config, zero3_live_parameters, zero_stage
+from hpctrain.launcher.contract.spec import RunSpec
+from hpctrain.trainers.engines import (
+    Capabilities,
+    Frozen,
+    adamw,
+    config_params,
+    export_in_shards,
+    lr_lambda,
+    param_groups,
+    param_numel,
+)
 
 if TYPE_CHECKING:
     from hpctrain.trainers.model import HFExport
@@ -140,17 +150,76 @@ def offloaded_adamw(ds_config: dict, groups: list[dict], lr: float, betas, weigh
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
 
 
+_CONFIGS: dict[tuple[int, int], tuple[RunSpec, dict]] = {}
+
+
+def run_ds_config(spec: RunSpec, world_size: int) -> dict:
+    """The run's DeepSpeed config, built once per process (the spec is held beside it, so
+    the key stays that spec's)."""
+    key = (id(spec), world_size)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = (spec, build_ds_config(spec, world_size))
+    return _CONFIGS[key][1]
+
+
+def _sized_for(ds_config: dict, model: torch.nn.Module, world: int) -> dict:
+    """`fill_bucket_sizes` from the built model's own sizes."""
+    sizes = [param_numel(p) for p in model.parameters()]
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return fill_bucket_sizes(ds_config, sum(sizes), hidden, world, max(sizes, default=0))
+
+
 class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1-3 over all ranks: optimizer state (and gradients at 2, parameters at 3)
+    partitioned; our optimizer and LR schedule handed to DeepSpeed as client objects."""
+
+    needs_process_group = True  # DeepSpeed's communication layer runs over a process group
+    loads_sharded = False
+
+    @classmethod
+    def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:
+        return zero_stage(run_ds_config(spec, world_size)) == 3
+
+    @classmethod
+    def prepare(cls, spec: RunSpec, dist_info) -> None:  # noqa: ARG003
+        import_deepspeed(dist_info.device)
+
+    @classmethod
+    def prepare_model_loading(cls, spec: RunSpec, dist_info) -> None:
+        """ZeRO-3 from pretrained weights partitions them as they load (no rank builds the whole
+        model). Not for a model from `model.config` (its initialization stays that of every
+        other engine) nor for QLoRA (its 4-bit weights are bitsandbytes', loaded whole)."""
+        if spec.model.path is None or spec.quantized:
+            return
+        ds_config = run_ds_config(spec, dist_info.world_size)
+        if zero_stage(ds_config) != 3:
+            return
+        from hpctrain.trainers.model import model_config
+
+        config = model_config(spec)
+        hidden = getattr(config, "hidden_size", None)
+        largest = (getattr(config, "vocab_size", 0) or 0) * (hidden or 0)  # the embedding matrix
+        partition_while_loading(fill_bucket_sizes(ds_config, config_params(config), hidden, dist_info.world_size,
+                                                  largest), dist_info.device)
+
+    @classmethod
+    def build(cls, spec: RunSpec, model, dist_info, total_steps: int, accum: int, trainable_only: bool = False,
+              on_meta: bool = False, weights_from: Path | None = None) -> DeepSpeedEngine:  # noqa: ARG003
+        assert not on_meta, "DeepSpeed takes a whole model (ZeRO-3 partitions it as it loads)"
+        t = spec.training
+        ds_config = run_ds_config(spec, dist_info.world_size)
+        groups = param_groups(model, t.weight_decay)
+        optimizer = offloaded_adamw(ds_config, groups, t.lr, t.betas, t.weight_decay, dist_info.device)
+        optimizer = optimizer or adamw(groups, t.lr, t.betas, t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+        return cls(model.to(dist_info.device), optimizer, scheduler, ds_config, dist_info, trainable_only)
+
     def __init__(self, model, optimizer, scheduler, ds_config: dict, dist_info,
                  trainable_only: bool = False) -> None:
         deepspeed = import_deepspeed(dist_info.device)
         from deepspeed.utils import logger
 
-        sizes = [param_numel(p) for p in model.parameters()]
-        ds_config = fill_bucket_sizes(ds_config, sum(sizes),
-                                      getattr(getattr(model, "config", None), "hidden_size", None),
-                                      dist_info.world_size, max(sizes, default=0))
-
+        ds_config = _sized_for(ds_config, model, dist_info.world_size)
         for h in logger.handlers:  # DeepSpeed logs to stdout, our console: keep it in the rank log
             if isinstance(h, logging.StreamHandler):
                 h.setStream(sys.stderr)
@@ -160,6 +229,7 @@ class DeepSpeedEngine:
                 dist_init_required=False,
             )
         self.stage = int(ds_config["zero_optimization"]["stage"])
+        self.ds_config = ds_config
         self.capabilities = Capabilities(whole_weights=self.stage != 3, state_on_rank0=False)
         self.rank, self.world_size = dist_info.rank, dist_info.world_size
         self.device = dist_info.device
@@ -258,3 +328,21 @@ class DeepSpeedEngine:
                 return t.detach().to("cpu", copy=True) if self.rank == 0 else None
 
         export_in_shards(module, out, self.rank, gather)
+
+    def frozen(self, model: torch.nn.Module, on_meta: bool = False,
+               weights_from: Path | None = None) -> torch.nn.Module:  # noqa: ARG002
+        """Partitioned like the trained model under ZeRO-3 (a DeepSpeed engine without an
+        optimizer: its forward gathers a block's weights at a time); whole on every rank, in
+        the run's precision, at stages 1-2, whose partitions are optimizer state only."""
+        assert not on_meta, "DeepSpeed takes a whole model"
+        bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
+        if self.stage != 3:
+            return Frozen(model.to(self.device, torch.bfloat16 if bf16 else None))
+        import deepspeed
+
+        config = {k: v for k, v in _sized_for(self.ds_config, model, self.world_size).items()
+                  if k not in ("optimizer", "scheduler", "gradient_clipping")}
+        with contextlib.redirect_stdout(sys.stderr):
+            held, _, _, _ = deepspeed.initialize(model=model.requires_grad_(False).to(self.device), config=config,
+                                                 dist_init_required=False)
+        return Frozen(held)

@@ -28,6 +28,7 @@ from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.checkpoint import save_tensor_file
 from hpctrain.trainers.engines import (
     Capabilities,
+    Frozen,
     adamw,
     clip_and_step,
     export_in_shards,
@@ -84,9 +85,46 @@ class FSDPEngine:
 
     capabilities = Capabilities(whole_weights=False, state_on_rank0=False, saves_in_background=True)
 
+    needs_process_group = True  # the device mesh is made over a process group
+    loads_sharded = True
+
+    @classmethod
+    def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:  # noqa: ARG003
+        return True
+
+    @classmethod
+    def prepare(cls, spec: RunSpec, dist_info) -> None:
+        pass
+
+    @classmethod
+    def prepare_model_loading(cls, spec: RunSpec, dist_info) -> None:
+        pass
+
+    @classmethod
+    def build(cls, spec: RunSpec, model, dist_info, total_steps: int, accum: int, trainable_only: bool = False,
+              on_meta: bool = False, weights_from: Path | None = None) -> FSDPEngine:
+        return cls(model, spec, dist_info, total_steps, accum, trainable_only, on_meta, weights_from)
+
     def __init__(self, model, spec: RunSpec, dist_info, total_steps: int, accum: int,
                  trainable_only: bool = False, on_meta: bool = False, weights_from: Path | None = None) -> None:
         from torch.distributed.device_mesh import init_device_mesh
+
+        t = spec.training
+        self.spec = spec
+        self.device, self.rank, self.accum = dist_info.device, dist_info.rank, accum
+        self.grad_clip, self.trainable_only = t.grad_clip, trainable_only
+        self.mesh = init_device_mesh(self.device.type, (dist_info.world_size,))
+        self.model = self._shard(model, on_meta, weights_from)
+        # background saves run their collectives on a group of their own: never interleaved
+        # with the training step's collectives on the default group
+        self._save_group = torch.distributed.new_group(backend="gloo")
+        # the optimizer steps the shards: built once the parameters are sharded
+        self.optimizer = adamw(param_groups(self.model, t.weight_decay), t.lr, t.betas, t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, total_steps))
+
+    def _shard(self, model: torch.nn.Module, on_meta: bool, weights_from: Path | None) -> torch.nn.Module:
+        """Each transformer block sharded on its own, then the root; a model built on the meta
+        device gets its shards from `weights_from` (`materialize`)."""
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
@@ -94,10 +132,7 @@ class FSDPEngine:
             fully_shard,
         )
 
-        t, e = spec.training, spec.engine
-        self.device, self.rank, self.accum = dist_info.device, dist_info.rank, accum
-        self.grad_clip, self.trainable_only = t.grad_clip, trainable_only
-        mesh = init_device_mesh(self.device.type, (dist_info.world_size,))
+        t, e = self.spec.training, self.spec.engine
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if t.precision == "bf16" else MixedPrecisionPolicy())
         # offloading to host memory moves nothing where training runs in host memory (a CPU)
@@ -114,19 +149,18 @@ class FSDPEngine:
             raise UserError(f"{type(model).__name__} has no transformer blocks FSDP can shard",
                             field="engine.type", expected="ddp or deepspeed for this model")
         for block in blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
                         offload_policy=offload)
-        fully_shard(model, mesh=mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=e.reshard_after_forward, mp_policy=mp,
                     offload_policy=offload)
         if on_meta:
             materialize(model, torch.device("cpu") if offloaded else self.device, weights_from)
-        self.model = model
-        # background saves run their collectives on a group of their own: never interleaved
-        # with the training step's collectives on the default group
-        self._save_group = torch.distributed.new_group(backend="gloo")
-        # the optimizer steps the shards: built once the parameters are sharded
-        self.optimizer = adamw(param_groups(model, t.weight_decay), t.lr, t.betas, t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, total_steps))
+        return model
+
+    def frozen(self, model: torch.nn.Module, on_meta: bool = False,
+               weights_from: Path | None = None) -> torch.nn.Module:
+        """Sharded like the trained model, block by block, on the same mesh (`Engine.frozen`)."""
+        return Frozen(self._shard(model.requires_grad_(False), on_meta, weights_from))
 
     @contextlib.contextmanager
     def micro_step(self, sync: bool):  # noqa: ARG002 - every micro-batch reduce-scatters
