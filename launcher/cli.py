@@ -133,7 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _finished(spec) -> bool:
     from hpctrain.launcher.contract.states import State, read_status
 
-    return read_status(spec.run_path).get("state") == State.FINISHED
+    return read_status(spec.run_path).state == State.FINISHED
 
 
 def _run_one(spec, no_resume: bool) -> tuple[int, bool]:
@@ -155,7 +155,7 @@ def _run_one(spec, no_resume: bool) -> tuple[int, bool]:
         rc = _disk_full(run_dir, e)
     finally:
         lock.release(run_dir, owner)
-    return rc, read_status(run_dir).get("state") == State.FINISHED
+    return rc, read_status(run_dir).state == State.FINISHED
 
 
 def _disk_full(run_dir, error: OSError) -> int:
@@ -302,7 +302,7 @@ def run_module(module: str, *args: str) -> int:
 
 def _trainer_tool(*args: str) -> int:
     """merge/eval run in a trainer process (the launcher itself never imports torch)."""
-    return run_module("hpctrain.trainers.finetune", *args)
+    return run_module("hpctrain.trainers.exported", *args)
 
 
 # verbs that are tools of their own (tools/): their options are theirs, so `hpctrain VERB ...`
@@ -412,7 +412,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     sub.add_parser("prepare", help="tokenize raw text into a Megatron-format token corpus", add_help=False)
+    _spec_verbs(sub)
+    _run_dir_verbs(sub)
+    _tool_verbs(sub)
+    return p
 
+
+def _tool_verbs(sub) -> None:
+    """Verbs that hand their arguments to a tool of their own (`TOOL_VERBS`; `prepare` too)."""
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tk_sub = tk.add_subparsers(dest="tokenizer_verb", metavar="ACTION", required=True)
+    tk_sub.add_parser("train", help="train a byte-level BPE tokenizer on text files (HF format)", add_help=False)
+
+    co = sub.add_parser("corpus", help="look at a token corpus")
+    co_sub = co.add_subparsers(dest="corpus_verb", metavar="ACTION", required=True)
+    co_sub.add_parser("inspect", help="counts, dtype, tokenizer, samples, length histogram", add_help=False)
+
+
+def _spec_verbs(sub) -> None:
+    """Verbs that take a spec: check it, plan it, run it here or on Slurm, sweep it."""
     va = sub.add_parser(
         "validate", help="check a spec and everything it points at, without running"
     )
@@ -463,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-resume", action="store_true", help="start every point over in a new run dir")
     sw.set_defaults(func=_cmd_sweep)
 
+
+def _run_dir_verbs(sub) -> None:
+    """Verbs about a run directory: look at it, its logs and plots, end it, use its export."""
     st = sub.add_parser("status", help="job state, restarts, step, last loss, newest checkpoint")
     st.add_argument("run_dir")
     st.set_defaults(func=_cmd_status)
@@ -497,15 +519,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--data", required=True, help="JSONL/CSV with the run's fields")
     ev.set_defaults(func=_cmd_eval)
-
-    tk = sub.add_parser("tokenizer", help="tokenizer tools")
-    tk_sub = tk.add_subparsers(dest="tokenizer_verb", metavar="ACTION", required=True)
-    tk_sub.add_parser("train", help="train a byte-level BPE tokenizer on text files (HF format)", add_help=False)
-
-    co = sub.add_parser("corpus", help="look at a token corpus")
-    co_sub = co.add_subparsers(dest="corpus_verb", metavar="ACTION", required=True)
-    co_sub.add_parser("inspect", help="counts, dtype, tokenizer, samples, length histogram", add_help=False)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

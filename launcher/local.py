@@ -6,7 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-from hpctrain.launcher.attempt import Outcome, attempt_outcome, give_up, retry_verdict
+from hpctrain.launcher.attempt import (
+    Action,
+    Outcome,
+    after_attempt,
+    attempt_outcome,
+    record_after_failure,
+)
 from hpctrain.launcher.contract.diskfull import keep_reserve
 from hpctrain.launcher.contract.rundir import RunDir, aborted, next_free_path
 from hpctrain.launcher.contract.spec import RunSpec
@@ -15,7 +21,6 @@ from hpctrain.launcher.contract.states import (
     mark_cancelled,
     mark_failed,
     read_status,
-    record_retry,
 )
 from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
 
@@ -29,41 +34,50 @@ def torch_env(nproc: int) -> dict:
     return env
 
 
+RESUME_HINT = "hpctrain: the same command resumes from the newest checkpoint"
+
+
 def run_local(spec: RunSpec, run_dir: Path, log=print) -> int:
+    """Attempts on this machine until the run is done, stopped, or the failure policy gives up
+    (launcher/attempt.py: `after_attempt`); the command's exit code."""
     if spec.cluster.nodes != 1:
         log(
             f"note: cluster.nodes={spec.cluster.nodes}; a local run uses this machine only "
             f"({spec.cluster.procs_per_node} process(es))"
         )
-    failed_steps: list[int] = []
+    scope = f"local launch {os.getpid()}"
     while True:
-        rc = _attempt(spec, run_dir, log)
-        if rc != RETRY:
-            return rc
+        outcome, logs = _attempt(spec, run_dir, log)
         status = read_status(run_dir)
-        step = status.get("step", 0)
-        verdict = retry_verdict(failed_steps, step, spec.cluster.retries_on_failure)
-        if not verdict.retry:
-            give_up(run_dir, verdict, status.get("reason", ""))
-            if verdict.repeated_step:
-                print(f"hpctrain: step {step} failed twice in a row: not retrying; fix the cause", file=sys.stderr)
-            elif verdict.why:
-                print(f"hpctrain: {verdict.why}", file=sys.stderr)
+        if outcome is Outcome.FAILED:
+            after = record_after_failure(run_dir, status, scope, spec.cluster.retries_on_failure)
+        else:
+            after = after_attempt(outcome, status, spec.cluster.retries_on_failure, scope)
+        if after.action is Action.DONE:
+            log(f"done: {spec.name} trained {status.step} steps")
+            log(f"  checkpoints: {run_dir / 'checkpoints'}\n  metrics:     {run_dir / 'metrics.jsonl'}")
+            if spec.export.enabled:
+                log(f"  export:      {run_dir / 'export'}")
+        elif after.action is Action.RESUME:
+            log(f"{after.line}; run the same command to resume")
+        elif after.action is Action.RETRY:
+            log(f"hpctrain: {after.line}: resuming from the newest checkpoint")
+            continue
+        elif outcome is Outcome.CANCELLED:
+            mark_cancelled(run_dir, after.line)
+        elif outcome is Outcome.HUNG:
+            print(f"hpctrain: {after.line}; stacks of every rank are in their logs under {logs}", file=sys.stderr)
+        elif after.line:
+            print(f"hpctrain: {after.line}", file=sys.stderr)
+        if after.action is Action.GIVE_UP and outcome in (Outcome.HUNG, Outcome.FAILED):
             print(RESUME_HINT, file=sys.stderr)
-            return 1
-        failed_steps.append(step)
-        record_retry(run_dir, status.get("reason", ""), step, scope=f"local launch {os.getpid()}")
-        log(f"hpctrain: retry {len(failed_steps)} of {spec.cluster.retries_on_failure} "
-            "(cluster.retries_on_failure): resuming from the newest checkpoint")
+        return after.exit_code
 
 
-RETRY = -1000  # _attempt's answer for "failed; a retry may help"
-RESUME_HINT = "hpctrain: the same command resumes from the newest checkpoint"
-
-
-def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
-    """One torchrun launch: its exit code for the user, or RETRY when it failed for a reason
-    other than a user error (the reason and step are then in status.json)."""
+def _attempt(spec: RunSpec, run_dir: Path, log) -> tuple[Outcome, Path]:
+    """One torchrun launch: what it ended as, and where its rank logs are. A failure the trainer
+    did not record itself is recorded here, with torchrun's account of it; its report (and the
+    end of every rank log with a traceback) is printed."""
     keep_reserve(run_dir)  # OSError ENOSPC here: the disk is full before any rank starts (cli)
     logs = next_attempt_logs(run_dir)
     cmd = build_torchrun_command(
@@ -73,41 +87,16 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> int:
     rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log, stderr_tail=tail)
     status = read_status(run_dir)
     outcome = attempt_outcome(rc, status, aborted(run_dir))
-    if outcome is Outcome.FINISHED:
-        log(f"done: {spec.name} trained {status.get('step')} steps")
-        log(f"  checkpoints: {run_dir / 'checkpoints'}\n  metrics:     {run_dir / 'metrics.jsonl'}")
-        if spec.export.enabled:
-            log(f"  export:      {run_dir / 'export'}")
-        return 0
-    if outcome is Outcome.PREEMPTED:
-        log(
-            f"stopped at step {status.get('step')} with a checkpoint; run the same command to resume"
-        )
-        return 0
-    if outcome is Outcome.HUNG:  # the ranks' watchdog recorded it (trainers/watchdog.py): not retried
-        print(f"hpctrain: training hung: {status.get('reason')}; stacks of every rank are in their logs "
-              f"under {logs}", file=sys.stderr)
-        print(RESUME_HINT, file=sys.stderr)
-        return 1
-    if outcome is Outcome.CANCELLED:  # Ctrl-C twice: the user ended it without a save
-        mark_cancelled(run_dir, "aborted with Ctrl-C twice (no save at the abort)")
-        return 130
-    if outcome is Outcome.DISK_FULL:  # one line (it names the newest checkpoint); a retry cannot help
-        print(f"hpctrain: {status.get('reason')}", file=sys.stderr)
-        return 1
-    if outcome is Outcome.USER_ERROR:  # the same command would fail the same way: no hint, no retry
-        print(f"hpctrain: error: {status.get('reason', 'see the rank logs in ' + str(logs))}",
-              file=sys.stderr)
-        return 2
-    reason = failure_reason(rc, tail)
-    if status.get("state") != State.FAILED:  # a reason the trainer recorded itself wins
-        mark_failed(run_dir, reason)
-    print(f"hpctrain: training failed: {reason} (torchrun exit code {rc}) at step "
-          f"{read_status(run_dir).get('step', 0)}; rank logs: {logs}", file=sys.stderr)
-    for path, lines in failure_tails(logs):
-        print(f"--- last lines of {path}:", file=sys.stderr)
-        print("\n".join(lines), file=sys.stderr)
-    return RETRY
+    if outcome is Outcome.FAILED:
+        reason = failure_reason(rc, tail)
+        if status.state != State.FAILED:  # a reason the trainer recorded itself wins
+            mark_failed(run_dir, reason)
+        print(f"hpctrain: training failed: {reason} (torchrun exit code {rc}) at step "
+              f"{read_status(run_dir).step}; rank logs: {logs}", file=sys.stderr)
+        for path, lines in failure_tails(logs):
+            print(f"--- last lines of {path}:", file=sys.stderr)
+            print("\n".join(lines), file=sys.stderr)
+    return outcome, logs
 
 
 def next_attempt_logs(run_dir: Path) -> Path:

@@ -163,8 +163,8 @@ def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float
     w = 2 if spec.model.dtype == "bf16" else 4
     whole = w * (m.total - m.quantized) + 0.5 * m.quantized
     world = max(spec.cluster.world_size, 1)
-    qlora = spec.task == "finetune" and spec.finetune.method == "qlora"
-    lora = spec.task == "finetune" and spec.finetune.method != "full"
+    qlora = spec.quantized
+    lora = spec.task == "finetune" and spec.finetune.trains.adapter
     if e.get("type") == "fsdp" and not lora:  # its slices of the files (read through a mapping)
         return (whole if spec.model.path is not None else w * m.largest_layer) / world
     if e.get("type") == "deepspeed" and spec.model.path is not None and not qlora and _stage(spec, engine) == 3:

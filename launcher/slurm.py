@@ -19,6 +19,7 @@ Preemption on Slurm, end to end (trainer side: trainers/preemption.py):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -29,7 +30,19 @@ import time
 from pathlib import Path
 
 from hpctrain.launcher import lock
-from hpctrain.launcher.attempt import Outcome, attempt_outcome, give_up, retry_verdict
+from hpctrain.launcher.attempt import (
+    Action,
+    Outcome,
+    after_attempt,
+    attempt_outcome,
+    record_after_failure,
+)
+from hpctrain.launcher.contract.diskfull import (
+    disk_full_cause,
+    disk_full_reason,
+    free_reserve,
+    keep_reserve,
+)
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
 from hpctrain.launcher.contract.spec import RunSpec
@@ -38,7 +51,6 @@ from hpctrain.launcher.contract.states import (
     mark_failed,
     mark_stopped,
     read_status,
-    record_retry,
 )
 from hpctrain.launcher.cpus import cpus_line, node_task_cpus
 from hpctrain.launcher.node import (
@@ -227,6 +239,32 @@ class NodeTask:
         import submitit
 
         env = submitit.JobEnvironment()
+        try:
+            if env.global_rank == 0:  # written again by every attempt: a requeue may find the disk full
+                keep_reserve(self.run_dir)
+            return self._run(env)
+        except OSError as e:  # the node task's own writes (reserve, stop file, reports, status)
+            cause = disk_full_cause(e)
+            if cause is None:
+                raise
+            self._disk_full(env, cause)
+            raise
+
+    def _disk_full(self, env, cause: OSError) -> None:
+        """This node task met a full disk itself: the one line (naming the newest checkpoint),
+        recorded where it fits, and the job ends without a requeue or a retry."""
+        free_reserve(self.run_dir)
+        line = disk_full_reason(self.run_dir, cause)
+        print(f"hpctrain: {line}\nhpctrain: not requeued or retried", flush=True)
+        if env.global_rank == 0:
+            with contextlib.suppress(OSError):
+                mark_failed(self.run_dir, line, disk_full=True)
+            with contextlib.suppress(OSError):
+                self._release(env, env.job_id)
+
+    def _run(self, env) -> str:
+        import submitit
+
         job_id = env.job_id
         stop = self.stop_path(job_id)
         nnodes, node = env.num_nodes, env.node
@@ -285,9 +323,14 @@ class NodeTask:
             if env.global_rank == 0:
                 mark_stopped(self.run_dir, f"not requeued: {e}")
             raise
-        rc = self._proc.returncode
+        return self._after(env, job_id, self._proc.returncode, tail)
+
+    def _after(self, env, job_id: str, rc: int, tail: list[str]) -> str:
+        """What follows the attempt on this node (launcher/attempt.py: `after_attempt`): the job
+        ends ("finished"), is requeued to resume, or ends for good (raises: the job fails)."""
         status = read_status(self.run_dir)
         outcome = attempt_outcome(rc, status)
+        scope = f"slurm job {job_id}"
         if outcome is Outcome.FINISHED:
             self._release(env, job_id)
             return "finished"
@@ -295,25 +338,28 @@ class NodeTask:
             if env.global_rank == 0 and not self._signalled:
                 self._requeue_after_deadline(job_id)
             return "preempted"
-        if outcome is Outcome.DISK_FULL:  # recorded by the trainer; a requeue cannot free the space
-            print(f"hpctrain: {status.get('reason')}\nhpctrain: not requeued or retried", flush=True)
+        if outcome in (Outcome.DISK_FULL, Outcome.USER_ERROR):  # recorded by the trainer: a requeue repeats it
+            after = after_attempt(outcome, status, self.retries_on_failure, scope)
+            fix = ": fix it and submit again" if outcome is Outcome.USER_ERROR else ""
+            print(f"hpctrain: {after.line}\nhpctrain: not requeued or retried{fix}", flush=True)
             self._release(env, job_id)
-            raise RuntimeError(status.get("reason"))
-        if outcome is Outcome.USER_ERROR:  # recorded by the trainer; a requeue would fail the same way
-            reason = status.get("reason") or "a user error (see the rank logs)"
-            print(f"hpctrain: error: {reason}\nhpctrain: not requeued or retried: fix it and submit again",
-                  flush=True)
-            self._release(env, job_id)
-            raise UserError(reason, hint=f"rank logs under {RunDir(self.run_dir).logs}")
+            if outcome is Outcome.USER_ERROR:
+                raise UserError(status.reason or "a user error (see the rank logs)",
+                                hint=f"rank logs under {RunDir(self.run_dir).logs}")
+            raise RuntimeError(status.reason)
         self._proc.stderr_copied()
-        reason = failure_reason(rc, tail, node)
+        reason = failure_reason(rc, tail, env.node)
         reports = RunDir(self.run_dir).failure_reports(job_id, _restart_count())
         reports.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(reports / f"node{node}", reason + "\n")
-        if env.global_rank == 0 and status.get("state") not in (State.FAILED, State.HUNG):  # the trainer's reason wins
-            reason = root_cause(reports, nnodes, reason)
+        atomic_write_text(reports / f"node{env.node}", reason + "\n")
+        if env.global_rank == 0 and status.state not in (State.FAILED, State.HUNG):  # the trainer's reason wins
+            reason = root_cause(reports, env.num_nodes, reason)
             mark_failed(self.run_dir, reason)
-            self._retry_or_give_up(job_id, reason)  # returns only when not retrying
+            after = record_after_failure(self.run_dir, read_status(self.run_dir), scope, self.retries_on_failure)
+            if after.action is Action.RETRY:
+                print(f"hpctrain: {after.line}: requeueing the job", flush=True)
+                subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
+                time.sleep(600)  # the requeue ends this task
         self._release(env, job_id)
         raise RuntimeError(f"{reason}; rank logs under {RunDir(self.run_dir).logs}")
 
@@ -321,22 +367,6 @@ class NodeTask:
         """The job's last attempt is over: the run dir is free for the next run or submit."""
         if env.global_rank == 0:
             lock.release(self.run_dir, lock.job_owner(job_id))
-
-    def _retry_or_give_up(self, job_id: str, reason: str) -> None:
-        """cluster.retries_on_failure: requeue the job (it resumes from the newest checkpoint)
-        unless the budget of this job is spent or the same step failed twice in a row."""
-        status, scope = read_status(self.run_dir), f"slurm job {job_id}"
-        earlier = [r["step"] for r in status.get("retries", []) if r.get("scope") == scope]
-        step = status.get("step", 0)
-        verdict = retry_verdict(earlier, step, self.retries_on_failure)
-        if not verdict.retry:
-            give_up(self.run_dir, verdict, reason)
-            return
-        record_retry(self.run_dir, reason, step, scope=scope)
-        print(f"hpctrain: {reason} at step {step}: retry {len(earlier) + 1} of {self.retries_on_failure} "
-              "(cluster.retries_on_failure): requeueing the job", flush=True)
-        subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
-        time.sleep(600)  # the requeue ends this task
 
     def _requeue_after_deadline(self, job_id: str) -> None:
         """The trainer stopped ahead of the time limit without a signal: requeue like submitit would."""
@@ -352,7 +382,7 @@ class NodeTask:
 
         if self._proc is not None:
             _wait(self._proc)
-            if read_status(self.run_dir).get("state") == State.FINISHED:
+            if read_status(self.run_dir).state == State.FINISHED:
                 return None  # nothing left to do: no requeue
         return submitit.helpers.DelayedSubmission(
             NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module, self.retries_on_failure)

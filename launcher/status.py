@@ -78,11 +78,11 @@ def status_text(run_dir: str) -> str:
             lines.append(
                 f"slurm job {job}: no longer known to Slurm (finished jobs age out; no sacct here)"
             )
-    state = st.get("state", "not started")
+    state = st.state or "not started"
     lines.append(
         f"trainer: {state}"
-        + (f" at step {st.get('step')}/{st.get('total_steps')}" if "step" in st else "")
-        + (f" ({st['reason']})" if st.get("reason") else "")
+        + (f" at step {st.step}/{st.total_steps}" if st.state else "")
+        + (f" ({st.reason})" if st.reason else "")
     )
     m = last_metrics(run)
     if m:
@@ -96,8 +96,8 @@ def status_text(run_dir: str) -> str:
             speed.append(f"MFU {m['mfu']:.1%}")
         elif m.get("tflops_per_device"):
             speed.append(f"{m['tflops_per_device']:.3g} TFLOP/s per device")
-        if state == State.RUNNING and m.get("step_time_s") and st.get("total_steps"):
-            left = (st["total_steps"] - m["step"]) * m["step_time_s"]
+        if state == State.RUNNING and m.get("step_time_s") and st.total_steps:
+            left = (st.total_steps - m["step"]) * m["step_time_s"]
             speed.append(f"ETA {int(left) // 3600}:{int(left) // 60 % 60:02d}:{int(left) % 60:02d}")
         if m.get("restarts"):
             speed.append(f"{m['restarts']} restart(s)")
@@ -108,9 +108,9 @@ def status_text(run_dir: str) -> str:
         step, sets = val
         lines.append(f"validation at step {step}: " + "; ".join(
             f"{name + ' ' if name else ''}loss {loss:.4f}" for name, loss in sets))
-    if st.get("retries"):
-        lines.append(f"retries: {len(st['retries'])} ("
-                     + "; ".join(f"step {r['step']}: {r['reason']}" for r in st["retries"]) + ")")
+    if st.retries:
+        lines.append(f"retries: {len(st.retries)} ("
+                     + "; ".join(f"step {r.step}: {r.reason}" for r in st.retries) + ")")
     ck = newest_whole_checkpoint(run, checksums=False)[0]
     lines.append(f"newest checkpoint: {ck if ck else 'none'}")
     lines += wandb_lines(run)

@@ -178,7 +178,7 @@ def point_summary(run_dir: Path) -> dict:
             s["final"], s["final_step"] = loss, step
     tokens = max((r.get("tokens_seen", 0) for r in by_step.values()), default=0)
     st = read_status(run_dir)
-    return {"state": st.get("state", "not started"), "step": st.get("step"), "total": st.get("total_steps"),
+    return {"state": st.state or "not started", "step": st.step if st.state else None, "total": st.total_steps,
             "tokens": tokens, "sets": sets}
 
 

@@ -77,9 +77,9 @@ def _read_examples(path: str, spec: RunSpec, spec_field: str, errors: list[UserE
         errors.append(UserError("no examples (an empty file, or a header without rows)", file=path,
                                 field=spec_field, expected="at least one example"))
         return None
-    if Path(path).suffix.lower() == ".csv":  # a missing column is one error, not one per row
+    need = ft.csv_columns()
+    if Path(path).suffix.lower() == ".csv" and need:  # a missing column is one error, not one per row
         columns = list(rows[0][1])
-        need = [ft.text_field, ft.label_field] if ft.kind == "classify" else [ft.prompt_field, ft.response_field]
         missing = [c for c in need if c not in columns]
         if missing:
             errors.append(UserError(f"no column {', '.join(repr(c) for c in missing)} (columns: {columns})",
@@ -88,13 +88,7 @@ def _read_examples(path: str, spec: RunSpec, spec_field: str, errors: list[UserE
             return None
     found = 0
     for n, rec in rows:
-        if ft.kind == "classify":
-            fields = [ft.text_field, ft.label_field]
-        elif ft.messages_field in rec:
-            fields = [ft.messages_field]
-        else:
-            fields = [ft.prompt_field, ft.response_field]
-        for name in fields:
+        for name in ft.record_fields(rec):
             if rec.get(name) in (None, ""):
                 errors.append(UserError(f"line {n} has no field '{name}' (has {sorted(rec)})",
                                         file=path, field=spec_field))
@@ -133,31 +127,11 @@ def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], 
         notes.append(f"finetune.train_file: {len(train):,} examples ({held} held out for validation)")
     else:
         notes.append(f"finetune.train_file: {n_train:,} examples")
-    if ft.kind == "classify":
-        labels = sorted({str(r[ft.label_field]) for r in train})
-        if ft.labels is not None:
-            unknown = sorted(set(labels) - set(ft.labels))
-            if unknown:
-                errors.append(UserError(f"labels {unknown} are not in finetune.labels", field="finetune.labels",
-                                        file=ft.train_file, expected=f"one of {list(ft.labels)}"))
-            labels = list(ft.labels)
-        if len(labels) < 2:
-            errors.append(UserError(f"only {len(labels)} label ({labels}) in the training examples",
-                                    file=ft.train_file, field="finetune.label_field",
-                                    expected="at least two labels to classify"))
-        notes.append(f"  {len(labels)} labels: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}")
-        for _, raw, field in ft.valid_sets():
-            valid = sets.get(field)
-            extra = sorted({str(r[ft.label_field]) for r in valid} - set(labels)) if valid is not None else []
-            if extra:
-                errors.append(UserError(f"labels {extra} do not occur in the training file", file=raw,
-                                        field=field, expected=f"labels of the training file ({', '.join(labels)})"))
+    notes += ft.check_examples(train, sets, errors)
     for _, _, field in ft.valid_sets():
         if sets.get(field) is not None:
             notes.append(f"{field.removesuffix('.path')}: {len(sets[field]):,} examples")
-    if ft.kind == "sft" and ft.packing:
-        return notes, None  # packed sequences are counted after tokenizing, at start
-    return notes, n_train
+    return notes, (n_train if ft.epoch_known_from_files() else None)
 
 
 def check_files(
@@ -166,66 +140,85 @@ def check_files(
     """Raise UserErrors listing every problem; return notes (what was checked) and the
     samples in one epoch of training data (None where only the trainer can count them).
 
+    One checker per section, each adding to the same lists so that a spec is fixed in one pass.
     `future`: paths an earlier pipeline stage will produce (checked when that stage is done).
     """
     errors: list[UserError] = []
     notes: list[str] = []
-    model_path = None
     pending = spec.model.path is not None and spec.model.path in (future or set())
-    if pending:
-        notes.append(f"model.path: {spec.model.path} (written by an earlier stage)")
     try:
-        if spec.model.path is not None and not pending:
-            model_path = resolve_path(spec.model.path, field="model.path", file=file)
-            if not (Path(model_path) / "config.json").is_file():
-                errors.append(
-                    UserError(
-                        f"no model here ({model_path})",
-                        file=file,
-                        field="model.path",
-                        expected="a Hugging Face model directory with config.json",
-                    )
-                )
-            else:
-                errors += model_dir_problems(Path(model_path), file)
-        if spec.model.config is not None:
-            bad = check_model_type(spec.model.config.get("model_type"), "model.config.model_type", file)
-            if bad is not None:
-                errors.append(bad)
+        model_path = _check_model(spec, file, pending, errors, notes)
         tok_path = resolve_path(spec.model.tokenizer_path, field="model.tokenizer", file=file)
     except UserError as e:
         raise UserErrors([e]) from None
-    tok_field = "model.tokenizer" if spec.model.tokenizer else "model.path"
-    tok_hash = None
-    if pending and tok_path == spec.model.path:
-        pass  # the export will carry the tokenizer
-    elif not Path(tok_path).is_dir():
-        errors.append(
-            UserError(f"tokenizer directory not found ({tok_path})", file=file, field=tok_field)
-        )
-    elif not any((Path(tok_path) / f).is_file() for f in TOKENIZER_VOCABS):
-        errors.append(UserError(f"no tokenizer files in {tok_path}", file=file, field=tok_field,
-                                expected=f"a Hugging Face tokenizer directory (one of {', '.join(TOKENIZER_VOCABS)})"))
-    else:
-        tok_hash = tokenizer_fingerprint(tok_path)
-        tok_json = Path(tok_path) / "tokenizer.json"
-        try:
-            if tok_json.is_file():
-                json.loads(tok_json.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            errors.append(UserError(f"tokenizer.json does not parse ({str(e)[:200]})", file=str(tok_json),
-                                    field=tok_field))
-    vocab = _model_vocab(spec, model_path)
-
-    refs = []
+    tok_hash = _check_tokenizer(spec, file, tok_path, pending, errors)
     samples: int | None = None
     if spec.finetune is not None:
         ft_notes, samples = finetune_report(spec, errors)
         notes += ft_notes
     if spec.data is not None:
-        refs = [(f"data.corpora.{i}.path", c.path, c.split) for i, c in enumerate(spec.data.corpora)]
-    if spec.data is not None:
-        refs += [(v.field, v.path, v.split) for v in spec.data.validation_sets()]
+        samples = _check_corpora(spec, file, tok_path, tok_hash, _model_vocab(spec, model_path), errors, notes)
+    _check_wandb(spec, file, errors, notes)
+    _check_engine(spec, file, errors)
+    if spec.cluster.executor == "slurm":
+        from hpctrain.launcher.cpus import cpu_notes
+
+        notes += cpu_notes(spec)
+    _check_writable(spec, file, errors)
+    if errors:
+        raise UserErrors(errors)
+    return notes, samples
+
+
+def _check_model(spec: RunSpec, file: str | None, pending: bool, errors: list[UserError],
+                 notes: list[str]) -> str | None:
+    """model.path (a model folder whose weights load safely) or model.config; its path."""
+    if pending:
+        notes.append(f"model.path: {spec.model.path} (written by an earlier stage)")
+    model_path = None
+    if spec.model.path is not None and not pending:
+        model_path = resolve_path(spec.model.path, field="model.path", file=file)
+        if not (Path(model_path) / "config.json").is_file():
+            errors.append(UserError(f"no model here ({model_path})", file=file, field="model.path",
+                                    expected="a Hugging Face model directory with config.json"))
+        else:
+            errors += model_dir_problems(Path(model_path), file)
+    if spec.model.config is not None:
+        bad = check_model_type(spec.model.config.get("model_type"), "model.config.model_type", file)
+        if bad is not None:
+            errors.append(bad)
+    return model_path
+
+
+def _check_tokenizer(spec: RunSpec, file: str | None, tok_path: str, pending: bool,
+                     errors: list[UserError]) -> str | None:
+    """The tokenizer folder and its files; its fingerprint (what corpora are compared with)."""
+    tok_field = "model.tokenizer" if spec.model.tokenizer else "model.path"
+    if pending and tok_path == spec.model.path:
+        return None  # the export will carry the tokenizer
+    if not Path(tok_path).is_dir():
+        errors.append(UserError(f"tokenizer directory not found ({tok_path})", file=file, field=tok_field))
+        return None
+    if not any((Path(tok_path) / f).is_file() for f in TOKENIZER_VOCABS):
+        errors.append(UserError(f"no tokenizer files in {tok_path}", file=file, field=tok_field,
+                                expected=f"a Hugging Face tokenizer directory (one of {', '.join(TOKENIZER_VOCABS)})"))
+        return None
+    tok_json = Path(tok_path) / "tokenizer.json"
+    try:
+        if tok_json.is_file():
+            json.loads(tok_json.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        errors.append(UserError(f"tokenizer.json does not parse ({str(e)[:200]})", file=str(tok_json),
+                                field=tok_field))
+    return tokenizer_fingerprint(tok_path)
+
+
+def _check_corpora(spec: RunSpec, file: str | None, tok_path: str, tok_hash: str | None, vocab: int | None,
+                   errors: list[UserError], notes: list[str]) -> int | None:
+    """Every training and validation corpus: its shards, split, tokenizer, token ids and size;
+    the packed samples in one epoch (None when a corpus could not be counted)."""
+    refs = [(f"data.corpora.{i}.path", c.path, c.split) for i, c in enumerate(spec.data.corpora)]
+    refs += [(v.field, v.path, v.split) for v in spec.data.validation_sets()]
     checked: set[str] = set()
     train_tokens: dict[str, int] = {}
     for field, raw, split in refs:
@@ -233,8 +226,7 @@ def check_files(
         m = _manifest(path, field, file, errors)
         if path not in checked and (m is not None or Path(path + ".idx").is_file()):
             checked.add(path)
-            # the corpus format's stat-only shard check (numpy, no torch)
-            from hpctrain.launcher.contract.corpus import corpus_problems
+            from hpctrain.launcher.contract.corpus import corpus_problems  # stat-only shard checks
 
             for e in corpus_problems(path, m):
                 e.field = e.field or field
@@ -248,107 +240,96 @@ def check_files(
                 except FormatError:
                     pass  # reported above
             continue
-        if split not in m.get("splits", {}):
-            errors.append(
-                UserError(
-                    f"corpus has no split '{split}' (has {sorted(m.get('splits', {}))})",
-                    file=file,
-                    field=field,
-                )
-            )
-            continue
-        mtok = m["tokenizer"]
-        if tok_hash is not None and mtok.get("sha256") != tok_hash:
-            errors.append(
-                UserError(
-                    f"corpus was tokenized with a different tokenizer ({mtok.get('path')})",
-                    file=file,
-                    field=field,
-                    expected=f"a corpus prepared with {tok_path}",
-                )
-            )
-        top = m["splits"][split].get("max_token_id", mtok.get("vocab_size", 0) - 1)
-        if vocab is not None and top >= vocab:
-            errors.append(
-                UserError(
-                    f"corpus holds token id {top} but the model's vocab size is {vocab}",
-                    file=file,
-                    field=field,
-                    expected="model vocab_size > every token id",
-                )
-            )
-        tokens = m["splits"][split]["tokens"]
-        if tokens <= spec.data.seq_len + 1:
-            errors.append(
-                UserError(
-                    f"split '{split}' has {tokens} tokens, too few for seq_len {spec.data.seq_len}",
-                    file=file,
-                    field=field,
-                )
-            )
-        notes.append(f"{field}: {tokens:,} tokens in '{split}'")
-        if field.startswith("data.corpora"):
-            train_tokens[field] = tokens
-    if spec.data is not None and len(train_tokens) == len(spec.data.corpora):
-        per = [max((n - 1) // spec.data.seq_len, 0) for n in train_tokens.values()]
-        samples = sum(per)
-        if spec.training.epochs is not None:
-            w = [c.weight for c in spec.data.corpora]
-            passes = [
-                f"{spec.training.epochs * samples * wi / sum(w) / max(n, 1):.2f}"
-                for wi, n in zip(w, per, strict=True)
-            ]
-            notes.append(
-                f"one epoch = {samples:,} packed samples (all corpora); passes over each corpus: "
-                + ", ".join(passes)
-            )
+        tokens = _check_split(spec, file, field, split, m, tok_path, tok_hash, vocab, errors)
+        if tokens is not None:
+            notes.append(f"{field}: {tokens:,} tokens in '{split}'")
+            if field.startswith("data.corpora"):
+                train_tokens[field] = tokens
+    if len(train_tokens) != len(spec.data.corpora):
+        return None
+    per = [max((n - 1) // spec.data.seq_len, 0) for n in train_tokens.values()]
+    samples = sum(per)
+    if spec.training.epochs is not None:
+        w = [c.weight for c in spec.data.corpora]
+        passes = [f"{spec.training.epochs * samples * wi / sum(w) / max(n, 1):.2f}"
+                  for wi, n in zip(w, per, strict=True)]
+        notes.append(f"one epoch = {samples:,} packed samples (all corpora); passes over each corpus: "
+                     + ", ".join(passes))
+    return samples
 
+
+def _check_split(spec: RunSpec, file: str | None, field: str, split: str, m: dict, tok_path: str,
+                 tok_hash: str | None, vocab: int | None, errors: list[UserError]) -> int | None:
+    """One split of a prepared corpus against the run: its tokens (None when it is missing)."""
+    if split not in m.get("splits", {}):
+        errors.append(UserError(f"corpus has no split '{split}' (has {sorted(m.get('splits', {}))})",
+                                file=file, field=field))
+        return None
+    mtok = m["tokenizer"]
+    if tok_hash is not None and mtok.get("sha256") != tok_hash:
+        errors.append(UserError(f"corpus was tokenized with a different tokenizer ({mtok.get('path')})",
+                                file=file, field=field, expected=f"a corpus prepared with {tok_path}"))
+    top = m["splits"][split].get("max_token_id", mtok.get("vocab_size", 0) - 1)
+    if vocab is not None and top >= vocab:
+        errors.append(UserError(f"corpus holds token id {top} but the model's vocab size is {vocab}",
+                                file=file, field=field, expected="model vocab_size > every token id"))
+    tokens = m["splits"][split]["tokens"]
+    if tokens <= spec.data.seq_len + 1:
+        errors.append(UserError(f"split '{split}' has {tokens} tokens, too few for seq_len {spec.data.seq_len}",
+                                file=file, field=field))
+    return tokens
+
+
+def _check_wandb(spec: RunSpec, file: str | None, errors: list[UserError], notes: list[str]) -> None:
+    """W&B installed where asked; a warning where online mode has no key."""
     wb = spec.monitor.wandb
-    if wb.mode != "disabled":
-        import importlib.util
+    if wb.mode == "disabled":
+        return
+    import importlib.util
 
-        if importlib.util.find_spec("wandb") is None:
-            errors.append(UserError("W&B is not installed", file=file, field="monitor.wandb.mode",
-                                    expected="the extra (bash tools/setup.sh examples,wandb) or mode: disabled"))
-        elif wb.mode == "online" and not os.environ.get("WANDB_API_KEY") and not _netrc_has_wandb():
-            notes.append("warning: monitor.wandb.mode is online but no W&B key is set (WANDB_API_KEY or "
-                         "`wandb login`): W&B will be off and metrics.jsonl the only record; "
-                         "mode: offline needs no key (upload later with hpctrain sync)")
-        else:
-            notes.append(f"W&B: {wb.mode}, project {wb.project or spec.name}"
-                         + (f", group {wb.group}" if wb.group else ""))
-    if spec.engine.type == "deepspeed":
-        import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        errors.append(UserError("W&B is not installed", file=file, field="monitor.wandb.mode",
+                                expected="the extra (bash tools/setup.sh examples,wandb) or mode: disabled"))
+    elif wb.mode == "online" and not os.environ.get("WANDB_API_KEY") and not _netrc_has_wandb():
+        notes.append("warning: monitor.wandb.mode is online but no W&B key is set (WANDB_API_KEY or "
+                     "`wandb login`): W&B will be off and metrics.jsonl the only record; "
+                     "mode: offline needs no key (upload later with hpctrain sync)")
+    else:
+        notes.append(f"W&B: {wb.mode}, project {wb.project or spec.name}"
+                     + (f", group {wb.group}" if wb.group else ""))
 
-        from hpctrain.launcher.contract.ds_config import build_ds_config
 
-        if importlib.util.find_spec("deepspeed") is None:
-            errors.append(UserError("DeepSpeed is not installed", file=file, field="engine.type",
-                                    expected="the extra: bash tools/setup.sh examples,deepspeed"))
-        try:
-            build_ds_config(spec, spec.cluster.world_size, file)
-        except UserErrors as e:
-            errors += e.errors
-        except UserError as e:
-            errors.append(e)
-    if spec.cluster.executor == "slurm":
-        from hpctrain.launcher.cpus import cpu_notes
+def _check_engine(spec: RunSpec, file: str | None, errors: list[UserError]) -> None:
+    """DeepSpeed installed where asked, and its config complete for this run."""
+    if spec.engine.type != "deepspeed":
+        return
+    import importlib.util
 
-        notes += cpu_notes(spec)
+    from hpctrain.launcher.contract.ds_config import build_ds_config
+
+    if importlib.util.find_spec("deepspeed") is None:
+        errors.append(UserError("DeepSpeed is not installed", file=file, field="engine.type",
+                                expected="the extra: bash tools/setup.sh examples,deepspeed"))
+    try:
+        build_ds_config(spec, spec.cluster.world_size, file)
+    except UserErrors as e:
+        errors += e.errors
+    except UserError as e:
+        errors.append(e)
+
+
+def _check_writable(spec: RunSpec, file: str | None, errors: list[UserError]) -> None:
+    """The run dir, or the nearest folder above it that exists, takes a file."""
     run = Path(spec.run_path)
     probe = run if run.exists() else next((p for p in run.parents if p.exists()), Path("."))
     try:
-        if probe.is_dir():
-            fd, tmp = tempfile.mkstemp(dir=probe, prefix=".hpctrain-write-test")
-            os.close(fd)
-            os.unlink(tmp)
-        else:
+        if not probe.is_dir():
             raise PermissionError
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".hpctrain-write-test")
+        os.close(fd)
+        os.unlink(tmp)
     except OSError:
         errors.append(UserError(f"not writable ({probe})", file=file, field="run_dir"))
-    if errors:
-        raise UserErrors(errors)
-    return notes, samples
 
 
 def _netrc_has_wandb() -> bool:

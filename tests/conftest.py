@@ -68,3 +68,27 @@ def run_cli(
         timeout=timeout,
         cwd=REPO,
     )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB file system of its own (tmpfs) for the run dir: it fills up for real."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the disk-full test mounts a tmpfs and needs root (CI runs as root)")
+        pytest.skip("mounting a small file system needs root")
+    mnt = tmp_path / "small disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(path, leave: int) -> None:
+    """Write zeros until only `leave` bytes are free on path's file system."""
+    with open(path, "wb") as f:
+        while (free := os.statvfs(path).f_bavail * os.statvfs(path).f_frsize) > leave:
+            f.write(b"\0" * min(1 << 20, free - leave))
+            f.flush()

@@ -72,3 +72,65 @@ def test_trainers_and_tools_import_only_the_contract_from_the_launcher():
     assert _violations("tools", allowed) == {}
     assert _violations("trainers", lambda m: not _is(m, "hpctrain.tools")) == {}
     assert _violations("tools", lambda m: not _is(m, "hpctrain.trainers")) == {}
+
+
+def _python_files(*folders: str):
+    for folder in folders:
+        yield from sorted((REPO / folder).rglob("*.py"))
+
+
+FINETUNE_NAMES = {"sft", "classify", "full", "lora", "qlora"}  # fine-tuning kinds and methods (their values)
+
+
+def test_fine_tuning_kinds_and_methods_are_compared_only_in_the_contract():
+    """A kind or method is asked for what it declares (its spec class, `Method`, its task module),
+    never recognized by its name: adding a kind touches no `if kind == ...` elsewhere."""
+    import ast
+
+    found = []
+    for f in _python_files("launcher", "trainers", "tools"):
+        rel = f.relative_to(REPO).as_posix()
+        if rel.startswith("launcher/contract/"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text(), rel)):
+            if isinstance(node, ast.Compare):
+                parts = [node.left, *node.comparators]
+                names = {p.value for p in parts if isinstance(p, ast.Constant)}
+                names |= {e.value for p in parts if isinstance(p, ast.Tuple | ast.List | ast.Set)
+                          for e in p.elts if isinstance(e, ast.Constant)}
+                named = {p.attr if isinstance(p, ast.Attribute) else p.id for p in parts
+                         if isinstance(p, ast.Attribute | ast.Name)}
+                if names & FINETUNE_NAMES and named & {"kind", "method"}:
+                    found.append(f"{rel}:{node.lineno}")
+    assert found == []
+
+
+def test_only_engine_class_reads_the_engine_type_in_the_trainers():
+    """Trainers ask the engine (or its class) what they need; `engine_class` alone turns
+    `engine.type` into a class."""
+    import ast
+
+    readers = []
+    for f in _python_files("trainers"):
+        rel = f.relative_to(REPO).as_posix()
+        tree = ast.parse(f.read_text(), rel)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Attribute) and node.attr == "type" and isinstance(node.value, ast.Attribute) \
+                        and node.value.attr == "engine":
+                    readers.append(f"{rel}:{fn.name}")
+    assert sorted(set(readers)) == ["trainers/engines/__init__.py:engine_class"]
+
+
+def test_no_function_runs_past_eighty_lines():
+    import ast
+
+    long = []
+    for f in _python_files("launcher", "trainers", "tools"):
+        rel = f.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(f.read_text(), rel)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{rel}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

@@ -398,12 +398,10 @@ def prepare_corpus(opts: PrepareOptions, log=print) -> dict:
     fmt = fmts.pop()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; N workers = N cores
     tok = load_tokenizer(opts.tokenizer)
-    tok_hash = tokenizer_fingerprint(opts.tokenizer)
     eos_id, eos_tok = resolve_eos(tok, opts.eos_token)
-    vocab_size = len(tok)
-    dtype = np.dtype(token_dtype(vocab_size))
+    tokenizer = CorpusTokenizer(tok, opts.tokenizer, tokenizer_fingerprint(opts.tokenizer), eos_id, eos_tok)
     out = Path(opts.out)
-    fingerprint = _fingerprint(opts, files, tok_hash)
+    fingerprint = _fingerprint(opts, files, tokenizer.sha256)
     if _check_output(out, fingerprint, opts.overwrite):
         log(f"{out}: already holds this corpus; nothing to do")
         with open(out / MANIFEST) as f:
@@ -414,9 +412,7 @@ def prepare_corpus(opts: PrepareOptions, log=print) -> dict:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        manifest = _write(
-            opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok_hash, log
-        )
+        manifest = _write(opts, files, fmt, stage, tokenizer, log)
         manifest["fingerprint"] = fingerprint
         _write_json(stage / MANIFEST, manifest)
         _publish(stage, out)
@@ -426,21 +422,74 @@ def prepare_corpus(opts: PrepareOptions, log=print) -> dict:
     return manifest
 
 
-def _write(opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok_hash, log) -> dict:
+@dataclass(frozen=True)
+class CorpusTokenizer:
+    """The tokenizer a corpus is prepared with, and what its manifest records of it."""
+
+    tok: object
+    path: str
+    sha256: str
+    eos_id: int
+    eos_token: str
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(token_dtype(self.vocab_size))
+
+    def manifest(self) -> dict:
+        return {"path": str(Path(self.path).resolve()), "sha256": self.sha256, "class": type(self.tok).__name__,
+                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "eos_token": self.eos_token}
+
+
+def _write(opts, files: list[Path], fmt: str, stage: Path, tokenizer: CorpusTokenizer, log) -> dict:
+    """Tokenize every document into the train and valid shards under `stage`; the manifest."""
+    writers = {s: _SplitWriter(stage, s, tokenizer.dtype, opts.shard_tokens) for s in ("train", "valid")}
+    t0 = time.perf_counter()
+    docs, skipped = _tokenize_into(writers, opts, files, fmt, tokenizer)
+    stats = {s: w.close() for s, w in writers.items()}
+    if docs == 0:
+        raise UserError(
+            "the inputs hold no document (all empty)",
+            file=", ".join(map(str, files)),
+            expected="at least one non-empty document",
+        )
+    if opts.valid_fraction > 0 and stats["valid"].documents == 0:
+        log(f"warning: --valid-fraction {opts.valid_fraction} selected no document out of {docs}")
+    seconds = time.perf_counter() - t0
+    ntok = stats["train"].tokens + stats["valid"].tokens
+    log(
+        f"prepared {docs:,} documents, {ntok:,} tokens in {seconds:.1f}s "
+        f"({ntok / max(seconds, 1e-9):,.0f} tokens/s, {opts.workers} worker(s)); "
+        f"skipped {skipped} empty"
+    )
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "tokenizer": tokenizer.manifest(),
+        "dtype": tokenizer.dtype.name,
+        "documents": docs,
+        "tokens": ntok,
+        "skipped_empty": skipped,
+        "splits": {s: asdict(st) for s, st in stats.items() if st.documents},
+        "sources": [str(f) for f in files],
+        "input_format": fmt,
+        "seed": opts.seed,
+        "valid_fraction": opts.valid_fraction,
+    }
+
+
+def _tokenize_into(writers: dict, opts, files: list[Path], fmt: str, tokenizer: CorpusTokenizer) -> tuple[int, int]:
+    """Every document of `files`, tokenized in batches (by `opts.workers` processes) and sent to
+    the train or valid writer by the seeded split; (documents, empty ones skipped)."""
     from tqdm import tqdm
 
     total, unit = progress_total(files, fmt)
-    writers = {s: _SplitWriter(stage, s, dtype, opts.shard_tokens) for s in ("train", "valid")}
-    bar = tqdm(
-        total=total,
-        unit=unit,
-        unit_scale=True,
-        disable=not opts.progress,
-        file=sys.stderr,
-        desc="prepare",
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=total, unit=unit, unit_scale=True, disable=not opts.progress, file=sys.stderr,
+               desc="prepare", mininterval=1.0, dynamic_ncols=True)
     counters = {"docs": 0, "skipped_empty": 0}
     t0 = time.perf_counter()
 
@@ -470,18 +519,14 @@ def _write(opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok
                 if m.all():
                     writers[split].add(flat, lengths)
                 elif m.any():
-                    sel = np.concatenate(
-                        [flat[s:e] for s, e in zip(starts[m], ends[m], strict=True)]
-                    )
+                    sel = np.concatenate([flat[s:e] for s, e in zip(starts[m], ends[m], strict=True)])
                     writers[split].add(sel, lengths[m])
             counters["docs"] += len(lengths)
             tokens_done += int(flat.size)
             rate = tokens_done / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(
-                docs=counters["docs"], tokens=tokens_done, tok_s=f"{rate:,.0f}", refresh=False
-            )
+            bar.set_postfix(docs=counters["docs"], tokens=tokens_done, tok_s=f"{rate:,.0f}", refresh=False)
 
-    init_args = (opts.tokenizer, eos_id, dtype.str)
+    init_args = (opts.tokenizer, tokenizer.eos_id, tokenizer.dtype.str)
     if opts.workers == 1:
         _init_worker(*init_args)
         consume(map(_tokenize_batch, batches()))
@@ -494,45 +539,7 @@ def _write(opts, files, fmt, stage, tok, eos_id, eos_tok, dtype, vocab_size, tok
         with ctx.Pool(opts.workers, initializer=_init_worker, initargs=init_args) as pool:
             consume(pool.imap(_tokenize_batch, batches(), chunksize=1))
     bar.close()
-    stats = {s: w.close() for s, w in writers.items()}
-    if counters["docs"] == 0:
-        raise UserError(
-            "the inputs hold no document (all empty)",
-            file=", ".join(map(str, files)),
-            expected="at least one non-empty document",
-        )
-    if opts.valid_fraction > 0 and stats["valid"].documents == 0:
-        log(
-            f"warning: --valid-fraction {opts.valid_fraction} selected no document out of {counters['docs']}"
-        )
-    seconds = time.perf_counter() - t0
-    ntok = stats["train"].tokens + stats["valid"].tokens
-    log(
-        f"prepared {counters['docs']:,} documents, {ntok:,} tokens in {seconds:.1f}s "
-        f"({ntok / max(seconds, 1e-9):,.0f} tokens/s, {opts.workers} worker(s)); "
-        f"skipped {counters['skipped_empty']} empty"
-    )
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "tokenizer": {
-            "path": str(Path(opts.tokenizer).resolve()),
-            "sha256": tok_hash,
-            "class": type(tok).__name__,
-            "vocab_size": vocab_size,
-            "eos_id": eos_id,
-            "eos_token": eos_tok,
-        },
-        "dtype": dtype.name,
-        "documents": counters["docs"],
-        "tokens": ntok,
-        "skipped_empty": counters["skipped_empty"],
-        "splits": {s: asdict(st) for s, st in stats.items() if st.documents},
-        "sources": [str(f) for f in files],
-        "input_format": fmt,
-        "seed": opts.seed,
-        "valid_fraction": opts.valid_fraction,
-    }
+    return counters["docs"], counters["skipped_empty"]
 
 
 def _write_json(path: Path, data: dict) -> None:

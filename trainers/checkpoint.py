@@ -336,8 +336,8 @@ def to_host(obj, into=None):
     """A copy of a state (nested dicts, lists, tensors) that the next optimizer step cannot
     change: every tensor copied into host memory (pinned for a GPU's), every container new.
     `into`, an earlier copy of the same state, is reused tensor by tensor: copying into memory
-    already touched is ~3x faster than allocating it (measured on this CPU: 0.3 vs 1.1 s for
-    1.9 GB), and the copy is what blocks training."""
+    already touched is several times faster than allocating it, page faults and all
+    (docs/benchmarks.md), and the copy is what blocks training."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if isinstance(into, torch.Tensor) and into.shape == t.shape and into.dtype == t.dtype:

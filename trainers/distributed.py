@@ -86,13 +86,14 @@ def agree_any(flags: list[bool]) -> list[bool]:
     return [bool(x) for x in t.tolist()]
 
 
-def from_main_rank(value: int) -> int:
-    """Global rank 0's integer on every rank (others pass anything >= -2; one all-reduce)."""
+def from_main_rank(values: list[int]) -> list[int]:
+    """Global rank 0's integers on every rank (each above -2**62; others pass as many of
+    anything; one all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value if dist.get_rank() == 0 else -(2**62)], dtype=torch.int64)
+        return values
+    t = torch.tensor(values if dist.get_rank() == 0 else [-(2**62)] * len(values), dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(x) for x in t.tolist()]
 
 
 def mean_over_ranks(values: list[float]) -> list[float]:

@@ -59,8 +59,8 @@ def peer_recorded_failure(run_dir: Path, since: float) -> str | None:
     except OSError:
         return None
     st = read_status(run_dir)
-    if st.get("state") == State.FAILED and (st.get("user_error") or st.get("disk_full")):
-        return st.get("reason", "")
+    if st.state == State.FAILED and (st.user_error or st.disk_full):
+        return st.reason
     return None
 
 

@@ -81,7 +81,12 @@ class BuiltModel:
 def parameters_on_meta():
     """Parameters created inside go to the meta device as they are registered; buffers stay
     real (a rotary table is computed at construction, not loaded). One parameter at a time is
-    ever allocated, and freed at once."""
+    ever allocated, and freed at once.
+
+    Why `Module.register_parameter` is wrapped for the duration, not `with torch.device("meta")`:
+    that context puts buffers on the meta device too, and a model's rotary tables and position
+    ids would then be lost (nothing loads them back); accelerate's `init_empty_weights` does
+    the same wrapping, and is not a dependency of ours."""
     register = torch.nn.Module.register_parameter
 
     def register_on_meta(module, name, param):

@@ -22,16 +22,16 @@ def count_parameters(spec: RunSpec) -> ModelSize:
     """Parameter counts of the model this spec trains (LoRA adapters included)."""
     ft = spec.finetune if spec.task == "finetune" else None
     labels = None
-    if ft is not None and ft.kind == "classify":  # the head is tiny either way
+    if ft is not None and ft.LABEL_HEAD:  # the head is tiny either way
         labels = list(ft.labels) if ft.labels else ["0", "1"]
     config = model_config(spec, **label_overrides(labels))
     with torch.device("meta"):
         model = auto_class(spec).from_config(config)
         linear_frozen = 0
-        if ft is not None and ft.method in ("lora", "qlora"):
+        if ft is not None and ft.trains.adapter:
             from hpctrain.trainers.peft_model import apply_lora
 
-            if ft.method == "qlora":  # bitsandbytes quantizes the linear layers but the output head
+            if ft.trains.quantized:  # bitsandbytes quantizes the linear layers but the output head
                 linear_frozen = sum(m.weight.numel() for n, m in model.named_modules()
                                     if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
             lora_spec = spec.model_copy(update={"finetune": ft.model_copy(update={"method": "lora"})})

@@ -16,6 +16,7 @@ from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.engines import engine_class, param_numel
 from hpctrain.trainers.model import LABELS_FILE, BuiltModel, auto_class, build_model, save_hf_model
+from hpctrain.trainers.tasks import kind_task
 
 
 def apply_lora(model, spec: RunSpec, new_modules: list[str]):
@@ -25,11 +26,11 @@ def apply_lora(model, spec: RunSpec, new_modules: list[str]):
 
     ft = spec.finetune
     new = new_modules
-    if ft.method == "qlora":
+    if ft.trains.quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     to_save = list(ft.lora.modules_to_save or []) + list(new)  # peft matches these as name suffixes
     cfg = LoraConfig(
-        task_type=TaskType.CAUSAL_LM if ft.kind == "sft" else TaskType.SEQ_CLS,
+        task_type=TaskType[kind_task(ft).peft_task_type],
         r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
         target_modules=ft.lora.target_modules, modules_to_save=sorted(set(to_save)) or None,
     )
@@ -52,8 +53,8 @@ def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | 
     # a full fine-tune under fsdp is built on the meta device (each rank materializes its shards);
     # LoRA adapters are made whole on every rank, so their base is too (then sharded)
     on_meta = engine_class(spec).loads_sharded and not ft.trains.adapter
-    built = build_model(spec, labels, pad_id, quantize=ft.method == "qlora", on_meta=on_meta)
-    if ft.method in ("lora", "qlora"):
+    built = build_model(spec, labels, pad_id, quantize=ft.trains.quantized, on_meta=on_meta)
+    if ft.trains.adapter:
         built = BuiltModel(apply_lora(built.model, spec, built.new_modules), built.new_modules)
     return built
 

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+from enum import IntEnum
 from pathlib import Path
 
 from hpctrain.launcher.contract.checkpoints import (
@@ -30,6 +31,14 @@ from hpctrain.trainers.preemption import StopRequest
 from hpctrain.trainers.watchdog import Watchdog, clear_reports
 
 CRASH_SETTLE_S = 300.0  # how long a failing attempt waits for the save in flight to publish
+
+
+class Found(IntEnum):
+    """What rank 0 found to resume from (sent to every rank as an integer)."""
+
+    NONE = 0  # no checkpoint: a fresh start
+    WHOLE = 1  # the newest whole checkpoint
+    ALL_DAMAGED = 2  # checkpoints, none whole
 
 
 class Run:
@@ -88,18 +97,21 @@ class Run:
     def whole_checkpoint(self) -> Path | None:
         """The newest checkpoint whose files are as saved (rank 0 checks, every rank takes its
         answer): a damaged one is skipped and said; none whole is refused, naming the file."""
-        choice, skipped = -1, []
+        found, step, skipped = Found.NONE, 0, []
         if self.d.is_main:
             ckpt, skipped = newest_whole_checkpoint(self.run_dir)
             for path, why in skipped:
                 self.mon.print(f"checkpoint {path.name} is damaged ({why}): skipped")
-            choice = -2 if ckpt is None and skipped else (-1 if ckpt is None else int(ckpt.name.split("_")[1]))
-        choice = from_main_rank(choice)
-        if choice == -2:
+            if ckpt is not None:
+                found, step = Found.WHOLE, int(ckpt.name.split("_")[1])
+            elif skipped:
+                found = Found.ALL_DAMAGED
+        found, step = from_main_rank([found, step])
+        if found == Found.ALL_DAMAGED:
             path, why = skipped[0] if skipped else (self.run_dir / CHECKPOINTS, "damaged")
             raise UserError(f"no checkpoint is whole; the newest: {why}", file=str(path),
                             hint="restore the checkpoint files, or move checkpoints/ away to start over")
-        return None if choice == -1 else self.run_dir / CHECKPOINTS / step_name(choice)
+        return self.run_dir / CHECKPOINTS / step_name(step) if found == Found.WHOLE else None
 
     def started(self, step: int, total: int) -> None:
         if self.d.is_main:

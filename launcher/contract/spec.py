@@ -19,7 +19,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -28,13 +27,13 @@ from pydantic import (
 )
 
 from hpctrain.launcher.contract.errors import UserError, UserErrors
+from hpctrain.launcher.contract.finetune import KINDS, FinetuneSpec
+from hpctrain.launcher.contract.schema import MANY, ONE, UNION_TAGS, Strict, metric_key, named_once
+
+__all__ = ["RunSpec", "FinetuneSpec", "metric_key", "load_spec", "spec_from_dict"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     path: str | None = Field(
         None, description="local Hugging Face model directory (or pkg:PACKAGE/dir) to start from"
     )
@@ -60,14 +59,14 @@ class ModelSpec(_Strict):
         return self.tokenizer or self.path  # type: ignore[return-value]
 
 
-class ObjectiveSpec(_Strict):
+class ObjectiveSpec(Strict):
     type: Literal["clm", "mlm"] = Field(
         "clm", description="clm: causal LM (decoders); mlm: masked LM (encoders)"
     )
     mask_prob: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked")
 
 
-class CorpusRef(_Strict):
+class CorpusRef(Strict):
     path: str = Field(
         description="corpus directory from `hpctrain prepare` (or a Megatron .bin/.idx prefix)"
     )
@@ -75,17 +74,12 @@ class CorpusRef(_Strict):
     split: str = Field("train", description="split of the corpus to train on")
 
 
-class ValidationRef(_Strict):
+class ValidationRef(Strict):
     path: str = Field(description="corpus directory holding the validation split")
     split: str = Field("valid", description="split name")
 
 
-# tags of a field that takes one form or a list of another: errors name the list's own path
-ONE, MANY = "(one)", "(list)"
-UNION_TAGS = (ONE, MANY)
-
-
-class NamedValidation(_Strict):
+class NamedValidation(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="the set's name in metrics (val/<name>/loss), the console and plots")
     path: str = Field(description="corpus directory holding the validation split")
@@ -106,24 +100,7 @@ class ValidationSet:
         return metric_key(self.name, what)
 
 
-def metric_key(name: str | None, what: str) -> str:
-    """The metrics key of `what` (loss, ppl, accuracy, f1) of a validation set: `val_loss`,
-    `val_ppl`, `accuracy`, `f1` for the single unnamed set (as always), `val/<name>/<what>` for a
-    named one (pretraining's corpora and fine-tuning's files alike)."""
-    if name is None:
-        return {"loss": "val_loss", "ppl": "val_ppl"}.get(what, what)
-    return f"val/{name}/{what}"
-
-
-def _named_once(names: list[str], field: str, what: str) -> None:
-    """A list of named sets names each once (`field`.i is where each sits)."""
-    for i, n in enumerate(names):
-        if n in names[:i]:
-            raise ValueError(f"two {what} are named {n!r} ({field}.{names.index(n)} and {field}.{i}): "
-                             "names must differ")
-
-
-class DataSpec(_Strict):
+class DataSpec(Strict):
     corpora: list[CorpusRef] = Field(
         min_length=1, description="training corpora, blended by weight"
     )
@@ -156,7 +133,7 @@ class DataSpec(_Strict):
         if isinstance(self.validation, list):
             if not self.validation:
                 raise ValueError("data.validation is an empty list: give at least one {name, path} or leave it out")
-            _named_once([x.name for x in self.validation], "data.validation", "validation sets")
+            named_once([x.name for x in self.validation], "data.validation", "validation sets")
         return self
 
     @model_validator(mode="after")
@@ -167,7 +144,7 @@ class DataSpec(_Strict):
         return self
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(Strict):
     global_batch: int = Field(gt=0, description="sequences per optimizer step over all ranks")
     micro_batch: int = Field(gt=0, description="sequences per forward/backward on one rank")
     steps: int | None = Field(
@@ -230,7 +207,7 @@ class TrainingSpec(_Strict):
         return self
 
 
-class CheckpointSpec(_Strict):
+class CheckpointSpec(Strict):
     every_steps: int | None = Field(None, gt=0, description="save every N steps")
     every_minutes: float | None = Field(None, gt=0, description="save every M minutes of training")
     keep_last: int = Field(
@@ -254,7 +231,7 @@ def _one_line(value: str, what: str) -> str:
     return value
 
 
-class ClusterSpec(_Strict):
+class ClusterSpec(Strict):
     executor: Literal["local", "slurm"] = Field(
         "local", description="where the job runs: this machine or Slurm"
     )
@@ -335,7 +312,7 @@ class ClusterSpec(_Strict):
         return self.nodes * self.procs_per_node
 
 
-class EngineSpec(_Strict):
+class EngineSpec(Strict):
     type: Literal["ddp", "deepspeed", "fsdp"] = Field(
         "ddp", description="ddp: PyTorch DDP (a full replica per rank); deepspeed: DeepSpeed ZeRO; "
         "fsdp: PyTorch FSDP2 (parameters, gradients and optimizer state sharded over the ranks)"
@@ -381,7 +358,7 @@ class EngineSpec(_Strict):
         return self
 
 
-class WandbSpec(_Strict):
+class WandbSpec(Strict):
     mode: Literal["online", "offline", "disabled"] = Field(
         "disabled", description="online: stream to W&B; offline: write RUN_DIR/wandb/ (upload later "
         "with `hpctrain sync`); disabled: metrics.jsonl only"
@@ -392,7 +369,7 @@ class WandbSpec(_Strict):
     tags: list[str] = Field(default_factory=list, description="W&B tags")
 
 
-class MonitorSpec(_Strict):
+class MonitorSpec(Strict):
     wandb: WandbSpec = Field(WandbSpec(), description="Weights & Biases (one run per run dir)")
     hang_timeout_s: float | None = Field(
         None, gt=0, description="the hang watchdog's limit: no step within it dumps every rank's stacks, "
@@ -404,7 +381,7 @@ class MonitorSpec(_Strict):
     )
 
 
-class ExportSpec(_Strict):
+class ExportSpec(Strict):
     enabled: bool = Field(
         True, description="save the final model in HF format under RUN_DIR/export"
     )
@@ -414,105 +391,7 @@ class ExportSpec(_Strict):
     )
 
 
-class LoraSpec(_Strict):
-    r: int = Field(8, ge=1, description="LoRA rank")
-    alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="module names to adapt (default: peft's per-architecture choice; 'all-linear')"
-    )
-    modules_to_save: list[str] | None = Field(
-        None, description="modules trained in full and saved with the adapter (the classifier head is added)"
-    )
-
-
-class NamedValidFile(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="the set's name in metrics (val/<name>/loss, /accuracy, /f1)")
-    path: str = Field(description="JSONL (sft, classify) or CSV (classify) validation examples")
-
-
-@dataclass(frozen=True)
-class Method:
-    """What a fine-tuning method trains, declared once (nothing else compares method names)."""
-
-    name: str
-    adapter: bool
-    """Trains adapters on a frozen base: checkpoints hold only them, the export is the adapter
-    (and `merge` can fold it into the base)."""
-    quantized: bool = False
-    """The frozen base is loaded in 4 bits (bitsandbytes)."""
-
-
-METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
-                               Method("qlora", adapter=True, quantized=True))}
-
-
-class FinetuneSpec(_Strict):
-    kind: Literal["sft", "classify"] = Field(description="sft: prompt -> response; classify: text -> label")
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
-    lora: LoraSpec = LoraSpec()
-    train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
-    valid_file: Annotated[
-        Annotated[str, Tag(ONE)] | Annotated[list[NamedValidFile], Tag(MANY)],
-        Discriminator(lambda v: MANY if isinstance(v, list) else ONE),
-    ] | None = Field(None, description="validation examples (default: a seeded split of train_file), or a "
-                     "list of named files {name, path}, each evaluated and logged as val/<name>/...")
-    valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of train_file held out when no valid_file")
-    seq_len: int = Field(128, gt=1, description="tokens per example (longer ones are truncated and counted)")
-    prompt_field: str = Field("prompt", description="sft: prompt field")
-    response_field: str = Field("response", description="sft: response field")
-    messages_field: str = Field("messages", description="sft: chat messages field (used when present)")
-    text_field: str = Field("text", description="classify: text field / column")
-    label_field: str = Field("label", description="classify: label field / column")
-    labels: list[str] | None = Field(None, description="classify: label names in id order (default: sorted from train)")
-    packing: bool = Field(False, description="sft: pack short examples into seq_len sequences")
-    group_by_length: bool = Field(
-        True, description="batch examples of similar length together (less padding; seeded, exact on resume)"
-    )
-    best_metric: str | None = Field(None, description="val_loss | accuracy | f1, or val/<name>/loss | accuracy | f1 "
-                                    "with named valid files (default: the (first) set's loss; accuracy to classify)")
-    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
-    merge: bool = Field(False, description="lora/qlora: also export the merged full model")
-
-
-    @property
-    def trains(self) -> Method:
-        """The method's declaration (`METHODS`)."""
-        return METHODS[self.method]
-
-    def valid_sets(self) -> list[tuple[str | None, str, str]]:
-        """[(name, or None for the single unnamed file; path; spec field)] of the validation files."""
-        v = self.valid_file
-        if v is None:
-            return []
-        if isinstance(v, str):
-            return [(None, v, "finetune.valid_file")]
-        return [(x.name, x.path, f"finetune.valid_file.{i}.path") for i, x in enumerate(v)]
-
-    def metrics_for_best(self) -> list[str]:
-        """What `best_metric` may name for this run."""
-        names = [n for n, _, _ in self.valid_sets()] or [None]
-        kinds = ["loss", "accuracy", "f1"] if self.kind == "classify" else ["loss"]
-        return [metric_key(n, k) for n in names for k in kinds]
-
-    def best(self) -> str:
-        """The metric that picks the best export (the first set's accuracy to classify, else its loss)."""
-        return self.best_metric or self.metrics_for_best()[1 if self.kind == "classify" else 0]
-
-    @model_validator(mode="after")
-    def _valid_files(self) -> FinetuneSpec:
-        if isinstance(self.valid_file, list):
-            if not self.valid_file:
-                raise ValueError("finetune.valid_file is an empty list: give at least one {name, path} or leave it out")
-            _named_once([x.name for x in self.valid_file], "finetune.valid_file", "validation files")
-        if self.best_metric is not None and self.best_metric not in self.metrics_for_best():
-            raise ValueError(f"finetune.best_metric {self.best_metric!r} is not a metric of this run (one of "
-                             f"{', '.join(self.metrics_for_best())})")
-        return self
-
-
-class RunSpec(_Strict):
+class RunSpec(Strict):
     name: str = Field(min_length=1, description="run name")
     run_dir: str | None = Field(None, description="run directory (default: runs/<name>)")
     task: Literal["pretrain", "finetune"] = Field("pretrain", description="continued pretraining or fine-tuning")
@@ -563,7 +442,7 @@ class RunSpec(_Strict):
     def model_class(self) -> str:
         """The transformers Auto class the model is built with: chosen here only."""
         if self.task == "finetune":
-            return "AutoModelForCausalLM" if self.finetune.kind == "sft" else "AutoModelForSequenceClassification"  # type: ignore[union-attr]
+            return self.finetune.MODEL_CLASS  # type: ignore[union-attr]
         return "AutoModelForCausalLM" if self.objective.type == "clm" else "AutoModelForMaskedLM"
 
     @property
@@ -648,30 +527,56 @@ def _models_in(ann: Any, in_list: bool = False) -> list[type[BaseModel]]:
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that owns the field at `loc` (for did-you-mean hints)."""
+    """The pydantic model class that owns the field at `loc` (for did-you-mean hints); `loc` as
+    pydantic gives it, with a union's tag after a field that takes one of several sections
+    (`finetune.classify.labels`: the classify section)."""
+    loc = tuple(p for p in loc if p not in UNION_TAGS)
     cur: type[BaseModel] | None = model
-    for i, part in enumerate(loc):
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        i += 1
         if isinstance(part, int):
             continue
         field = cur.model_fields.get(part) if cur is not None else None
         if field is None:
             return None
-        indexed = i + 1 < len(loc) and isinstance(loc[i + 1], int)  # list[CorpusRef] then an index
-        found = _models_in(field.annotation, in_list=indexed) or _models_in(field.annotation)
+        nxt = loc[i] if i < len(loc) else None
+        found = _models_in(field.annotation, in_list=isinstance(nxt, int)) or _models_in(field.annotation)
+        if len(found) > 1 and nxt in KINDS and KINDS[nxt] in found:  # a kind's own section
+            cur, i = KINDS[nxt], i + 1
+            continue
         cur = found[0] if found else None
     return cur
+
+
+def _shown(loc: tuple) -> tuple:
+    """`loc` as the user wrote it: without the tags pydantic adds for unions."""
+    return tuple(p for i, p in enumerate(loc)
+                 if p not in UNION_TAGS and not (i and loc[i - 1] == "finetune" and p in KINDS))
 
 
 def _errors_from(exc: ValidationError, file: str | None) -> UserErrors:
     out = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if p not in UNION_TAGS)
+        raw = tuple(err["loc"])
+        loc = _shown(raw)
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         kind = err["type"]
-        if kind == "extra_forbidden":
-            owner = _model_at(RunSpec, loc[:-1])
+        if kind in ("union_tag_not_found", "union_tag_invalid"):  # the finetune section's kind
+            tag = (err.get("ctx") or {}).get("tag")
+            out.append(UserError("missing" if tag is None else f"unknown kind (got {tag!r})", file=file,
+                                 field=f"{dotted}.kind", expected=f"one of {', '.join(KINDS)}"))
+        elif kind == "extra_forbidden":
+            owner = _model_at(RunSpec, raw[:-1])
             names = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+            mine = [k for k, c in KINDS.items() if c is owner]
+            other = [k for k, c in KINDS.items() if c is not owner and str(loc[-1]) in c.model_fields]
+            if mine and other:  # a field of another kind's section
+                out.append(UserError(f"not a field of kind {mine[0]}",
+                                     file=file, field=dotted, hint=f"it belongs to kind {' or '.join(other)}"))
+                continue
             out.append(
                 UserError(
                     "unknown key",
@@ -683,7 +588,7 @@ def _errors_from(exc: ValidationError, file: str | None) -> UserErrors:
                 )
             )
         elif kind == "missing":
-            owner = _model_at(RunSpec, loc[:-1])
+            owner = _model_at(RunSpec, raw[:-1])
             desc = (
                 owner.model_fields[str(loc[-1])].description
                 if owner and str(loc[-1]) in owner.model_fields

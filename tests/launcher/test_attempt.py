@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpctrain.launcher.attempt import Outcome, attempt_outcome, retry_verdict
+from hpctrain.launcher.contract.states import Status
 
 USER = {"state": "failed", "reason": "data.corpora: all blend weights are zero", "user_error": True}
 
@@ -27,7 +28,7 @@ USER = {"state": "failed", "reason": "data.corpora: all blend weights are zero",
     ],
 )
 def test_what_an_attempt_ended_as(rc, status, aborted, outcome):
-    assert attempt_outcome(rc, status, aborted) is outcome
+    assert attempt_outcome(rc, Status.from_dict(status), aborted) is outcome
 
 
 def test_retries_stop_at_the_budget_and_at_a_step_that_fails_twice():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import fill_disk, run_cli
 from tests.slurm.helpers import (
     job_id,
     metrics_step,
@@ -244,3 +244,36 @@ def test_each_rank_of_a_node_task_runs_on_its_own_cpus(tmp_path, bpe_tokenizer, 
     assert sorted(next(iter(m)) for m in allowed.values()) == ["0", "1"], allowed
     logs = "\n".join(p.read_text() for p in (run / "logs").rglob("stderr.log"))
     assert "local rank 0 of 2 runs on CPUs [0]" in logs and "local rank 1 of 2 runs on CPUs [1]" in logs
+
+
+def test_a_requeued_job_that_finds_the_disk_full_says_so_once_and_waits_for_space(
+        tmp_path, small_disk, bpe_tokenizer, bpe_corpus, local_reference):
+    """Preempted and requeued; while it waits in the queue the run dir's file system fills up to
+    the last byte (the reserve the first attempt wrote is all that is left). The requeued job's
+    ranks meet it at once: one line in the job's log naming the newest checkpoint, the job fails
+    without another requeue or a retry. Once space is freed, the same submit resumes from that
+    checkpoint: every loss as if never stopped."""
+    run = small_disk / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=60,
+                                                      retries_on_failure=1))
+    submit(spec)
+    job = job_id(run)
+    preempt_while_training(run, job, attempt=0, min_step=5)
+    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
+    wait_state(job, ("PENDING",), eligible=False)
+    saved = json.loads((run / "status.json").read_text())["step"]
+    fill_disk(small_disk / "filler", leave=0)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "FAILED" and st["restarts"] == "1", st
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.out"))
+    lines = [x for x in log.splitlines() if "disk full" in x]
+    assert len(lines) == 1 and f"newest complete checkpoint is step {saved}" in lines[0], log
+    assert "not requeued or retried" in log and "retry 1 of 1" not in log, log
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["disk_full"] and "retries" not in status, status
+
+    (small_disk / "filler").unlink()
+    submit(spec)
+    again = job_id(run)
+    assert wait_state(again, ("COMPLETED", "FAILED", "CANCELLED"))["state"] == "COMPLETED"
+    assert losses(run) == local_reference

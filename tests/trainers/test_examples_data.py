@@ -7,17 +7,10 @@ import json
 import pytest
 
 from hpctrain.launcher.contract.errors import UserError
-from hpctrain.launcher.contract.spec import FinetuneSpec
-from hpctrain.trainers.data.examples import (
-    PROMPT_TEMPLATE,
-    ROLE_TEMPLATE,
-    label_names,
-    pack,
-    read_records,
-    split_indices,
-    tokenize_classify,
-    tokenize_sft,
-)
+from hpctrain.launcher.contract.finetune import KINDS, FinetuneBase
+from hpctrain.trainers.data.examples import read_records, split_indices
+from hpctrain.trainers.tasks.classify import label_names, tokenize_classify
+from hpctrain.trainers.tasks.sft import PROMPT_TEMPLATE, ROLE_TEMPLATE, pack, tokenize_sft
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +20,9 @@ def tok(bpe_tokenizer):
     return AutoTokenizer.from_pretrained(bpe_tokenizer)
 
 
-def _ft(**kw) -> FinetuneSpec:
-    return FinetuneSpec(kind=kw.pop("kind", "sft"), train_file="x.jsonl", **kw)
+def _ft(**kw) -> FinetuneBase:
+    kind = kw.pop("kind", "sft")
+    return KINDS[kind](kind=kind, train_file="x.jsonl", **kw)
 
 
 def test_chat_messages_without_a_template_use_the_plain_one(tok):

@@ -136,9 +136,10 @@ def _check_finetune_flops(run, model):
     from hpctrain.launcher.contract.spec import spec_from_dict
     from hpctrain.trainers.finetune import load_examples
     from hpctrain.trainers.model import load_tokenizer
+    from hpctrain.trainers.tasks import kind_task
 
     spec = spec_from_dict(yaml.safe_load((run / "spec.yaml").read_text()), "spec.yaml")
-    train = load_examples(spec, load_tokenizer(spec))[0]
+    train = load_examples(spec, load_tokenizer(spec), kind_task(spec.finetune))[0]
     lengths = [len(x) for x in train.tk.input_ids]
     context = sum(n * n for n in lengths) / sum(lengths)
     emb = model.get_input_embeddings().weight
@@ -156,13 +157,9 @@ def test_prompt_tokens_carry_no_loss(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hpctrain.launcher.contract.spec import spec_from_dict
-    from hpctrain.trainers.data.examples import (
-        PROMPT_TEMPLATE,
-        ExampleDataset,
-        read_records,
-        tokenize_sft,
-    )
-    from hpctrain.trainers.finetune import example_loss
+    from hpctrain.trainers.data.examples import ExampleDataset, read_records
+    from hpctrain.trainers.tasks import kind_task
+    from hpctrain.trainers.tasks.sft import PROMPT_TEMPLATE, tokenize_sft
 
     spec = spec_from_dict(sft_spec("/tmp/unused", tiny_llama, "lora"))
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -172,10 +169,11 @@ def test_prompt_tokens_carry_no_loss(tiny_llama):
         n_prompt = len(tok(PROMPT_TEMPLATE.format(prompt=rec["prompt"]), add_special_tokens=False)["input_ids"])
         assert labels[:n_prompt] == [-100] * n_prompt
         assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
-    batch = ExampleDataset(tk, tok.pad_token_id, "sft").batch([0, 1, 2, 3])
+    sft = kind_task(spec.finetune)
+    batch = ExampleDataset(tk, tok.pad_token_id, sft.batch_labels).batch([0, 1, 2, 3])
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     with torch.no_grad():
-        loss, logits = example_loss(model, batch, "sft", torch.device("cpu"))
+        loss, logits = sft.loss(model, batch, torch.device("cpu"))
         # the same loss by hand, over response tokens only
         tgt, lp = batch["labels"][:, 1:], torch.log_softmax(logits[:, :-1], -1)
         keep = tgt != -100

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 
 import pytest
 
+from tests.conftest import fill_disk as _fill
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
     clm_spec,
@@ -97,30 +97,6 @@ def test_a_second_run_on_a_live_run_dir_is_refused_and_a_dead_holder_is_taken_ov
     assert f"hpctrain run (pid {first.pid}" in r.stdout and "is gone (no longer running): taking it over" in r.stdout
     assert "resuming from" in r.stdout and sorted(losses(run)) == list(range(1, 41))
     assert not (run / "control" / "lock").exists()  # released at the end
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 16 MiB file system of its own (tmpfs) for the run dir: it fills up for real."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the disk-full test mounts a tmpfs and needs root (CI runs as root)")
-        pytest.skip("mounting a small file system needs root")
-    mnt = tmp_path / "small disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path, leave: int) -> None:
-    """Write zeros until only `leave` bytes are free on path's file system."""
-    with open(path, "wb") as f:
-        while (free := os.statvfs(path).f_bavail * os.statvfs(path).f_frsize) > leave:
-            f.write(b"\0" * min(1 << 20, free - leave))
-            f.flush()
 
 
 def test_a_disk_that_fills_up_during_a_save(tmp_path, small_disk, bpe_tokenizer, bpe_corpus):

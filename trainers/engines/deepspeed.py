@@ -59,7 +59,7 @@ def fill_bucket_sizes(ds_config: dict, n_params: int, hidden: int | None = None,
 
     ZeRO 1 and 2: DeepSpeed's default (5e8 elements) capped at the model's size: ZeRO
     allocates its reduction buckets at this size on every micro-step, and 2 GB of fp32 for a
-    model of a few thousand parameters made a CPU step take seconds (measured here).
+    model of a few thousand parameters made a CPU step take seconds.
     ZeRO-3 (with the model's hidden size): buckets of hidden² elements (transformers' own
     "auto" rule; the model's size when smaller), parameters under 10·hidden elements kept whole,
     and at most a couple of blocks gathered at once, or the largest parameter (`largest`, an

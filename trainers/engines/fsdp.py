@@ -166,8 +166,8 @@ class FSDPEngine:
     def micro_step(self, sync: bool):  # noqa: ARG002 - every micro-batch reduce-scatters
         """Gradients are reduce-scattered after every micro-batch and accumulate in the shards:
         skipping the reduction until the window's last micro-batch (as DDP does) would keep
-        every parameter's whole gradient in memory until then (measured on the 305M bench
-        model: it held fsdp's peak 2.4 GB higher)."""
+        every parameter's whole gradient in memory until then (docs/benchmarks.md: FSDP2's
+        peak with each)."""
         yield self.model
 
     def backward(self, loss: torch.Tensor) -> None:

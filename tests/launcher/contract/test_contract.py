@@ -18,7 +18,6 @@ from hpctrain.launcher.contract.checkpoints import (
 from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.states import (
     State,
-    current_state,
     mark_cancelled,
     mark_failed,
     mark_preempted,
@@ -48,19 +47,19 @@ def test_every_path_of_a_run_dir_lies_inside_it(tmp_path):
 
 
 def test_states_are_recorded_as_their_names_and_follow_their_transitions(tmp_path):
-    assert current_state(tmp_path) is None
+    assert read_status(tmp_path).state is None
     assert mark_running(tmp_path, 0, 10, pid=1) == 0
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "running"
-    assert current_state(tmp_path) is State.RUNNING and read_status(tmp_path)["state"] == State.RUNNING
+    assert read_status(tmp_path).state is State.RUNNING and read_status(tmp_path).state == State.RUNNING
     mark_preempted(tmp_path, 4, 10, "SIGUSR2")
-    assert current_state(tmp_path) is State.PREEMPTED
+    assert read_status(tmp_path).state is State.PREEMPTED
     assert mark_running(tmp_path, 4, 10, pid=2) == 1  # a restart counts
     mark_cancelled(tmp_path, "the user ended it")
     mark_preempted(tmp_path, 6, 10, "SIGTERM")  # the ranks saved on the way out: still cancelled
-    assert current_state(tmp_path) is State.CANCELLED and read_status(tmp_path)["step"] == 6
+    assert read_status(tmp_path).state is State.CANCELLED and read_status(tmp_path).step == 6
     mark_failed(tmp_path, "bad file", user_error=True)
     st = read_status(tmp_path)
-    assert st["state"] == State.FAILED and st["user_error"] and st["attempts"] == 2
+    assert st.state == State.FAILED and st.user_error and st.attempts == 2
 
 
 def test_meta_keeps_every_field_at_the_top_level_and_reads_back(tmp_path):

@@ -1,0 +1,217 @@
+"""The `finetune` section of the run spec: one typed class per kind (a union told apart by
+`kind`), and what each method trains.
+
+A kind declares here, without torch, what is known before a job is queued: the fields its
+examples need, the metrics it reports and which way each is better, the transformers class its
+model is built with, and the checks `validate` runs on its files. What it does in a training
+process (its batches, loss, evaluation, export) is its task module, `trainers/tasks/<kind>.py`.
+Adding a kind is one class here, one line in `KINDS`, and its task module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.schema import MANY, ONE, Strict, metric_key, named_once
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a fine-tuning method trains, declared once: nothing else compares method names."""
+
+    name: str
+    adapter: bool
+    """Trains adapters on a frozen base: checkpoints hold only the trained tensors, the export is
+    the adapter, and `merge` folds it into the base."""
+    quantized: bool = False
+    """The frozen base is loaded in 4 bits (bitsandbytes NF4)."""
+
+
+METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
+                               Method("qlora", adapter=True, quantized=True))}
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names to adapt (default: peft's per-architecture choice; 'all-linear')"
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="modules trained in full and saved with the adapter (the classifier head is added)"
+    )
+
+
+class NamedValidFile(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the set's name in metrics (val/<name>/loss, /accuracy, /f1)")
+    path: str = Field(description="JSONL (sft, classify) or CSV (classify) validation examples")
+
+
+class FinetuneBase(Strict):
+    """What every fine-tuning kind has: its files, method, lengths and the choice of the best."""
+
+    MODEL_CLASS: ClassVar[str]
+    """The transformers Auto class the model is built with."""
+    METRICS: ClassVar[dict[str, bool]]
+    """What each validation set reports ("loss", "accuracy"...) and whether higher is better."""
+    DEFAULT_BEST: ClassVar[str]
+    """The metric that picks the best export unless `best_metric` says otherwise."""
+    LABEL_HEAD: ClassVar[bool] = False
+    """The model gets a new head over the label names (`labels`)."""
+
+    kind: str = Field(description="sft: prompt -> response; classify: text -> label")
+    method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
+    lora: LoraSpec = LoraSpec()
+    train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
+    valid_file: Annotated[
+        Annotated[str, Tag(ONE)] | Annotated[list[NamedValidFile], Tag(MANY)],
+        Discriminator(lambda v: MANY if isinstance(v, list) else ONE),
+    ] | None = Field(None, description="validation examples (default: a seeded split of train_file), or a "
+                     "list of named files {name, path}, each evaluated and logged as val/<name>/...")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of train_file held out when no valid_file")
+    seq_len: int = Field(128, gt=1, description="tokens per example (longer ones are truncated and counted)")
+    group_by_length: bool = Field(
+        True, description="batch examples of similar length together (less padding; seeded, exact on resume)"
+    )
+    best_metric: str | None = Field(None, description="val_loss | accuracy | f1, or val/<name>/loss | accuracy | f1 "
+                                    "with named valid files (default: the (first) set's loss; accuracy to classify)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
+    merge: bool = Field(False, description="lora/qlora: also export the merged full model")
+
+    @property
+    def trains(self) -> Method:
+        """The method's declaration (`METHODS`)."""
+        return METHODS[self.method]
+
+    def valid_sets(self) -> list[tuple[str | None, str, str]]:
+        """[(name, or None for the single unnamed file; path; spec field)] of the validation files."""
+        v = self.valid_file
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [(None, v, "finetune.valid_file")]
+        return [(x.name, x.path, f"finetune.valid_file.{i}.path") for i, x in enumerate(v)]
+
+    def metrics_for_best(self) -> list[str]:
+        """What `best_metric` may name for this run."""
+        names = [n for n, _, _ in self.valid_sets()] or [None]
+        return [metric_key(n, k) for n in names for k in self.METRICS]
+
+    def best(self) -> str:
+        """The metric that picks the best export: `best_metric`, or the first set's default."""
+        sets = self.valid_sets()
+        return self.best_metric or metric_key(sets[0][0] if sets else None, self.DEFAULT_BEST)
+
+    def higher_is_better(self, metric: str) -> bool:
+        """The direction the kind declares for `metric` (a key of `metrics_for_best`)."""
+        what = metric.rsplit("/", 1)[-1] if metric.startswith("val/") else metric.removeprefix("val_")
+        return self.METRICS[what]
+
+    def record_fields(self, record: dict) -> list[str]:
+        """The fields this example must have (validate and the trainer read them)."""
+        raise NotImplementedError
+
+    def csv_columns(self) -> list[str] | None:
+        """The columns a CSV file of examples needs, or None where the kind reads JSONL only."""
+        return None
+
+    def epoch_known_from_files(self) -> bool:
+        """Whether an epoch's examples are counted from the files (not after tokenizing)."""
+        return True
+
+    def check_examples(self, train: list[dict], valid: dict[str, list[dict] | None],
+                       errors: list[UserError]) -> list[str]:
+        """The kind's own checks of its read examples (`valid`: spec field -> examples);
+        problems go to `errors`, notes for `validate` are returned."""
+        return []
+
+    @model_validator(mode="after")
+    def _valid_files(self) -> FinetuneBase:
+        if isinstance(self.valid_file, list):
+            if not self.valid_file:
+                raise ValueError("finetune.valid_file is an empty list: give at least one {name, path} or leave it out")
+            named_once([x.name for x in self.valid_file], "finetune.valid_file", "validation files")
+        if self.best_metric is not None and self.best_metric not in self.metrics_for_best():
+            raise ValueError(f"finetune.best_metric {self.best_metric!r} is not a metric of this run (one of "
+                             f"{', '.join(self.metrics_for_best())})")
+        return self
+
+
+class SftSpec(FinetuneBase):
+    """Supervised fine-tuning: prompt -> response (or chat messages), loss on the response."""
+
+    MODEL_CLASS: ClassVar[str] = "AutoModelForCausalLM"
+    METRICS: ClassVar[dict[str, bool]] = {"loss": False}
+    DEFAULT_BEST: ClassVar[str] = "loss"
+
+    kind: Literal["sft"] = Field(description="sft: prompt -> response; classify: text -> label")
+    prompt_field: str = Field("prompt", description="prompt field")
+    response_field: str = Field("response", description="response field")
+    messages_field: str = Field("messages", description="chat messages field (used when present)")
+    packing: bool = Field(False, description="pack short examples into seq_len sequences")
+
+    def record_fields(self, record: dict) -> list[str]:
+        return [self.messages_field] if self.messages_field in record else [self.prompt_field, self.response_field]
+
+    def csv_columns(self) -> list[str]:
+        return [self.prompt_field, self.response_field]
+
+    def epoch_known_from_files(self) -> bool:
+        return not self.packing  # packed sequences are counted after tokenizing, at start
+
+
+class ClassifySpec(FinetuneBase):
+    """Sequence classification: text -> one of `labels`, reporting accuracy and macro-F1."""
+
+    MODEL_CLASS: ClassVar[str] = "AutoModelForSequenceClassification"
+    METRICS: ClassVar[dict[str, bool]] = {"loss": False, "accuracy": True, "f1": True}
+    DEFAULT_BEST: ClassVar[str] = "accuracy"
+    LABEL_HEAD: ClassVar[bool] = True
+
+    kind: Literal["classify"] = Field(description="sft: prompt -> response; classify: text -> label")
+    text_field: str = Field("text", description="text field / column")
+    label_field: str = Field("label", description="label field / column")
+    labels: list[str] | None = Field(None, description="label names in id order (default: sorted from train)")
+
+    def record_fields(self, record: dict) -> list[str]:  # noqa: ARG002 - the same for every record
+        return [self.text_field, self.label_field]
+
+    def csv_columns(self) -> list[str]:
+        return [self.text_field, self.label_field]
+
+    def check_examples(self, train: list[dict], valid: dict[str, list[dict] | None],
+                       errors: list[UserError]) -> list[str]:
+        """At least two labels, those of `labels` when given; no label in a validation file that
+        training never shows."""
+        labels = sorted({str(r[self.label_field]) for r in train})
+        if self.labels is not None:
+            unknown = sorted(set(labels) - set(self.labels))
+            if unknown:
+                errors.append(UserError(f"labels {unknown} are not in finetune.labels", field="finetune.labels",
+                                        file=self.train_file, expected=f"one of {list(self.labels)}"))
+            labels = list(self.labels)
+        if len(labels) < 2:
+            errors.append(UserError(f"only {len(labels)} label ({labels}) in the training examples",
+                                    file=self.train_file, field="finetune.label_field",
+                                    expected="at least two labels to classify"))
+        notes = [f"  {len(labels)} labels: {', '.join(labels[:12])}{' ...' if len(labels) > 12 else ''}"]
+        for _, raw, field in self.valid_sets():
+            examples = valid.get(field)
+            extra = sorted({str(r[self.label_field]) for r in examples} - set(labels)) if examples is not None else []
+            if extra:
+                errors.append(UserError(f"labels {extra} do not occur in the training file", file=raw,
+                                        field=field, expected=f"labels of the training file ({', '.join(labels)})"))
+        return notes
+
+
+KINDS: dict[str, type[FinetuneBase]] = {"sft": SftSpec, "classify": ClassifySpec}
+"""Every fine-tuning kind by its `kind` value."""
+
+FinetuneSpec = Annotated[SftSpec | ClassifySpec, Field(discriminator="kind")]
+"""The `finetune` section: the class of its `kind`."""

@@ -1,0 +1,34 @@
+"""What every section of the run spec is built from: the strict pydantic base, the tags of a
+field that takes one form or a list, and the metric keys of validation sets."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Strict(BaseModel):
+    """A spec section: unknown keys are errors, values frozen once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# tags of a field that takes one form or a list of another: errors name the list's own path
+ONE, MANY = "(one)", "(list)"
+UNION_TAGS = (ONE, MANY)
+
+
+def metric_key(name: str | None, what: str) -> str:
+    """The metrics key of `what` (loss, ppl, accuracy, f1) of a validation set: `val_loss`,
+    `val_ppl`, `accuracy`, `f1` for the single unnamed set (as always), `val/<name>/<what>` for a
+    named one (pretraining's corpora and fine-tuning's files alike)."""
+    if name is None:
+        return {"loss": "val_loss", "ppl": "val_ppl"}.get(what, what)
+    return f"val/{name}/{what}"
+
+
+def named_once(names: list[str], field: str, what: str) -> None:
+    """A list of named sets names each once (`field`.i is where each sits)."""
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ValueError(f"two {what} are named {n!r} ({field}.{names.index(n)} and {field}.{i}): "
+                             "names must differ")

@@ -1,0 +1,58 @@
+"""Fine-tuning kinds inside a training process: one module per kind, one class each.
+
+    sft.py        prompt -> response (or chat messages): loss on the response, perplexity
+    classify.py   text -> label: a classification head, accuracy and macro-F1
+
+A kind's spec section (its fields, the metrics it reports and which way each is better, the
+transformers class of its model) is its class in `launcher/contract/finetune.py`; here is what
+it does with examples and a model. `trainers/finetune.py` runs any kind through the one loop.
+Adding a kind: a spec class there (and its line in `KINDS`), a module here (and its line in
+`kind_task`), its tests and its page in the docs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from hpctrain.trainers.data.examples import Tokenized
+
+
+class KindTask(Protocol):
+    """What a fine-tuning kind supplies to the fine-tuning trainer."""
+
+    peft_task_type: str
+    """peft's `TaskType` name for its adapters (CAUSAL_LM, SEQ_CLS...)."""
+
+    counts_size: int
+    """Length of the vector `counts` returns (summed over batches and ranks)."""
+
+    def labels(self, records: list[tuple[int, dict]], path: str) -> list[str] | None:
+        """The label names of a classification head, from the training records (None: no head)."""
+
+    def tokenize(self, records: list[tuple[int, dict]], tok, path: str, labels: list[str] | None) -> Tokenized:
+        """Its examples tokenized, long ones truncated and counted."""
+
+    def for_training(self, tk: Tokenized) -> Tokenized:
+        """The training examples as trained on (sft: packed where the spec asks)."""
+
+    def batch_labels(self, labels: list, width: int) -> torch.Tensor:
+        """A micro-batch's labels from its examples' (`width`: the padded length)."""
+
+    def loss(self, module: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss of a micro-batch, the model's logits)."""
+
+    def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        """What validation sums besides the loss (float64, `counts_size` long)."""
+
+    def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:
+        """Validation metrics beyond `val_loss`, from the summed counts."""
+
+
+def kind_task(ft) -> KindTask:
+    """The task of the spec's `finetune.kind`."""
+    from hpctrain.trainers.tasks.classify import Classify
+    from hpctrain.trainers.tasks.sft import SFT
+
+    return {"sft": SFT, "classify": Classify}[ft.kind](ft)
