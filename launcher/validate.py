@@ -7,8 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from hpctrain.launcher.contract.corpus import MANIFEST
+from hpctrain.launcher.contract.corpus import MANIFEST, read_manifest, token_id_problem
 from hpctrain.launcher.contract.errors import UserError, UserErrors
+from hpctrain.launcher.contract.indexed import FormatError
 from hpctrain.launcher.contract.paths import TOKENIZER_VOCABS, resolve_path, tokenizer_fingerprint
 from hpctrain.launcher.contract.records import iter_records
 from hpctrain.launcher.contract.spec import RunSpec
@@ -30,12 +31,9 @@ def _manifest(path: str, field: str, file: str | None, errors: list[UserError]) 
             )
             return None
         try:
-            manifest = json.loads(m.read_text())
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict) \
-                    or not isinstance(manifest.get("tokenizer"), dict):
-                raise ValueError("no 'splits' and 'tokenizer' objects")
-        except (ValueError, UnicodeDecodeError) as e:
-            errors.append(UserError(f"manifest.json does not parse ({str(e)[:200]})", file=str(m), field=field,
+            manifest = read_manifest(p)  # the trainers' reader: what it refuses, validate refuses
+        except (FormatError, ValueError, UnicodeDecodeError) as e:
+            errors.append(UserError(f"manifest.json does not parse ({str(getattr(e, 'message', e))[:200]})", file=str(m), field=field,
                                     expected="the manifest `hpctrain prepare` writes (prepare the corpus again)"))
             return None
         return manifest
@@ -270,9 +268,9 @@ def _check_split(spec: RunSpec, file: str | None, field: str, split: str, m: dic
         errors.append(UserError(f"corpus was tokenized with a different tokenizer ({mtok.get('path')})",
                                 file=file, field=field, expected=f"a corpus prepared with {tok_path}"))
     top = m["splits"][split].get("max_token_id", mtok.get("vocab_size", 0) - 1)
-    if vocab is not None and top >= vocab:
-        errors.append(UserError(f"corpus holds token id {top} but the model's vocab size is {vocab}",
-                                file=file, field=field, expected="model vocab_size > every token id"))
+    problem = token_id_problem(top, vocab, split, file, field) if vocab is not None else None
+    if problem is not None:
+        errors.append(problem)
     tokens = m["splits"][split]["tokens"]
     if tokens <= spec.data.seq_len + 1:
         errors.append(UserError(f"split '{split}' has {tokens} tokens, too few for seq_len {spec.data.seq_len}",

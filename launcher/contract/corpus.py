@@ -41,8 +41,10 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
             return None
         with open(m) as f:
             data = json.load(f)
-        if data.get("format") != MANIFEST_FORMAT:
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise FormatError(f"{m}: not an hpctrain corpus manifest")
+        if not isinstance(data.get("splits"), dict) or not isinstance(data.get("tokenizer"), dict):
+            raise FormatError(f"{m}: no 'splits' and 'tokenizer' objects")
         return data
     return None
 
@@ -209,12 +211,19 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
     )
 
 
+def token_id_problem(top: int, vocab_size: int, split: str, file: str | None = None,
+                     field: str | None = None) -> UserError | None:
+    """The one rule for a corpus's largest token id against the model's vocabulary (`validate`
+    reads the id from the manifest, the trainer from the corpus): every id below vocab_size."""
+    if top < vocab_size:
+        return None
+    return UserError(f"corpus holds token id {top} in split '{split}' but the model's vocab size is {vocab_size} "
+                     f"(a model of vocab size {vocab_size} takes ids 0..{vocab_size - 1})",
+                     file=file, field=field, expected="a corpus tokenized for this model")
+
+
 def check_token_ids(corpus: Corpus, vocab_size: int, *, split: str = "train") -> None:
     """Fail at start, not hours later in a CUDA assert, when a token id is >= vocab_size."""
-    top = corpus.max_token_id(split)
-    if top >= vocab_size:
-        raise UserError(
-            f"token id {top} in split '{split}' is >= the model's vocab size {vocab_size}",
-            file=corpus.path,
-            expected="a corpus tokenized for this model",
-        )
+    problem = token_id_problem(corpus.max_token_id(split), vocab_size, split, file=corpus.path)
+    if problem is not None:
+        raise problem
