@@ -57,7 +57,7 @@ def run_eval(run_dir: Path, data: str) -> dict:
     tk = kind.tokenize(read_records(data), tok, data, labels)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     d = Dist(0, 1, 0, 1, torch.device("cpu"))
-    res = evaluate(model, ExampleDataset(tk, pad, kind.batch_labels), kind, spec.training.micro_batch, d)
+    res = evaluate(model, ExampleDataset(tk, pad, kind.collate), kind, spec.training.micro_batch, d)
     return {"examples": len(tk.input_ids), **res}
 
 

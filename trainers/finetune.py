@@ -64,8 +64,8 @@ def load_examples(spec: RunSpec, tok, kind: KindTask):
     notes = f"{len(train.input_ids)} training / {counts} validation examples"
     if train.truncated:
         notes += f"; {train.truncated} training example(s) truncated to {ft.seq_len} tokens"
-    return (ExampleDataset(train, pad, kind.batch_labels),
-            [(name, ExampleDataset(v, pad, kind.batch_labels)) for name, v in valid], labels, notes)
+    return (ExampleDataset(train, pad, kind.collate),
+            [(name, ExampleDataset(v, pad, kind.collate)) for name, v in valid], labels, notes)
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ def count_parameters(spec: RunSpec) -> ModelSize:
     """Parameter counts of the model this spec trains (LoRA adapters included)."""
     ft = spec.finetune if spec.task == "finetune" else None
     labels = None
-    if ft is not None and ft.LABEL_HEAD:  # the head is tiny either way
-        labels = list(ft.labels) if ft.labels else ["0", "1"]
+    if ft is not None:
+        labels = ft.head_labels()
     config = model_config(spec, **label_overrides(labels))
     with torch.device("meta"):
         model = auto_class(spec).from_config(config)

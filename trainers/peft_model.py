@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -86,11 +87,29 @@ def load_exported(spec: RunSpec, directory: Path):
     return auto_class(spec).from_pretrained(directory, local_files_only=True), labels
 
 
+@contextlib.contextmanager
+def loading_whole():
+    """Models built inside are loaded whole in this process, also where ZeRO-3 has told
+    transformers to partition weights as they load (a collective every rank would have to join:
+    the merge runs on one rank, after the others are done)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter
+    held = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            hf_deepspeed.set_hf_deepspeed_config(held)
+
+
 def merge(spec: RunSpec, export_dir: Path, tokenizer) -> Path:
     """Merge the adapter into an unquantized copy of the base; save as a full HF model."""
     if not is_adapter(export_dir):
         raise UserError("the export holds no adapter (a full fine-tune needs no merge)", file=str(export_dir))
-    model, labels = load_exported(spec, export_dir)
+    with loading_whole():  # one rank merges: its base is loaded whole, never partitioned (ZeRO-3)
+        model, labels = load_exported(spec, export_dir)
     merged = model.merge_and_unload()
     out = export_dir / "merged"
     save_hf_model(merged, tokenizer, out, labels)

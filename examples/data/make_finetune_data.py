@@ -5,6 +5,8 @@
 - classify_{train,valid}.csv: `text,label` sentences about a cluster, labelled by
   topic (scheduling | storage | network): a small, separable classification task.
 - sft_{train,valid}.jsonl: `prompt`/`response` pairs (questions and short answers).
+- pairs_{train,valid}.jsonl: preference pairs `prompt`/`chosen`/`rejected`: the same questions,
+  the right answer chosen over another topic's.
 """
 
 import csv
@@ -51,6 +53,13 @@ def main() -> None:
                 topic = rng.choice(sorted(TOPICS))
                 prompt = f"Who is responsible here? {sentence(rng, topic)}"
                 f.write(json.dumps({"prompt": prompt, "response": answers[topic]}) + "\n")
+    for name, n in (("pairs_train.jsonl", 160), ("pairs_valid.jsonl", 40)):
+        with open(here / name, "w") as f:
+            for _ in range(n):
+                topic = rng.choice(sorted(TOPICS))
+                wrong = answers[rng.choice(sorted(set(TOPICS) - {topic}))]
+                prompt = f"Who is responsible here? {sentence(rng, topic)}"
+                f.write(json.dumps({"prompt": prompt, "chosen": answers[topic], "rejected": wrong}) + "\n")
     print("wrote", ", ".join(sorted(p.name for p in here.glob("*.csv")) + sorted(p.name for p in here.glob("*.jsonl"))))
 
 

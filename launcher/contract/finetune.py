@@ -62,10 +62,8 @@ class FinetuneBase(Strict):
     """What each validation set reports ("loss", "accuracy"...) and whether higher is better."""
     DEFAULT_BEST: ClassVar[str]
     """The metric that picks the best export unless `best_metric` says otherwise."""
-    LABEL_HEAD: ClassVar[bool] = False
-    """The model gets a new head over the label names (`labels`)."""
 
-    kind: str = Field(description="sft: prompt -> response; classify: text -> label")
+    kind: str = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
     lora: LoraSpec = LoraSpec()
     train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
@@ -113,6 +111,11 @@ class FinetuneBase(Strict):
         what = metric.rsplit("/", 1)[-1] if metric.startswith("val/") else metric.removeprefix("val_")
         return self.METRICS[what]
 
+    def head_labels(self) -> list[str] | None:
+        """The outputs of the head the model gets, as `plan` counts them before any file is
+        read (None: the model's own head)."""
+        return None
+
     def record_fields(self, record: dict) -> list[str]:
         """The fields this example must have (validate and the trainer read them)."""
         raise NotImplementedError
@@ -150,7 +153,7 @@ class SftSpec(FinetuneBase):
     METRICS: ClassVar[dict[str, bool]] = {"loss": False}
     DEFAULT_BEST: ClassVar[str] = "loss"
 
-    kind: Literal["sft"] = Field(description="sft: prompt -> response; classify: text -> label")
+    kind: Literal["sft"] = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
     prompt_field: str = Field("prompt", description="prompt field")
     response_field: str = Field("response", description="response field")
     messages_field: str = Field("messages", description="chat messages field (used when present)")
@@ -172,12 +175,14 @@ class ClassifySpec(FinetuneBase):
     MODEL_CLASS: ClassVar[str] = "AutoModelForSequenceClassification"
     METRICS: ClassVar[dict[str, bool]] = {"loss": False, "accuracy": True, "f1": True}
     DEFAULT_BEST: ClassVar[str] = "accuracy"
-    LABEL_HEAD: ClassVar[bool] = True
 
-    kind: Literal["classify"] = Field(description="sft: prompt -> response; classify: text -> label")
+    kind: Literal["classify"] = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
     text_field: str = Field("text", description="text field / column")
     label_field: str = Field("label", description="label field / column")
     labels: list[str] | None = Field(None, description="label names in id order (default: sorted from train)")
+
+    def head_labels(self) -> list[str]:
+        return list(self.labels) if self.labels else ["0", "1"]  # the head is tiny either way
 
     def record_fields(self, record: dict) -> list[str]:  # noqa: ARG002 - the same for every record
         return [self.text_field, self.label_field]
@@ -210,8 +215,35 @@ class ClassifySpec(FinetuneBase):
         return notes
 
 
-KINDS: dict[str, type[FinetuneBase]] = {"sft": SftSpec, "classify": ClassifySpec}
+class RewardSpec(FinetuneBase):
+    """A reward model from preference pairs: a one-output head scores prompt + response, trained
+    so that the chosen response scores above the rejected one (Bradley-Terry)."""
+
+    MODEL_CLASS: ClassVar[str] = "AutoModelForSequenceClassification"
+    METRICS: ClassVar[dict[str, bool]] = {"loss": False, "accuracy": True, "margin": True}
+    DEFAULT_BEST: ClassVar[str] = "accuracy"
+
+    kind: Literal["reward"] = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
+    prompt_field: str = Field("prompt", description="the prompt: a string, or chat messages")
+    chosen_field: str = Field("chosen", description="the preferred response: a string, or a list holding "
+                              "one assistant message")
+    rejected_field: str = Field("rejected", description="the other response, in the same form")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="weight of a term pulling rewards toward zero mean (TRL's name): "
+        "coefficient x mean((r_chosen + r_rejected)^2)")
+
+    def head_labels(self) -> list[str]:
+        return ["reward"]
+
+    def record_fields(self, record: dict) -> list[str]:  # noqa: ARG002 - the same for every record
+        return [self.prompt_field, self.chosen_field, self.rejected_field]
+
+    def csv_columns(self) -> list[str]:
+        return [self.prompt_field, self.chosen_field, self.rejected_field]
+
+
+KINDS: dict[str, type[FinetuneBase]] = {"sft": SftSpec, "classify": ClassifySpec, "reward": RewardSpec}
 """Every fine-tuning kind by its `kind` value."""
 
-FinetuneSpec = Annotated[SftSpec | ClassifySpec, Field(discriminator="kind")]
+FinetuneSpec = Annotated[SftSpec | ClassifySpec | RewardSpec, Field(discriminator="kind")]
 """The `finetune` section: the class of its `kind`."""

@@ -170,7 +170,7 @@ def test_prompt_tokens_carry_no_loss(tiny_llama):
         assert labels[:n_prompt] == [-100] * n_prompt
         assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
     sft = kind_task(spec.finetune)
-    batch = ExampleDataset(tk, tok.pad_token_id, sft.batch_labels).batch([0, 1, 2, 3])
+    batch = ExampleDataset(tk, tok.pad_token_id, sft.collate).batch([0, 1, 2, 3])
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     with torch.no_grad():
         loss, logits = sft.loss(model, batch, torch.device("cpu"))

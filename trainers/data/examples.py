@@ -38,12 +38,23 @@ class Tokenized:
     truncated: int
 
 
-class ExampleDataset:
-    """Tokenized examples; `__getitems__` pads one micro-batch to its longest example, and the
-    kind turns its examples' labels into the batch's (`batch_labels(labels, width)`)."""
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `rows` padded on the right to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    return ids, mask
 
-    def __init__(self, tk: Tokenized, pad_id: int, batch_labels: Callable[[list, int], torch.Tensor]) -> None:
-        self.tk, self.pad_id, self.batch_labels = tk, pad_id, batch_labels
+
+class ExampleDataset:
+    """Tokenized examples; `__getitems__` makes one micro-batch of them, as the kind collates
+    its examples (`collate(tk, indices, pad_id)`: padded to the longest)."""
+
+    def __init__(self, tk: Tokenized, pad_id: int, collate: Callable[[Tokenized, list[int], int], dict]) -> None:
+        self.tk, self.pad_id, self.collate = tk, pad_id, collate
 
     def __len__(self) -> int:
         return len(self.tk.input_ids)
@@ -53,12 +64,4 @@ class ExampleDataset:
         return self.batch(idx)
 
     def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        rows = [self.tk.input_ids[i] for i in idx]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": self.batch_labels([self.tk.labels[i] for i in idx], width)}
+        return self.collate(self.tk, idx, self.pad_id)

@@ -2,6 +2,7 @@
 
     sft.py        prompt -> response (or chat messages): loss on the response, perplexity
     classify.py   text -> label: a classification head, accuracy and macro-F1
+    reward.py     preference pairs -> a scalar score: Bradley-Terry loss, pair accuracy, margin
 
 A kind's spec section (its fields, the metrics it reports and which way each is better, the
 transformers class of its model) is its class in `launcher/contract/finetune.py`; here is what
@@ -37,8 +38,9 @@ class KindTask(Protocol):
     def for_training(self, tk: Tokenized) -> Tokenized:
         """The training examples as trained on (sft: packed where the spec asks)."""
 
-    def batch_labels(self, labels: list, width: int) -> torch.Tensor:
-        """A micro-batch's labels from its examples' (`width`: the padded length)."""
+    def collate(self, tk: Tokenized, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """The micro-batch of examples `idx`: input_ids, attention_mask (padded on the right)
+        and what the loss needs."""
 
     def loss(self, module: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss of a micro-batch, the model's logits)."""
@@ -53,6 +55,7 @@ class KindTask(Protocol):
 def kind_task(ft) -> KindTask:
     """The task of the spec's `finetune.kind`."""
     from hpctrain.trainers.tasks.classify import Classify
+    from hpctrain.trainers.tasks.reward import Reward
     from hpctrain.trainers.tasks.sft import SFT
 
-    return {"sft": SFT, "classify": Classify}[ft.kind](ft)
+    return {"sft": SFT, "classify": Classify, "reward": Reward}[ft.kind](ft)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import ClassifySpec
-from hpctrain.trainers.data.examples import Tokenized, field_value
+from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
 
 
 class Classify:
@@ -32,8 +32,10 @@ class Classify:
     def for_training(self, tk: Tokenized) -> Tokenized:
         return tk
 
-    def batch_labels(self, labels: list[int], width: int) -> torch.Tensor:  # noqa: ARG002 - one per example
-        return torch.tensor(labels, dtype=torch.long)
+    def collate(self, tk: Tokenized, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        ids, mask = pad_rows([tk.input_ids[i] for i in idx], pad_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([tk.labels[i] for i in idx], dtype=torch.long)}
 
     def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy on the labels, logits)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import SftSpec
-from hpctrain.trainers.data.examples import Tokenized, field_value
+from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
 
 # The plain template used when a tokenizer has no chat template (documented in docs/finetuning.md).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
@@ -38,11 +38,12 @@ class SFT:
     def for_training(self, tk: Tokenized) -> Tokenized:
         return pack(tk, self.ft.seq_len) if self.ft.packing else tk
 
-    def batch_labels(self, labels: list[list[int]], width: int) -> torch.Tensor:
-        out = torch.full((len(labels), width), -100, dtype=torch.long)
-        for j, row in enumerate(labels):
-            out[j, : len(row)] = torch.tensor(row)
-        return out
+    def collate(self, tk: Tokenized, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        ids, mask = pad_rows([tk.input_ids[i] for i in idx], pad_id)
+        labels = torch.full(ids.shape, -100, dtype=torch.long)
+        for j, i in enumerate(idx):
+            labels[j, : len(tk.labels[i])] = torch.tensor(tk.labels[i])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(next-token loss on response tokens, logits)."""
@@ -66,7 +67,7 @@ def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
     ids_all, labels_all, cut = [], [], 0
     for line, rec in records:
         if ft.messages_field in rec:
-            prompt_ids, response_ids = _chat(rec[ft.messages_field], tok, path, line, ft.messages_field)
+            prompt_ids, response_ids = chat_ids(rec[ft.messages_field], tok, path, line, ft.messages_field)
         else:
             prompt = field_value(rec, ft.prompt_field, path, line, "finetune.prompt_field")
             response = field_value(rec, ft.response_field, path, line, "finetune.response_field")
@@ -81,7 +82,7 @@ def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
     return Tokenized(ids_all, labels_all, cut)
 
 
-def _chat(messages, tok, path: str, line: int, field: str) -> tuple[list[int], list[int]]:
+def chat_ids(messages, tok, path: str, line: int, field: str) -> tuple[list[int], list[int]]:
     """Prompt = every message but the last; response = the last (assistant) message."""
     if not isinstance(messages, list) or len(messages) < 2 or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
