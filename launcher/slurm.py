@@ -252,15 +252,18 @@ class NodeTask:
 
     def _disk_full(self, env, cause: OSError) -> None:
         """This node task met a full disk itself: the one line (naming the newest checkpoint),
-        recorded where it fits, and the job ends without a requeue or a retry."""
+        recorded where it fits, and the whole job ends without a requeue or a retry: cancelled,
+        since the other node tasks may already wait for this one in torchrun's rendezvous."""
         free_reserve(self.run_dir)
         line = disk_full_reason(self.run_dir, cause)
-        print(f"hpctrain: {line}\nhpctrain: not requeued or retried", flush=True)
+        with contextlib.suppress(OSError):
+            print(f"hpctrain: {line}\nhpctrain: not requeued or retried", flush=True)
+        with contextlib.suppress(OSError):
+            mark_failed(self.run_dir, line, disk_full=True)
         if env.global_rank == 0:
             with contextlib.suppress(OSError):
-                mark_failed(self.run_dir, line, disk_full=True)
-            with contextlib.suppress(OSError):
                 self._release(env, env.job_id)
+        subprocess.run(["scancel", env.job_id], check=False, timeout=60)
 
     def _run(self, env) -> str:
         import submitit
