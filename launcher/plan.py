@@ -71,6 +71,7 @@ class Estimate:
     states: float  # bytes per rank, on the device
     activations: float
     host: float  # bytes per rank in host memory (offload)
+    frozen: float = 0.0  # bytes per rank a frozen model of this size adds, held as this engine holds it
 
     @property
     def device(self) -> float:
@@ -136,18 +137,22 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
     # block's are prefetched; without resharding after the forward every block's stay gathered
     fsdp_shards = (ddp_w * (m.total - q) + 12 * pt) / n
     fsdp_gathered = 3 * p * m.largest_layer + (0 if spec.engine.reshard_after_forward else p * (m.total - q))
+    # a frozen model beside it (Engine.frozen: a DPO reference, a reward model): its weights only,
+    # whole under DDP and ZeRO 1-2, partitioned under ZeRO-3, sharded under FSDP2 (its gathers
+    # reuse the room the trained model's take, one block at a time)
+    frozen_fsdp = ddp_w * (m.total - q) / n
     out = [
-        Estimate("ddp", {"type": "ddp"}, weights_ddp + (16 if n > 1 else 12) * pt, act, 0.0),
-        Estimate("zero1", ds(1), weights + p * pt + opt + buckets, act, 0.0),
-        Estimate("zero2", ds(2), weights + p * pt / n + opt + buckets, act, 0.0),
-        Estimate("zero3", ds(3), (weights + p * pt) / n + opt + layer + buckets3 + live3, act, 0.0),
+        Estimate("ddp", {"type": "ddp"}, weights_ddp + (16 if n > 1 else 12) * pt, act, 0.0, weights_ddp),
+        Estimate("zero1", ds(1), weights + p * pt + opt + buckets, act, 0.0, weights),
+        Estimate("zero2", ds(2), weights + p * pt / n + opt + buckets, act, 0.0, weights),
+        Estimate("zero3", ds(3), (weights + p * pt) / n + opt + layer + buckets3 + live3, act, 0.0, weights / n),
         Estimate("zero2+offload_optimizer", ds(2, offload_optimizer="cpu"), weights + p * pt / n + buckets, act,
-                 opt),
+                 opt, weights),
         Estimate("zero3+offload_optimizer", ds(3, offload_optimizer="cpu"),
-                 (weights + p * pt) / n + layer + buckets3 + live3, act, opt),
+                 (weights + p * pt) / n + layer + buckets3 + live3, act, opt, weights / n),
         Estimate("zero3+offload_all", ds(3, offload_optimizer="cpu", offload_params="cpu"),
                  p * pt / n + layer + buckets3 + live3, act, opt + weights / n),
-        Estimate("fsdp", {"type": "fsdp"}, fsdp_shards + fsdp_gathered, act, 0.0),
+        Estimate("fsdp", {"type": "fsdp"}, fsdp_shards + fsdp_gathered, act, 0.0, frozen_fsdp),
         Estimate("fsdp+offload", {"type": "fsdp", "offload_params": "cpu"}, fsdp_gathered, act, fsdp_shards),
     ]
     return out
@@ -306,6 +311,10 @@ def report(spec: RunSpec, gpu_mem_gb: float | None) -> str:
                      f"{_gib(e.host * c.procs_per_node) if e.host else '-':>21}"
                      f"{_gib(load_bytes(spec, m, e.engine) * c.procs_per_node):>12}{fit}{mark}")
     lines.append("")
+    lines.append("a frozen model of this size beside it (a DPO reference, a reward model), held as each engine "
+                 "holds the one it trains, adds per device: "
+                 + ", ".join(f"{e.name} {_gib(e.frozen)}" for e in rows if e.frozen)
+                 + " (the offloading rows hold it in host memory)")
     load = load_bytes(spec, m)
     lines.append(f"at load, host memory while each rank builds the model (load/node: all its ranks): {_gib(load)} "
                  f"per rank, {_gib(load * c.procs_per_node)} per node; whole on every rank but under fsdp (each "

@@ -161,3 +161,22 @@ def test_the_sharding_engines_hold_less_than_ddp_per_rank():
     assert PEAKS["fsdp"] <= 0.9 * PEAKS["ddp"], PEAKS
     assert PEAKS["deepspeed"] <= 0.95 * PEAKS["ddp"], PEAKS
 
+
+
+def test_plan_counts_a_frozen_model_held_as_each_engine_holds_the_trained_one(tmp_path):
+    """A DPO reference or a reward model beside the policy (Engine.frozen): whole weights on every
+    rank under DDP and ZeRO 1-2, a 1/32 share on each of the 32 ranks under ZeRO-3 and FSDP2."""
+    import re
+
+    spec = write_spec(tmp_path / "s.yaml", _big_spec(tmp_path))
+    r = run_cli("plan", str(spec), "--gpu-mem", "80")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("a frozen model of this size"))
+    gib = {name: float(v) * (1 / 1024 if unit == "MiB" else 1)
+           for name, v, unit in re.findall(r"(\S+) ([\d.]+) (GiB|MiB)", line)}
+    n = 6_738_415_616  # Llama-2-7B's parameters (the table's first line says so)
+    assert gib["ddp"] == pytest.approx(4 * n / 2**30, rel=1e-2)  # fp32 weights, whole
+    assert gib["zero1"] == gib["zero2"] == pytest.approx(2 * n / 2**30, rel=1e-2)  # bf16 weights, whole
+    assert gib["zero3"] == pytest.approx(gib["zero1"] / 32, rel=2e-2)
+    assert gib["fsdp"] == pytest.approx(gib["ddp"] / 32, rel=2e-2)
+    assert "zero3+offload_all" not in gib and "fsdp+offload" not in gib  # in host memory there
