@@ -91,6 +91,10 @@ def _read_examples(path: str, spec: RunSpec, spec_field: str, errors: list[UserE
                 errors.append(UserError(f"line {n} has no field '{name}' (has {sorted(rec)})",
                                         file=path, field=spec_field))
                 found += 1
+        problem = None if found else ft.record_problem(rec)
+        if problem is not None:
+            errors.append(UserError(f"line {n}: {problem}", file=path, field=spec_field))
+            found += 1
         if found >= limit:
             return None
     return None if found else [rec for _, rec in rows]

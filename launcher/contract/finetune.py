@@ -124,6 +124,10 @@ class FinetuneBase(Strict):
         """The columns a CSV file of examples needs, or None where the kind reads JSONL only."""
         return None
 
+    def record_problem(self, record: dict) -> str | None:  # noqa: ARG002 - most kinds have none
+        """What is wrong with one example beyond a missing field (validate and the trainer ask)."""
+        return None
+
     def epoch_known_from_files(self) -> bool:
         """Whether an epoch's examples are counted from the files (not after tokenizing)."""
         return True
@@ -234,6 +238,11 @@ class RewardSpec(FinetuneBase):
 
     def head_labels(self) -> list[str]:
         return ["reward"]
+
+    def record_problem(self, record: dict) -> str | None:
+        if record.get(self.chosen_field) == record.get(self.rejected_field):
+            return "chosen and rejected are the same response: the pair prefers nothing (refused)"
+        return None
 
     def record_fields(self, record: dict) -> list[str]:  # noqa: ARG002 - the same for every record
         return [self.prompt_field, self.chosen_field, self.rejected_field]

@@ -117,6 +117,32 @@ def test_a_reward_model_ranks_held_out_pairs_and_resumes_bitwise(tmp_path):
     assert [got[s] for s in range(stopped + 1, 25)] == [want[s] for s in range(stopped + 1, 25)]
 
 
+def test_bad_pairs_are_refused_naming_the_file_and_line(tmp_path, tiny_llama):
+    """A pair whose two sides are the same is refused by validate (exit 2, before anything runs)
+    and by the trainer; a prompt that leaves no room for a response at seq_len too."""
+    from transformers import AutoTokenizer
+
+    from hpctrain.trainers.tasks import kind_task
+
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"prompt": "Who decides?", "chosen": "The scheduler.", "rejected": "The switch."},
+             {"prompt": "Who keeps it?", "chosen": "The file system.", "rejected": "The file system."}]
+    pairs.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = reward_spec(tmp_path / "run")
+    spec["finetune"].update(train_file=str(pairs), valid_file=None)
+    r = run_cli("validate", str(write_spec(tmp_path / "s.yaml", spec)))
+    assert r.returncode == 2 and f"{pairs}: finetune.train_file: line 2: chosen and rejected are the same" in r.stderr, \
+        r.stderr
+    assert not (tmp_path / "run").exists()
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    reward = kind_task(spec_from_dict(spec).finetune.model_copy(update={"seq_len": 40}))
+    with pytest.raises(UserError, match="line 2: chosen and rejected are the same"):
+        reward.tokenize([(1, lines[0]), (2, lines[1])], tok, str(pairs), None)
+    with pytest.raises(UserError, match="line 1: the prompt alone takes .* no room for a response at seq_len 40"):
+        reward.tokenize([(1, {**lines[0], "prompt": "Who decides? " * 10})], tok, str(pairs), None)
+
+
 def test_a_chat_pair_needs_one_assistant_message_per_side(tiny_llama):
     from transformers import AutoTokenizer
 

@@ -39,6 +39,9 @@ class Reward:
         """`input_ids`: the chosen sides; `labels`: the rejected sides (each prompt + response)."""
         chosen, rejected, cut = [], [], 0
         for line, rec in records:
+            problem = self.ft.record_problem(rec)
+            if problem is not None:
+                raise UserError(f"line {line}: {problem}", file=path)
             pair = [self._side(rec, tok, path, line, field) for field in (self.ft.chosen_field,
                                                                          self.ft.rejected_field)]
             cut += any(len(ids) > self.ft.seq_len for ids in pair)
@@ -56,9 +59,15 @@ class Reward:
                                 field=f"finetune.{_spec_field(self.ft, field)}")
             prompt_ids, response_ids = chat_ids(prompt + response, tok, path, line, self.ft.prompt_field)
             return prompt_ids + response_ids
+        text = PROMPT_TEMPLATE.format(prompt=prompt)
+        room = self.ft.seq_len - len(tok(text)["input_ids"])
+        if room < 1:
+            raise UserError(f"line {line}: the prompt alone takes {self.ft.seq_len - room} tokens: no room for a "
+                            f"response at seq_len {self.ft.seq_len}", file=path, field="finetune.seq_len",
+                            expected="a longer seq_len, or a shorter prompt")
         # one text, with the model's own markers around it ([CLS] ... [SEP] for BERT; none for most
         # decoders): what a user's scoring of prompt + response gives
-        return tok(PROMPT_TEMPLATE.format(prompt=prompt) + str(response))["input_ids"]
+        return tok(text + str(response))["input_ids"]
 
     def for_training(self, tk: Tokenized) -> Tokenized:
         return tk
