@@ -93,6 +93,7 @@ class AfterAttempt:
     action: Action
     exit_code: int  # the command's exit code where the run ends here (local) or the job's verdict
     line: str = ""  # what the user is told ("" where the launcher's own report says it all)
+    verdict: RetryVerdict | None = None  # the failure policy's, for a failed attempt
 
 
 def after_attempt(outcome: Outcome, status: Status, retries_allowed: int, scope: str) -> AfterAttempt:
@@ -116,19 +117,20 @@ def after_attempt(outcome: Outcome, status: Status, retries_allowed: int, scope:
     verdict = retry_verdict(earlier, status.step, retries_allowed)
     if verdict.retry:
         return AfterAttempt(Action.RETRY, 1, f"{status.reason} at step {status.step}: retry {len(earlier) + 1} of "
-                                             f"{retries_allowed} (cluster.retries_on_failure)")
+                                             f"{retries_allowed} (cluster.retries_on_failure)", verdict)
     if verdict.repeated_step:
-        return AfterAttempt(Action.GIVE_UP, 1, f"step {status.step} failed twice in a row: not retrying; fix the cause")
-    return AfterAttempt(Action.GIVE_UP, 1, verdict.why)
+        return AfterAttempt(Action.GIVE_UP, 1, f"step {status.step} failed twice in a row: not retrying; fix the cause",
+                            verdict)
+    return AfterAttempt(Action.GIVE_UP, 1, verdict.why, verdict)
 
 
 def record_after_failure(run_dir: str | Path, status: Status, scope: str, retries_allowed: int) -> AfterAttempt:
     """`after_attempt` for a failed attempt whose reason is recorded, with its record made: a
     retry joins the status's history (its scope's budget), a step that failed twice in a row
     joins the failure's reason."""
-    verdict = retry_verdict(status.retried_steps(scope), status.step, retries_allowed)
-    if verdict.retry:
+    after = after_attempt(Outcome.FAILED, status, retries_allowed, scope)
+    if after.action is Action.RETRY:
         record_retry(run_dir, status.reason, status.step, scope=scope)
-    elif verdict.repeated_step:
-        mark_failed(run_dir, f"{status.reason}; {verdict.why}")
-    return after_attempt(Outcome.FAILED, status, retries_allowed, scope)
+    elif after.verdict is not None and after.verdict.repeated_step:
+        mark_failed(run_dir, f"{status.reason}; {after.verdict.why}")
+    return after

@@ -188,21 +188,24 @@ def lr_lambda(spec: RunSpec, total: int) -> Callable[[int], float]:
     return f
 
 
-class EngineClass(Protocol):
-    """What an engine's class answers before the model exists (`engine_class(spec)`)."""
+class EngineClass:
+    """What an engine's class answers before the model exists (`engine_class(spec)`): every
+    engine subclasses it and overrides what differs from these defaults (a whole model on
+    every rank, nothing to import or set up first)."""
 
-    needs_process_group: bool
+    needs_process_group = False
     """A process group even in one process (DeepSpeed's communication layer and FSDP's device
     mesh need one; DDP in one process runs without)."""
 
-    loads_sharded: bool
+    loads_sharded = False
     """The engine takes the model with its parameters on the meta device and materializes only
     each rank's shards (fsdp); the others take a whole model."""
 
     @classmethod
-    def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:
+    def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:  # noqa: ARG003
         """Each rank holds a shard of the weights and gathers a block's at a time (fsdp, ZeRO-3):
         the trainer's malloc setting for those buffers differs (trainers/entry.py)."""
+        return False
 
     @classmethod
     def prepare(cls, spec: RunSpec, dist_info) -> None:
@@ -216,6 +219,7 @@ class EngineClass(Protocol):
     def build(cls, spec: RunSpec, model, dist_info, total_steps: int, accum: int, trainable_only: bool = False,
               on_meta: bool = False, weights_from: Path | None = None) -> Engine:
         """The engine around `model`, with its optimizer and LR schedule from the spec."""
+        raise NotImplementedError
 
 
 def engine_class(spec: RunSpec) -> type[EngineClass]:

@@ -15,6 +15,7 @@ from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.checkpoint import save_tensor_file
 from hpctrain.trainers.engines import (
     Capabilities,
+    EngineClass,
     Frozen,
     adamw,
     clip_and_step,
@@ -26,25 +27,11 @@ if TYPE_CHECKING:
     from hpctrain.trainers.model import HFExport
 
 
-class DDPEngine:
+class DDPEngine(EngineClass):
     """Whole replicas on every rank (one process: no DDP wrapper), bf16 by autocast over fp32
     weights where the spec asks."""
 
     capabilities = Capabilities(whole_weights=True, state_on_rank0=True)
-    needs_process_group = False  # one process runs without a process group
-    loads_sharded = False
-
-    @classmethod
-    def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:  # noqa: ARG003
-        return False
-
-    @classmethod
-    def prepare(cls, spec: RunSpec, dist_info) -> None:
-        pass
-
-    @classmethod
-    def prepare_model_loading(cls, spec: RunSpec, dist_info) -> None:
-        pass
 
     @classmethod
     def build(cls, spec: RunSpec, model, dist_info, total_steps: int, accum: int, trainable_only: bool = False,

@@ -32,6 +32,7 @@ from hpctrain.launcher.contract.ds_config import build_ds_config, zero3_live_par
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.engines import (
     Capabilities,
+    EngineClass,
     Frozen,
     adamw,
     config_params,
@@ -169,12 +170,11 @@ def _sized_for(ds_config: dict, model: torch.nn.Module, world: int) -> dict:
     return fill_bucket_sizes(ds_config, sum(sizes), hidden, world, max(sizes, default=0))
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineClass):
     """DeepSpeed ZeRO 1-3 over all ranks: optimizer state (and gradients at 2, parameters at 3)
     partitioned; our optimizer and LR schedule handed to DeepSpeed as client objects."""
 
     needs_process_group = True  # DeepSpeed's communication layer runs over a process group
-    loads_sharded = False
 
     @classmethod
     def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:

@@ -28,6 +28,7 @@ from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.checkpoint import save_tensor_file
 from hpctrain.trainers.engines import (
     Capabilities,
+    EngineClass,
     Frozen,
     adamw,
     clip_and_step,
@@ -80,7 +81,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-class FSDPEngine:
+class FSDPEngine(EngineClass):
     """FSDP2 over all ranks: parameters, gradients and optimizer state sharded."""
 
     capabilities = Capabilities(whole_weights=False, state_on_rank0=False, saves_in_background=True)
@@ -91,14 +92,6 @@ class FSDPEngine:
     @classmethod
     def gathers_by_block(cls, spec: RunSpec, world_size: int) -> bool:  # noqa: ARG003
         return True
-
-    @classmethod
-    def prepare(cls, spec: RunSpec, dist_info) -> None:
-        pass
-
-    @classmethod
-    def prepare_model_loading(cls, spec: RunSpec, dist_info) -> None:
-        pass
 
     @classmethod
     def build(cls, spec: RunSpec, model, dist_info, total_steps: int, accum: int, trainable_only: bool = False,

@@ -57,7 +57,8 @@ class Reward:
                 raise UserError(f"line {line}: a chat pair has a list of messages as the prompt and a list of "
                                 "one assistant message as each response", file=path,
                                 field=f"finetune.{_spec_field(self.ft, field)}")
-            prompt_ids, response_ids = chat_ids(prompt + response, tok, path, line, self.ft.prompt_field)
+            prompt_ids, response_ids = chat_ids(prompt + response, tok, path, line, self.ft.prompt_field,
+                                                "finetune.prompt_field")
             return prompt_ids + response_ids
         text = PROMPT_TEMPLATE.format(prompt=prompt)
         room = self.ft.seq_len - len(tok(text)["input_ids"])

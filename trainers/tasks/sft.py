@@ -82,13 +82,15 @@ def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
     return Tokenized(ids_all, labels_all, cut)
 
 
-def chat_ids(messages, tok, path: str, line: int, field: str) -> tuple[list[int], list[int]]:
-    """Prompt = every message but the last; response = the last (assistant) message."""
+def chat_ids(messages, tok, path: str, line: int, field: str,
+             spec_field: str = "finetune.messages_field") -> tuple[list[int], list[int]]:
+    """Prompt = every message but the last; response = the last (assistant) message (`field`:
+    the record's field they came from; `spec_field`: the spec field that names it)."""
     if not isinstance(messages, list) or len(messages) < 2 or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):
         raise UserError(f"line {line}: '{field}' must be a list of >= 2 {{role, content}} messages",
-                        file=path, field="finetune.messages_field")
+                        file=path, field=spec_field)
     if getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
         full = tok.apply_chat_template(messages, tokenize=True)
