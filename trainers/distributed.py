@@ -96,6 +96,14 @@ def from_main_rank(values: list[int]) -> list[int]:
     return [int(x) for x in t.tolist()]
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks (in place; one all-reduce): each rank fills its own entries and
+    leaves the rest zero to share them, or rank 0 alone fills them to send its values."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def mean_over_ranks(values: list[float]) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values

@@ -24,7 +24,7 @@ from hpctrain.trainers.data.examples import ExampleDataset, read_records
 from hpctrain.trainers.distributed import Dist
 from hpctrain.trainers.entry import frozen_spec
 from hpctrain.trainers.finetune import evaluate
-from hpctrain.trainers.model import quiet_libraries
+from hpctrain.trainers.model import build_model, quiet_libraries
 from hpctrain.trainers.peft_model import load_exported, merge
 from hpctrain.trainers.tasks import kind_task
 
@@ -56,6 +56,7 @@ def run_eval(run_dir: Path, data: str) -> dict:
     kind = kind_task(spec.finetune)
     tk = kind.tokenize(read_records(data), tok, data, labels)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kind.use_initial_model(lambda: build_model(spec, labels, pad).model)  # DPO's reference
     d = Dist(0, 1, 0, 1, torch.device("cpu"))
     res = evaluate(model, ExampleDataset(tk, pad, kind.collate), kind, spec.training.micro_batch, d)
     return {"examples": len(tk.input_ids), **res}

@@ -7,6 +7,8 @@ no product code path knows about them. Unset (always, outside the test suite), n
     HPCTRAIN_FAULT_STALL=RANK:STEP                     RANK stops making progress after STEP
     HPCTRAIN_FAULT_SLOW_STEP_S=SECONDS                 every step takes SECONDS longer, idle (a
                                                        slow step without the CPU it would burn)
+    HPCTRAIN_FAULT_SLOW_REFERENCE_PART_S=SECONDS       every part of DPO's reference pass takes
+                                                       SECONDS longer (a window to stop the pass)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Faults:
     fail_at_step: int | None = None
     stall: tuple[int, int] | None = None
     slow_step: float | None = None
+    slow_reference_part: float | None = None
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Faults:
@@ -45,16 +48,18 @@ class Faults:
             fail_at_step=_read(env, "HPCTRAIN_FAULT_FAIL_AT_STEP", int),
             stall=_read(env, "HPCTRAIN_FAULT_STALL", int, int),
             slow_step=_read(env, "HPCTRAIN_FAULT_SLOW_STEP_S", float),
+            slow_reference_part=_read(env, "HPCTRAIN_FAULT_SLOW_REFERENCE_PART_S", float),
         )
 
     def __bool__(self) -> bool:
         return any(v is not None for v in (self.pause_before_commit, self.fail_at_step, self.stall,
-                                           self.slow_step))
+                                           self.slow_step, self.slow_reference_part))
 
 
 def install(faults: Faults) -> None:
-    """Wrap the points the switches act at: a checkpoint's publication, and a rank's step
-    boundary (after its watchdog heard of the step, as a real crash or stall would be)."""
+    """Wrap the points the switches act at: a checkpoint's publication, a rank's step boundary
+    (after its watchdog heard of the step, as a real crash or stall would be), a part of the
+    reference pass."""
     if not faults:
         return
     from hpctrain.trainers.checkpoint import Checkpointer
@@ -91,3 +96,15 @@ def install(faults: Faults) -> None:
             return original(self, step, total, step_seconds, *args, **kwargs)
 
         Run.after_step = after_step
+
+    if faults.slow_reference_part is not None:
+        from hpctrain.trainers.tasks.reference import Precompute
+
+        part = Precompute._part
+
+        @functools.wraps(part)
+        def slow_part(self, *args, **kwargs):
+            time.sleep(faults.slow_reference_part)
+            return part(self, *args, **kwargs)
+
+        Precompute._part = slow_part

@@ -1,4 +1,4 @@
-"""Fine-tuning (full | lora | qlora) for SFT and classification, with the same resume guarantees.
+"""Fine-tuning (full | lora | qlora) of every kind (trainers/tasks/), with the same resume guarantees.
 
 Started by `hpctrain run SPEC` (task: finetune) like pretraining:
 
@@ -17,6 +17,8 @@ sampler and RNG states.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hpctrain.launcher.contract.fast_exit import exit_process
@@ -26,11 +28,12 @@ from hpctrain.launcher.contract.spec import RunSpec, metric_key
 from hpctrain.trainers import loop
 from hpctrain.trainers.data.examples import ExampleDataset, read_records, split_indices
 from hpctrain.trainers.data.loader import TrainBatches
-from hpctrain.trainers.distributed import Dist, eval_slices
+from hpctrain.trainers.distributed import Dist, eval_slices, sum_over_ranks
 from hpctrain.trainers.engines import Engine, build_engine, engine_class
 from hpctrain.trainers.entry import Launch, entry_parser, run_entry, seed_everything
 from hpctrain.trainers.kernels import use_kernels
 from hpctrain.trainers.model import (
+    BuiltModel,
     HFExport,
     export_shard_bytes,
     flops_per_token,
@@ -40,7 +43,7 @@ from hpctrain.trainers.model import (
 )
 from hpctrain.trainers.peft_model import build_finetune_model, merge, parameter_report
 from hpctrain.trainers.run import Run
-from hpctrain.trainers.tasks import KindTask, kind_task
+from hpctrain.trainers.tasks import KindTask, Start, kind_task
 
 
 def load_examples(spec: RunSpec, tok, kind: KindTask):
@@ -95,13 +98,16 @@ class FineTuning:
     classification loss, and validation that keeps the best export and may stop early."""
 
     def __init__(self, run: Run, kind: KindTask, batches: TrainBatches, valid: list[tuple[str | None, ExampleDataset]],
-                 labels, tok) -> None:
+                 labels, tok, model: torch.nn.Module, initial_model: Callable[[], BuiltModel]) -> None:
         self.spec, self.ft, self.d, self.mon, self.kind = run.spec, run.spec.finetune, run.d, run.mon, kind
+        self.run, self.model, self.initial_model = run, model, initial_model
+        self.datasets = [("train", batches.dataset)] + [("valid" if n is None else f"valid-{n}", v) for n, v in valid]
         self.run_dir = RunDir(run.run_dir)
         self.batches, self.valid, self.labels, self.tok = batches, valid, labels, tok
         self.metric = self.ft.best()
         self.best: float | None = None
         self.stale = 0  # evaluations since the best
+        self.window = torch.zeros(kind.counts_size, dtype=torch.float64)  # logged steps' counts (DPO)
 
     def describe(self, step: int, total: int) -> str:
         ft, t = self.ft, self.spec.training
@@ -109,7 +115,20 @@ class FineTuning:
                 f"{t.global_batch}, accum {self.batches.accum}, steps {step}->{total}, best by {self.metric}")
 
     def loss(self, module, micro_batch: dict) -> torch.Tensor:
-        return self.kind.loss(module, micro_batch, self.d.device)[0]
+        loss, out = self.kind.loss(module, micro_batch, self.d.device)
+        if self.kind.logs_training_metrics:
+            self.window += self.kind.counts(micro_batch, out)
+        return loss
+
+    def before_steps(self, engine: Engine, resumed: bool) -> str | None:
+        return self.kind.before_steps(Start(self.run, engine, self.model, self.datasets, resumed, self.initial_model))
+
+    def window_metrics(self) -> dict:
+        if not self.kind.logs_training_metrics:
+            return {}
+        counts = sum_over_ranks(self.window)
+        self.window = torch.zeros_like(self.window)
+        return self.kind.metrics(float("nan"), counts)
 
     def tokens(self, micro_batches: list[dict]) -> int:
         return sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # without padding
@@ -123,8 +142,7 @@ class FineTuning:
             for name, data in self.valid:  # every set: its loss (and accuracy, F1), the whole set each time
                 one = evaluate(module, data, self.kind, self.spec.training.micro_batch, self.d)
                 shown.append((f"{name} " if name else "") + " | ".join(f"{k} {v:.4f}" for k, v in one.items()))
-                if name is not None:
-                    one = {metric_key(name, k.removeprefix("val_")): v for k, v in one.items()}
+                one = {metric_key(name, k.removeprefix("val_")): v for k, v in one.items()}
                 res.update(one)
         self.mon.log({"step": step, **res})
         self.mon.print("  validation: " + "; ".join(shown))
@@ -189,7 +207,9 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     run.measure(flops_per_token(model, mean_context(len(x) for x in train_set.tk.input_ids)))
     engine = build_engine(spec, model, d, total, batches.accum, trainable_only=ft.trains.adapter,
                           on_meta=built.on_meta, weights_from=built.weights_from)
-    return loop.train(run, engine, FineTuning(run, kind, batches, valid_set, labels, tok), total)
+    task = FineTuning(run, kind, batches, valid_set, labels, tok, model,
+                      initial_model=lambda: build_finetune_model(spec, labels, train_set.pad_id))
+    return loop.train(run, engine, task, total)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The one training loop. Pretraining and fine-tuning each supply a `Task` (their data,
 objective and evaluation); everything else is here, top to bottom:
 
-    resume -> [ fetch a step's micro-batches -> forward/backward each -> step -> log
+    resume -> before steps -> [ fetch a step's micro-batches -> forward/backward each -> step -> log
                 -> maybe evaluate -> agree on save/stop (maybe save) ] -> export -> finished
 """
 
@@ -34,6 +34,12 @@ class Task(Protocol):
 
     def tokens(self, micro_batches: list[dict]) -> int:
         """This rank's tokens of model work in a step (padding left out)."""
+
+    def before_steps(self, engine: Engine, resumed: bool) -> str | None:
+        """Once per attempt, before its first step (DPO's reference pass); a reason to stop."""
+
+    def window_metrics(self) -> dict:
+        """At a logged step, every rank: the task's own training metrics since the last one."""
 
     def evaluate(self, engine: Engine, step: int, total: int) -> bool:
         """Evaluate if due at `step` (log, print, keep the best); True to stop early."""
@@ -71,6 +77,9 @@ def _train(run: Run, engine: Engine, task: Task, total: int) -> str:
         task.resumed(meta.task)
     mon.print(task.describe(step, total))
     run.started(step, total)
+    reason = task.before_steps(engine, resumed=meta is not None)
+    if reason:
+        return run.preempted(step, total, reason, saved=False)
     # Everything built so far (model, tokenizer, libraries) lives for the whole run: keep the
     # garbage collector from rescanning it on every collection during the loop.
     gc.collect()
@@ -96,7 +105,7 @@ def _train(run: Run, engine: Engine, task: Task, total: int) -> str:
         if step % spec.training.log_every == 0 or step == total:
             elapsed = time.perf_counter() - t_start
             mon.log({"step": step, "loss": loss_mean, "lr": engine.lr, "grad_norm": grad_norm,
-                     "tokens_seen": tokens_seen, **run.window_metrics()})
+                     "tokens_seen": tokens_seen, **task.window_metrics(), **run.window_metrics()})
             mfu = f" | mfu {run.last_mfu:.1%}" if run.last_mfu is not None else ""
             mon.print(f"step {step}/{total} | loss {loss_mean:.4f} | lr {engine.lr:.2e} | "
                       f"{tokens_timed / elapsed:,.0f} tok/s{mfu} | "

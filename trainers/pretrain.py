@@ -99,6 +99,12 @@ class Pretraining:
     def tokens(self, micro_batches: list[dict]) -> int:
         return sum(mb["tokens"].shape[0] for mb in micro_batches) * self.spec.data.seq_len
 
+    def before_steps(self, engine: Engine, resumed: bool) -> None:  # noqa: ARG002 - nothing to ready
+        return None
+
+    def window_metrics(self) -> dict:
+        return {}
+
     def evaluate(self, engine: Engine, step: int, total: int) -> bool:
         every = self.spec.training.eval_every
         if not self.valid or not every or (step % every != 0 and step != total):

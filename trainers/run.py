@@ -179,9 +179,11 @@ class Run:
             self.mon.print(f"  checkpoint: {done.path.name} written ({self.save_seconds:.1f}s in the background)")
             self.mon.log({"step": step, "ckpt_write_s": round(self.save_seconds, 3)})
 
-    def preempted(self, step: int, total: int, reason: str) -> str:
-        """Say (and record) that the run stopped with a resumable checkpoint."""
-        self.mon.print(f"preempted ({reason}) at step {step}: checkpoint saved, resumable")
+    def preempted(self, step: int, total: int, reason: str, saved: bool = True) -> str:
+        """Say (and record) that the run stopped resumable: with a checkpoint (`saved`), or
+        before its first step, with what it had done kept (DPO's reference pass)."""
+        done = "checkpoint saved" if saved else "before training, what was done is kept"
+        self.mon.print(f"preempted ({reason}) at step {step}: {done}, resumable")
         if self.d.is_main:
             mark_preempted(self.run_dir, step, total, reason)
         self.mon.close(preempted=True)

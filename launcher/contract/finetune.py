@@ -31,6 +31,9 @@ class Method:
     """The frozen base is loaded in 4 bits (bitsandbytes NF4)."""
 
 
+KIND_HELP = ("sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score; "
+             "dpo: preference pairs -> a policy that prefers the chosen response")
+
 METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
                                Method("qlora", adapter=True, quantized=True))}
 
@@ -63,7 +66,7 @@ class FinetuneBase(Strict):
     DEFAULT_BEST: ClassVar[str]
     """The metric that picks the best export unless `best_metric` says otherwise."""
 
-    kind: str = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
+    kind: str = Field(description=KIND_HELP)
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
     lora: LoraSpec = LoraSpec()
     train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
@@ -108,8 +111,8 @@ class FinetuneBase(Strict):
 
     def higher_is_better(self, metric: str) -> bool:
         """The direction the kind declares for `metric` (a key of `metrics_for_best`)."""
-        what = metric.rsplit("/", 1)[-1] if metric.startswith("val/") else metric.removeprefix("val_")
-        return self.METRICS[what]
+        names = [n for n, _, _ in self.valid_sets()] or [None]
+        return next(better for n in names for what, better in self.METRICS.items() if metric_key(n, what) == metric)
 
     def head_labels(self) -> list[str] | None:
         """The outputs of the head the model gets, as `plan` counts them before any file is
@@ -157,7 +160,7 @@ class SftSpec(FinetuneBase):
     METRICS: ClassVar[dict[str, bool]] = {"loss": False}
     DEFAULT_BEST: ClassVar[str] = "loss"
 
-    kind: Literal["sft"] = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
+    kind: Literal["sft"] = Field(description=KIND_HELP)
     prompt_field: str = Field("prompt", description="prompt field")
     response_field: str = Field("response", description="response field")
     messages_field: str = Field("messages", description="chat messages field (used when present)")
@@ -180,7 +183,7 @@ class ClassifySpec(FinetuneBase):
     METRICS: ClassVar[dict[str, bool]] = {"loss": False, "accuracy": True, "f1": True}
     DEFAULT_BEST: ClassVar[str] = "accuracy"
 
-    kind: Literal["classify"] = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
+    kind: Literal["classify"] = Field(description=KIND_HELP)
     text_field: str = Field("text", description="text field / column")
     label_field: str = Field("label", description="label field / column")
     labels: list[str] | None = Field(None, description="label names in id order (default: sorted from train)")
@@ -219,27 +222,21 @@ class ClassifySpec(FinetuneBase):
         return notes
 
 
-class RewardSpec(FinetuneBase):
-    """A reward model from preference pairs: a one-output head scores prompt + response, trained
-    so that the chosen response scores above the rejected one (Bradley-Terry)."""
+class PairsBase(FinetuneBase):
+    """Kinds that learn from preference pairs: a prompt with a chosen and a rejected response,
+    as strings or in chat form (a list of messages; each response a list of one assistant
+    message)."""
 
-    MODEL_CLASS: ClassVar[str] = "AutoModelForSequenceClassification"
-    METRICS: ClassVar[dict[str, bool]] = {"loss": False, "accuracy": True, "margin": True}
-    DEFAULT_BEST: ClassVar[str] = "accuracy"
-
-    kind: Literal["reward"] = Field(description="sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score")
     prompt_field: str = Field("prompt", description="the prompt: a string, or chat messages")
     chosen_field: str = Field("chosen", description="the preferred response: a string, or a list holding "
                               "one assistant message")
     rejected_field: str = Field("rejected", description="the other response, in the same form")
-    center_rewards_coefficient: float | None = Field(
-        None, ge=0, description="weight of a term pulling rewards toward zero mean (TRL's name): "
-        "coefficient x mean((r_chosen + r_rejected)^2)")
-
-    def head_labels(self) -> list[str]:
-        return ["reward"]
 
     def record_problem(self, record: dict) -> str | None:
+        for field in (self.chosen_field, self.rejected_field):
+            value = record.get(field)
+            if isinstance(value, str) and not value.strip() or value == []:
+                return f"'{field}' is an empty response (refused)"
         if record.get(self.chosen_field) == record.get(self.rejected_field):
             return "chosen and rejected are the same response: the pair prefers nothing (refused)"
         return None
@@ -251,8 +248,71 @@ class RewardSpec(FinetuneBase):
         return [self.prompt_field, self.chosen_field, self.rejected_field]
 
 
-KINDS: dict[str, type[FinetuneBase]] = {"sft": SftSpec, "classify": ClassifySpec, "reward": RewardSpec}
+class RewardSpec(PairsBase):
+    """A reward model from preference pairs: a one-output head scores prompt + response, trained
+    so that the chosen response scores above the rejected one (Bradley-Terry)."""
+
+    MODEL_CLASS: ClassVar[str] = "AutoModelForSequenceClassification"
+    METRICS: ClassVar[dict[str, bool]] = {"loss": False, "accuracy": True, "margin": True}
+    DEFAULT_BEST: ClassVar[str] = "accuracy"
+
+    kind: Literal["reward"] = Field(description=KIND_HELP)
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="weight of a term pulling rewards toward zero mean (TRL's name): "
+        "coefficient x mean((r_chosen + r_rejected)^2)")
+
+    def head_labels(self) -> list[str]:
+        return ["reward"]
+
+
+class DpoSpec(PairsBase):
+    """Direct preference optimisation: a causal LM (the policy) learns to prefer the chosen
+    response over the rejected one, measured against a reference (the model it started from)."""
+
+    MODEL_CLASS: ClassVar[str] = "AutoModelForCausalLM"
+    # TRL's names, so dashboards built for TRL read ours (validation: eval_<name>, val/<set>/<name>)
+    METRICS: ClassVar[dict[str, bool]] = {
+        "loss": False, "rewards/accuracies": True, "rewards/margins": True, "rewards/chosen": True,
+        "rewards/rejected": False, "logps/chosen": True, "logps/rejected": False}
+    DEFAULT_BEST: ClassVar[str] = "loss"
+
+    kind: Literal["dpo"] = Field(description=KIND_HELP)
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference (DPO's beta)")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's -log sigmoid(beta x margin); ipo: (margin - 1/(2 beta))^2 on "
+        "per-token mean log-probs (TRL's names)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid loss: the assumed share of pairs "
+                                   "whose preference is flipped (conservative DPO)")
+    reference: Literal["adapter", "precompute", "model"] | None = Field(
+        None, description="the reference log-probs: adapter (lora/qlora: the policy with its adapters off, the "
+        "default there), precompute (full: one pass of the initial model before step 1, stored in the run dir; "
+        "the default there), model (full: a frozen copy held as the engine holds the policy)")
+    reference_chunk_pairs: int = Field(512, ge=1, description="precompute: pairs per stored part of the "
+                                       "reference pass (a stop during the pass redoes at most one part)")
+    disable_dropout: bool = Field(True, description="turn the policy's dropout off (as TRL does): the policy "
+                                  "and the reference then score a pair alike at step 0")
+
+    def reference_kind(self) -> str:
+        """How the reference log-probs are had: `reference`, or the method's default."""
+        return self.reference or ("adapter" if self.trains.adapter else "precompute")
+
+    @model_validator(mode="after")
+    def _reference_fits_method(self) -> DpoSpec:
+        ref = self.reference_kind()
+        if ref == "adapter" and not self.trains.adapter:
+            raise ValueError("finetune.reference: adapter needs method lora or qlora (full fine-tuning has no "
+                             "adapters to turn off): use precompute or model")
+        if ref == "model" and self.trains.adapter:
+            why = ("the base is loaded in 4 bits and frozen already" if self.trains.quantized
+                   else "the base is frozen already")
+            raise ValueError(f"finetune.reference: model with method {self.method}: {why}; the reference is "
+                             "the policy with its adapters off (reference: adapter, the default)")
+        return self
+
+
+KINDS: dict[str, type[FinetuneBase]] = {"sft": SftSpec, "classify": ClassifySpec, "reward": RewardSpec,
+                                        "dpo": DpoSpec}
 """Every fine-tuning kind by its `kind` value."""
 
-FinetuneSpec = Annotated[SftSpec | ClassifySpec | RewardSpec, Field(discriminator="kind")]
+FinetuneSpec = Annotated[SftSpec | ClassifySpec | RewardSpec | DpoSpec, Field(discriminator="kind")]
 """The `finetune` section: the class of its `kind`."""

@@ -75,6 +75,11 @@ class RunDir:
         return self.root / "best"
 
     @property
+    def reference(self) -> Path:
+        """Precomputed reference log-probs of a DPO run (trainers/tasks/reference.py)."""
+        return self.root / "reference"
+
+    @property
     def control(self) -> Path:
         return self.root / "control"
 
@@ -135,18 +140,22 @@ class RunDir:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same directory, fsync, rename: complete or absent."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename: complete or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
 
 
 def aborted(run_dir: str | Path) -> bool:

@@ -18,10 +18,13 @@ UNION_TAGS = (ONE, MANY)
 
 
 def metric_key(name: str | None, what: str) -> str:
-    """The metrics key of `what` (loss, ppl, accuracy, f1) of a validation set: `val_loss`,
-    `val_ppl`, `accuracy`, `f1` for the single unnamed set (as always), `val/<name>/<what>` for a
-    named one (pretraining's corpora and fine-tuning's files alike)."""
+    """The metrics key of `what` (loss, ppl, accuracy, f1, rewards/margins) of a validation set:
+    `val_loss`, `val_ppl`, `accuracy`, `f1`, `eval_rewards/margins` for the single unnamed set
+    (as always; TRL's eval_ prefix where the name is TRL's), `val/<name>/<what>` for a named one
+    (pretraining's corpora and fine-tuning's files alike)."""
     if name is None:
+        if "/" in what:  # a TRL name (rewards/chosen): validation's is TRL's eval_rewards/chosen
+            return f"eval_{what}"
         return {"loss": "val_loss", "ppl": "val_ppl"}.get(what, what)
     return f"val/{name}/{what}"
 

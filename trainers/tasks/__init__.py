@@ -3,6 +3,8 @@
     sft.py        prompt -> response (or chat messages): loss on the response, perplexity
     classify.py   text -> label: a classification head, accuracy and macro-F1
     reward.py     preference pairs -> a scalar score: Bradley-Terry loss, pair accuracy, margin
+    dpo.py        preference pairs -> a policy: DPO / IPO loss against a reference, TRL's metrics
+    pairs.py      what the two pair kinds share: a pair's prompt and responses, checked
 
 A kind's spec section (its fields, the metrics it reports and which way each is better, the
 transformers class of its model) is its class in `launcher/contract/finetune.py`; here is what
@@ -13,11 +15,31 @@ Adding a kind: a spec class there (and its line in `KINDS`), a module here (and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from hpctrain.trainers.data.examples import Tokenized
+from hpctrain.trainers.data.examples import ExampleDataset, Tokenized
+
+
+@dataclass
+class Start:
+    """What a kind may use once the engine is built and the run resumed (`before_steps`)."""
+
+    run: object
+    """The attempt (trainers/run.py `Run`): console, run dir, the stop agreement, the watchdog."""
+    engine: object
+    """The engine that trains the model (trainers/engines `Engine`)."""
+    model: torch.nn.Module
+    """The model as built (the engine holds the same modules)."""
+    datasets: list[tuple[str, ExampleDataset]]
+    """("train", its examples), then each validation set ("valid" or "valid-<name>")."""
+    resumed: bool
+    """A checkpoint was loaded: the model is no longer the one the run started from."""
+    initial_model: Callable[[], object]
+    """Builds another copy of the model the run started from (a `BuiltModel`)."""
 
 
 class KindTask(Protocol):
@@ -28,6 +50,9 @@ class KindTask(Protocol):
 
     counts_size: int
     """Length of the vector `counts` returns (summed over batches and ranks)."""
+
+    logs_training_metrics: bool
+    """Training steps log `metrics` of the step's micro-batches too (DPO's rewards/...)."""
 
     def labels(self, records: list[tuple[int, dict]], path: str) -> list[str] | None:
         """The label names of a classification head, from the training records (None: no head)."""
@@ -51,11 +76,31 @@ class KindTask(Protocol):
     def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:
         """Validation metrics beyond `val_loss`, from the summed counts."""
 
+    def before_steps(self, start: Start) -> str | None:
+        """Once the engine is built and the run resumed, before the first step of an attempt;
+        a reason to stop (the run is resumable), or None."""
+
+    def use_initial_model(self, build: Callable[[], torch.nn.Module]) -> None:
+        """Scoring an export (`hpctrain eval`): `build` makes the model the run started from."""
+
+
+class KindBase:
+    """What most kinds do for the optional parts of `KindTask`: nothing."""
+
+    logs_training_metrics = False
+
+    def before_steps(self, start: Start) -> str | None:  # noqa: ARG002
+        return None
+
+    def use_initial_model(self, build: Callable[[], torch.nn.Module]) -> None:  # noqa: ARG002
+        return None
+
 
 def kind_task(ft) -> KindTask:
     """The task of the spec's `finetune.kind`."""
     from hpctrain.trainers.tasks.classify import Classify
+    from hpctrain.trainers.tasks.dpo import DPO
     from hpctrain.trainers.tasks.reward import Reward
     from hpctrain.trainers.tasks.sft import SFT
 
-    return {"sft": SFT, "classify": Classify, "reward": Reward}[ft.kind](ft)
+    return {"sft": SFT, "classify": Classify, "reward": Reward, "dpo": DPO}[ft.kind](ft)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import ClassifySpec
 from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
+from hpctrain.trainers.tasks import KindBase
 
 
-class Classify:
+class Classify(KindBase):
     """The classify kind's part of a training process (trainers/tasks/__init__.py: `KindTask`)."""
 
     peft_task_type = "SEQ_CLS"

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import RewardSpec
-from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
+from hpctrain.trainers.data.examples import Tokenized, pad_rows
+from hpctrain.trainers.tasks import KindBase
+from hpctrain.trainers.tasks.pairs import no_room, side
 from hpctrain.trainers.tasks.sft import PROMPT_TEMPLATE, chat_ids
 
 
-class Reward:
+class Reward(KindBase):
     """The reward kind's part of a training process (trainers/tasks/__init__.py: `KindTask`)."""
 
     peft_task_type = "SEQ_CLS"
@@ -50,22 +52,15 @@ class Reward:
         return Tokenized(chosen, rejected, cut)
 
     def _side(self, rec: dict, tok, path: str, line: int, field: str) -> list[int]:
-        prompt = field_value(rec, self.ft.prompt_field, path, line, "finetune.prompt_field")
-        response = field_value(rec, field, path, line, f"finetune.{_spec_field(self.ft, field)}")
-        if isinstance(prompt, list) or isinstance(response, list):
-            if not (isinstance(prompt, list) and isinstance(response, list) and len(response) == 1):
-                raise UserError(f"line {line}: a chat pair has a list of messages as the prompt and a list of "
-                                "one assistant message as each response", file=path,
-                                field=f"finetune.{_spec_field(self.ft, field)}")
+        prompt, response = side(self.ft, rec, path, line, field)
+        if isinstance(prompt, list):
             prompt_ids, response_ids = chat_ids(prompt + response, tok, path, line, self.ft.prompt_field,
                                                 "finetune.prompt_field")
             return prompt_ids + response_ids
         text = PROMPT_TEMPLATE.format(prompt=prompt)
-        room = self.ft.seq_len - len(tok(text)["input_ids"])
-        if room < 1:
-            raise UserError(f"line {line}: the prompt alone takes {self.ft.seq_len - room} tokens: no room for a "
-                            f"response at seq_len {self.ft.seq_len}", file=path, field="finetune.seq_len",
-                            expected="a longer seq_len, or a shorter prompt")
+        prompt_tokens = len(tok(text)["input_ids"])
+        if prompt_tokens >= self.ft.seq_len:
+            raise no_room(self.ft, path, line, prompt_tokens)
         # one text, with the model's own markers around it ([CLS] ... [SEP] for BERT; none for most
         # decoders): what a user's scoring of prompt + response gives
         return tok(text + str(response))["input_ids"]
@@ -97,7 +92,3 @@ class Reward:
         n = max(float(counts[0]), 1.0)
         return {"accuracy": float(counts[1]) / n, "margin": float(counts[2]) / n}
 
-
-def _spec_field(ft: RewardSpec, field: str) -> str:
-    """The spec field that names record field `field`."""
-    return "chosen_field" if field == ft.chosen_field else "rejected_field"

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import SftSpec
 from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
+from hpctrain.trainers.tasks import KindBase
 
 # The plain template used when a tokenizer has no chat template (documented in docs/finetuning.md).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
 ROLE_TEMPLATE = "### {role}:\n{content}\n"
 
 
-class SFT:
+class SFT(KindBase):
     """The sft kind's part of a training process (trainers/tasks/__init__.py: `KindTask`)."""
 
     peft_task_type = "CAUSAL_LM"
