@@ -52,7 +52,7 @@ A configuration fits when its estimate is at most FIT_FRACTION of the device's m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hpctrain.launcher.contract.ds_config import zero3_live_parameters
@@ -106,7 +106,7 @@ def checkpointed_layers(spec: RunSpec, layers: int) -> int:
 def activation_bytes(spec: RunSpec, m: ModelSize) -> float:
     """A block keeps 34·s·b·h bytes (16-bit); a checkpointed one keeps only its input (2·s·b·h),
     and the one being recomputed in the backward holds its full activations again."""
-    s, b, h = spec.seq_len, spec.training.micro_batch, m.hidden
+    s, b, h = spec.seq_len, spec.training.micro_batch * spec.rows_per_example, m.hidden
     per_layer = 34 * s * b * h
     ckpt = checkpointed_layers(spec, m.layers)
     kept = per_layer * (m.layers - ckpt) + 2 * s * b * h * ckpt + (per_layer if ckpt else 0)
@@ -155,6 +155,9 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
         Estimate("fsdp", {"type": "fsdp"}, fsdp_shards + fsdp_gathered, act, 0.0, frozen_fsdp),
         Estimate("fsdp+offload", {"type": "fsdp", "offload_params": "cpu"}, fsdp_gathered, act, fsdp_shards),
     ]
+    if spec.task == "finetune" and spec.finetune.frozen_copy():  # DPO's reference: model, counted in
+        out = [replace(e, states=e.states + e.frozen) if e.frozen else replace(e, host=e.host + weights / n)
+               for e in out]
     return out
 
 
@@ -279,6 +282,37 @@ def _gib(b: float) -> str:
     return f"{b / GiB:.2f} GiB" if b < 10 * GiB else f"{b / GiB:.1f} GiB"
 
 
+def _finetune_notes(spec: RunSpec) -> list[str]:
+    """What a fine-tuning kind adds: the sequences of a pair, DPO's reference."""
+    ft = spec.finetune
+    out = []
+    if spec.rows_per_example > 1:
+        out.append(f"a micro batch of {spec.training.micro_batch} pairs is {spec.training.micro_batch * 2} sequences "
+                   "(chosen and rejected in one forward): the activations above count them")
+    how = ft.reference_kind()
+    if how == "model":
+        out.append("reference: model: the frozen copy above is counted in the table (device, or host where offloaded)")
+    elif how == "adapter":
+        out.append("reference: adapter: the policy with its adapters off, nothing added")
+    elif how == "precompute":
+        pairs = sum(_lines(p) for p in [ft.train_file] + [path for _, path, _ in ft.valid_sets()])
+        size = f"{pairs:,} pairs: {_gib(16 * pairs)}" if pairs else "the pairs' files not found here"
+        out.append(f"reference: precompute: 16 bytes per pair on every rank and in the run dir's reference/ "
+                   f"({size}); one pass of the policy before step 1")
+    return out
+
+
+def _lines(path: str) -> int:
+    """Non-empty lines of a file (0 where it cannot be read here)."""
+    from hpctrain.launcher.contract.paths import resolve_path
+
+    try:
+        with open(resolve_path(path), "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
+
+
 def _inline(engine: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in engine.items()) + "}"
 
@@ -315,6 +349,8 @@ def report(spec: RunSpec, gpu_mem_gb: float | None) -> str:
                  "holds the one it trains, adds per device: "
                  + ", ".join(f"{e.name} {_gib(e.frozen)}" for e in rows if e.frozen)
                  + " (the offloading rows hold it in host memory)")
+    if spec.task == "finetune":
+        lines += _finetune_notes(spec)
     load = load_bytes(spec, m)
     lines.append(f"at load, host memory while each rank builds the model (load/node: all its ranks): {_gib(load)} "
                  f"per rank, {_gib(load * c.procs_per_node)} per node; whole on every rank but under fsdp (each "

@@ -65,6 +65,8 @@ class FinetuneBase(Strict):
     """What each validation set reports ("loss", "accuracy"...) and whether higher is better."""
     DEFAULT_BEST: ClassVar[str]
     """The metric that picks the best export unless `best_metric` says otherwise."""
+    ROWS_PER_EXAMPLE: ClassVar[int] = 1
+    """Sequences an example puts through the model in a micro-batch (`plan` counts them)."""
 
     kind: str = Field(description=KIND_HELP)
     method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
@@ -113,6 +115,14 @@ class FinetuneBase(Strict):
         """The direction the kind declares for `metric` (a key of `metrics_for_best`)."""
         names = [n for n, _, _ in self.valid_sets()] or [None]
         return next(better for n in names for what, better in self.METRICS.items() if metric_key(n, what) == metric)
+
+    def frozen_copy(self) -> bool:
+        """Whether the run holds a frozen copy of the model beside it (`plan` counts it)."""
+        return False
+
+    def reference_kind(self) -> str | None:
+        """Where a preference kind's reference log-probs come from (None: no reference)."""
+        return None
 
     def head_labels(self) -> list[str] | None:
         """The outputs of the head the model gets, as `plan` counts them before any file is
@@ -227,6 +237,8 @@ class PairsBase(FinetuneBase):
     as strings or in chat form (a list of messages; each response a list of one assistant
     message)."""
 
+    ROWS_PER_EXAMPLE: ClassVar[int] = 2  # chosen and rejected, in one forward
+
     prompt_field: str = Field("prompt", description="the prompt: a string, or chat messages")
     chosen_field: str = Field("chosen", description="the preferred response: a string, or a list holding "
                               "one assistant message")
@@ -291,6 +303,9 @@ class DpoSpec(PairsBase):
                                        "reference pass (a stop during the pass redoes at most one part)")
     disable_dropout: bool = Field(True, description="turn the policy's dropout off (as TRL does): the policy "
                                   "and the reference then score a pair alike at step 0")
+
+    def frozen_copy(self) -> bool:
+        return self.reference_kind() == "model"
 
     def reference_kind(self) -> str:
         """How the reference log-probs are had: `reference`, or the method's default."""

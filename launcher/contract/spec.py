@@ -439,6 +439,11 @@ class RunSpec(Strict):
         return self.finetune.seq_len if self.task == "finetune" else self.data.seq_len  # type: ignore[union-attr]
 
     @property
+    def rows_per_example(self) -> int:
+        """Sequences one example puts through the model (2 for a preference pair)."""
+        return self.finetune.ROWS_PER_EXAMPLE if self.task == "finetune" else 1  # type: ignore[union-attr]
+
+    @property
     def model_class(self) -> str:
         """The transformers Auto class the model is built with: chosen here only."""
         if self.task == "finetune":

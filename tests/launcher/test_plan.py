@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli
-from tests.trainers.helpers import cls_spec, write_spec
+from tests.trainers.helpers import DATA, cls_spec, write_spec
 
 LLAMA2_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -180,3 +180,47 @@ def test_plan_counts_a_frozen_model_held_as_each_engine_holds_the_trained_one(tm
     assert gib["zero3"] == pytest.approx(gib["zero1"] / 32, rel=2e-2)
     assert gib["fsdp"] == pytest.approx(gib["ddp"] / 32, rel=2e-2)
     assert "zero3+offload_all" not in gib and "fsdp+offload" not in gib  # in host memory there
+
+
+def _dpo_spec(tmp_path, reference: str) -> dict:
+    spec = _big_spec(tmp_path)
+    spec.pop("data")
+    spec.update(task="finetune", finetune={"kind": "dpo", "method": "full", "reference": reference, "seq_len": 4096,
+                                           "train_file": str(DATA / "pairs_train.jsonl"),
+                                           "valid_file": str(DATA / "pairs_valid.jsonl")})
+    return spec
+
+
+def _per_device(stdout: str) -> dict[str, float]:
+    import re
+
+    out = {}
+    for line in stdout.splitlines():
+        m = re.match(r"(\S+)\s+[\d.]+ (?:GiB|MiB)\s+([\d.]+) (GiB|MiB)", line)
+        if m:
+            out[m.group(1)] = float(m.group(2)) * (1 / 1024 if m.group(3) == "MiB" else 1)
+    return out
+
+
+def test_plan_counts_dpo_pairs_and_its_reference(tmp_path):
+    """Two sequences per pair in the activations; `reference: model` adds the frozen copy's share to
+    each engine's device memory; `precompute` 16 bytes per pair of the files."""
+    r_pre = run_cli("plan", str(write_spec(tmp_path / "pre.yaml", _dpo_spec(tmp_path, "precompute"))))
+    r_copy = run_cli("plan", str(write_spec(tmp_path / "copy.yaml", _dpo_spec(tmp_path, "model"))))
+    assert r_pre.returncode == 0 and r_copy.returncode == 0, r_pre.stderr + r_copy.stderr
+    assert "a micro batch of 1 pairs is 2 sequences" in r_pre.stdout
+    assert "reference: precompute: 16 bytes per pair" in r_pre.stdout and "(200 pairs: 0.0 MiB)" in r_pre.stdout
+    pre, copy = _per_device(r_pre.stdout), _per_device(r_copy.stdout)
+    n = 6_738_415_616
+    assert copy["ddp"] - pre["ddp"] == pytest.approx(4 * n / 2**30, rel=2e-2)  # a whole fp32 copy
+    assert copy["zero3"] - pre["zero3"] == pytest.approx(2 * n / 2**30 / 32, rel=5e-2)  # its 1/32 share
+    sft = _dpo_spec(tmp_path, "precompute")
+    sft["finetune"] = {"kind": "sft", "method": "full", "seq_len": 4096, "train_file": str(DATA / "sft_train.jsonl")}
+    r_sft = run_cli("plan", str(write_spec(tmp_path / "sft.yaml", sft)))
+    assert _activations(r_pre.stdout) == pytest.approx(2 * _activations(r_sft.stdout), rel=1e-2)  # as printed
+
+
+def _activations(stdout: str) -> float:
+    line = next(x for x in stdout.splitlines() if x.startswith("activations per rank"))
+    value, unit = line.rsplit(" ", 2)[-2:]
+    return float(value) * (1 / 1024 if unit == "MiB" else 1)
