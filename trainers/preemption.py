@@ -8,8 +8,9 @@
    - the stop file RUN_DIR/control/stop, written by the launcher's node task
      when *it* receives the signal (or Ctrl-C). torchrun itself is started with
      SIGUSR2 ignored so it survives the signal and keeps its workers.
-2. At every step boundary the ranks agree: one all-reduce (MAX) of "stop
-   requested here" (and "deadline near"), so all ranks stop at the same step.
+2. At every step boundary the ranks agree: one all-reduce (MAX) of what each
+   rank saw (a signal, the stop file, the deadline near), so all ranks stop at
+   the same step and name the same reason.
 3. The loop then saves one checkpoint collectively and exits 0 with status
    "preempted"; the launcher (or submitit's checkpoint()) sees that status and
    requeues only after the save is complete.
@@ -30,6 +31,7 @@ from pathlib import Path
 from hpctrain.trainers.distributed import agree_any
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+REASONS = (*(s.name for s in STOP_SIGNALS), "stop file", "deadline")  # what `local_reason` can say
 PR_SET_PDEATHSIG = 1
 
 
@@ -70,9 +72,12 @@ class StopRequest:
     def agree(self, save_due: bool, next_step_s: float = 0.0) -> tuple[str | None, bool]:
         """(reason to stop, save now?), the same on every rank after one all-reduce.
 
-        A time-based save interval is decided per rank too, so it rides along:
-        if any rank wants to save or stop, all of them do, at this very step.
+        The reason names what any rank saw ("stop file", "SIGUSR2", "stop file, SIGUSR2"...), so
+        the console says why a run stopped whichever rank heard of it first. A time-based save
+        interval is decided per rank too, so it rides along: if any rank wants to save or stop,
+        all of them do, at this very step.
         """
         reason = self.local_reason(next_step_s)
-        stop, save = agree_any([reason is not None, save_due])
-        return ((reason or "another rank") if stop else None), save
+        seen = agree_any([reason == kind for kind in REASONS] + [save_due])
+        stop = [kind for kind, yes in zip(REASONS, seen, strict=False) if yes]
+        return (", ".join(stop) or None), seen[-1]

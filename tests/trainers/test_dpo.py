@@ -121,6 +121,9 @@ def test_the_loss_and_its_gradients_equal_a_hand_computation(tiny_llama, loss_ty
     torch.testing.assert_close(loss.double(), hand, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name].double(), p.grad.double(), rtol=1e-3, atol=1e-6, msg=name)
+    dpo.trims = True  # the head over the positions from the first response token on only: the same loss
+    with torch.no_grad():
+        torch.testing.assert_close(dpo.loss(model, batch, torch.device("cpu"))[0], loss.detach(), rtol=1e-6, atol=1e-6)
     rewards = 0.5 * (logps - ref)
     torch.testing.assert_close(stats[:, 0].double(), rewards[:3].detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats[:, 3].double(), (rewards[:3] - rewards[3:]).detach(), rtol=1e-5, atol=1e-6)
@@ -273,9 +276,11 @@ def test_lora_dpo_uses_the_policy_with_adapters_off_as_its_reference(tiny_llama,
 @pytest.mark.parametrize("engine,reference", [
     pytest.param({"type": "deepspeed", "zero_stage": 3}, "model", marks=pytest.mark.deepspeed),
     ({"type": "fsdp"}, "precompute")], ids=["zero3-frozen-copy", "fsdp-precompute"])
-def test_dpo_trains_alike_under_the_sharding_engines(full_ddp, tiny_llama, tmp_path, engine, reference):
+def test_dpo_trains_alike_and_resumes_bitwise_under_the_sharding_engines(full_ddp, tiny_llama, tmp_path, engine,
+                                                                          reference):
     """The same steps under a sharding engine: each loss within 1e-4 (relative) of DDP's with a
-    precomputed reference."""
+    precomputed reference; stopped with Ctrl-C and run again, bitwise its own uninterrupted losses
+    (the frozen copy built again from the initial weights, the stored reference read)."""
     ref, _ = full_ddp
     spec = dpo_spec(tmp_path / "run", tiny_llama)
     spec["engine"] = engine
@@ -287,6 +292,25 @@ def test_dpo_trains_alike_under_the_sharding_engines(full_ddp, tiny_llama, tmp_p
     for s in got:
         assert abs(got[s] - want[s]) <= 1e-4 * want[s], (s, got[s], want[s])
     assert [x["step"] for x in records(tmp_path / "run") if "eval_rewards/accuracies" in x] == [6]
+
+    again = tmp_path / "again"
+    path = write_spec(tmp_path / "again.yaml", {**spec, "run_dir": str(again)})
+    stopped = stop_with_ctrl_c(path, again, 2)
+    assert stopped < 6
+    r = run_cli("run", str(path), timeout=900)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
+    resumed = losses(again)
+    assert [resumed[s] for s in range(stopped + 1, 7)] == [got[s] for s in range(stopped + 1, 7)]
+
+
+def test_qlora_dpo_scores_the_reference_with_the_4bit_base_and_adapters_off(tiny_llama, tmp_path):
+    spec = dpo_spec(tmp_path / "run", tiny_llama, method="qlora", steps=3, eval_every=3)
+    spec["cluster"]["procs_per_node"] = 1
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = losses(tmp_path / "run")
+    assert got[1] == pytest.approx(LN2, abs=1e-7) and sorted(got) == [1, 2, 3], got
+    assert (tmp_path / "run" / "export" / "adapter_config.json").is_file()
 
 
 def test_a_unit_dpo_tokenizer_refuses_a_prompt_with_no_room(tiny_llama):

@@ -185,3 +185,21 @@ def test_a_reward_model_trains_alike_under_every_engine(tmp_path, ddp_losses, en
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "accuracy" in x] == [8]  # its validation ran and logged
     assert (tmp_path / "run" / "export" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_a_decoder_reward_model_trains_full_and_on_a_4bit_base(tiny_llama, tmp_path, method):
+    """The tiny Llama as a reward model (its last token scored), 3 steps on one rank: the export
+    (merged for qlora) is a one-output sequence classifier plain transformers loads."""
+    from transformers import AutoModelForSequenceClassification
+
+    spec = reward_spec(tmp_path / "run", tiny_llama, steps=3, eval_every=3)
+    spec["finetune"].update(method=method, seq_len=96)
+    spec["cluster"]["procs_per_node"] = 1
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+    evals = [x for x in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "accuracy" in x]
+    assert [e["step"] for e in evals] == [3] and 0 <= evals[0]["accuracy"] <= 1
+    export = tmp_path / "run" / "export" / ("merged" if method == "qlora" else "")
+    assert AutoModelForSequenceClassification.from_pretrained(export).config.num_labels == 1

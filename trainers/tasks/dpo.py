@@ -45,6 +45,7 @@ class DPO(KindBase):
     def __init__(self, ft: DpoSpec) -> None:
         self.ft = ft
         self.reference = None  # what scores a batch when it carries no precomputed log-probs
+        self.trims = False  # the model computes logits at the positions asked only (`scored`)
 
     def labels(self, records, path: str) -> None:  # noqa: ARG002 - the model's own head
         return None
@@ -100,8 +101,20 @@ class DPO(KindBase):
             ref = batch["reference_logps"].to(device=device, dtype=torch.float32).T.reshape(-1)
         else:
             ref = self.reference(module, ids, mask, labels)
-        logps, tokens = sequence_logps(module(input_ids=ids, attention_mask=mask).logits, labels)
+        logps, tokens = self.scored(module, ids, mask, labels)
         return dpo_loss(self.ft, logps, ref.to(logps.dtype), tokens)
+
+    def scored(self, module, ids: torch.Tensor, mask: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each row's summed log-probs of its response tokens, their count) through `module`.
+        Where the model can (`logits_to_keep`), its head and the softmax run only over the
+        positions from the batch's first response token on: prompts are most of a pair's tokens,
+        and the vocabulary-wide logits of the prompt positions are never used."""
+        kwargs = {}
+        if self.trims:
+            first = int((labels != -100).to(torch.int8).argmax(1).min())
+            kwargs["logits_to_keep"] = min(ids.shape[1], ids.shape[1] - first + 1)
+        return sequence_logps(module(input_ids=ids, attention_mask=mask, **kwargs).logits, labels)
 
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         stats = logits.detach().double().cpu()
@@ -116,28 +129,33 @@ class DPO(KindBase):
         fly, or precomputed for every set (which may be stopped, and resumes)."""
         if self.ft.disable_dropout:
             disable_dropout(start.model)
-        self.reference, reason = reference_source(self.ft, start, sequence_logps)
+        self.trims = keeps_logits(start.model)
+        self.reference, reason = reference_source(self.ft, start, self.scored)
         return reason
 
     def use_initial_model(self, build) -> None:
         from hpctrain.trainers.engines import Frozen
 
         if self.ft.reference_kind() == "adapter":
-            self.reference, _ = reference_source(self.ft, None, sequence_logps)
+            self.reference, _ = reference_source(self.ft, None, self.scored)
         else:
-            self.reference = _frozen_scorer(Frozen(build()))
+            frozen = Frozen(build())
+            self.reference = lambda module, ids, mask, labels: self.scored(frozen, ids, mask, labels)[0]  # noqa: ARG005
 
 
-def _frozen_scorer(frozen):
-    def score(module, ids, mask, labels):  # noqa: ARG001 - the frozen model, not the policy
-        return sequence_logps(frozen(input_ids=ids, attention_mask=mask).logits, labels)[0]
-    return score
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of each row's log-probs of its labelled tokens, their count), in float32: the token
-    at t is predicted by the logits at t - 1."""
-    target = labels[:, 1:]
+    at t is predicted by the logits at t - 1; `logits` may cover the last positions only (the
+    labels before them must be -100)."""
+    target = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
     kept = target != -100
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)

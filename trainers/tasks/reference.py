@@ -56,33 +56,32 @@ class Pairs(Tokenized):
     """float64 [pairs, 2]: the precomputed reference log-probs (chosen, rejected), or None."""
 
 
-def reference_source(ft: DpoSpec, start: Start | None,
-                     logps: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+def reference_source(ft: DpoSpec, start: Start | None, scored: Callable[..., tuple[torch.Tensor, torch.Tensor]]
                      ) -> tuple[Scorer | None, str | None]:
     """(what scores a batch that carries no precomputed log-probs, a reason to stop): the
     reference the spec asks for, made ready (precompute: every set's pairs hold theirs)."""
     how = ft.reference_kind()
     if how == "adapter":
-        return _adapters_off(logps), None
+        return _adapters_off(scored), None
     run = start.run
     if how == "model":
         built = start.initial_model()
         frozen = start.engine.frozen(built.model, on_meta=built.on_meta, weights_from=built.weights_from)
         run.mon.print("reference: a frozen copy of the initial model, held as the engine holds the policy")
-        return _through(frozen, logps), None
-    return None, Precompute(ft, start, logps).compute()
+        return _through(frozen, scored), None
+    return None, Precompute(ft, start, scored).compute()
 
 
-def _adapters_off(logps) -> Scorer:
+def _adapters_off(scored) -> Scorer:
     def score(module, ids, mask, labels):
         with torch.no_grad(), peft_model(module).disable_adapter():
-            return logps(module(input_ids=ids, attention_mask=mask).logits, labels)[0]
+            return scored(module, ids, mask, labels)[0]
     return score
 
 
-def _through(frozen: torch.nn.Module, logps) -> Scorer:
+def _through(frozen: torch.nn.Module, scored) -> Scorer:
     def score(module, ids, mask, labels):  # noqa: ARG001 - the frozen copy, not the policy
-        return logps(frozen(input_ids=ids, attention_mask=mask).logits, labels)[0]
+        return scored(frozen, ids, mask, labels)[0]
     return score
 
 
@@ -99,8 +98,8 @@ def peft_model(module: torch.nn.Module):
 class Precompute:
     """The reference pass of `reference: precompute` over every set, resumable part by part."""
 
-    def __init__(self, ft: DpoSpec, start: Start, logps) -> None:
-        self.ft, self.start, self.logps = ft, start, logps
+    def __init__(self, ft: DpoSpec, start: Start, scored) -> None:
+        self.ft, self.start, self.scored = ft, start, scored
         self.run, self.d = start.run, start.run.d
         self.root = RunDir(self.run.run_dir).reference
         self.model_id = json.dumps([self.run.spec.model.model_dump(mode="json"), self.run.spec.training.precision],
@@ -175,16 +174,20 @@ class Precompute:
 
     @torch.no_grad()
     def _part(self, module, data: ExampleDataset, idx: list[int]) -> torch.Tensor:
-        """The pairs `idx` scored, each rank its share (every rank gets the whole part)."""
+        """The pairs `idx` scored, each rank its share (every rank gets the whole part);
+        batched by length, as little padding as the part allows."""
+        tk = data.tk
+        by_length = sorted(range(len(idx)), key=lambda j: len(tk.input_ids[idx[j]]) + len(tk.labels[idx[j]]))
         out = torch.zeros(len(idx), 2, dtype=torch.float64)
         device = self.d.device
         for mine in eval_slices(len(idx), self.d, self.run.spec.training.micro_batch):
+            rows = [by_length[k] for k in mine]
             # a rank out of pairs still runs a forward: ZeRO-3 and FSDP2 gather collectively
-            batch = data.batch([idx[j] for j in mine] or [idx[0]])
+            batch = data.batch([idx[j] for j in rows] or [idx[0]])
             ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-            logps = self.logps(module(input_ids=ids, attention_mask=mask).logits, labels)[0].double().cpu()
-            if mine:
-                out[mine] = logps.reshape(2, -1).T
+            logps = self.scored(module, ids, mask, labels)[0].double().cpu()
+            if rows:
+                out[rows] = logps.reshape(2, -1).T
         return sum_over_ranks(out)
 
 
