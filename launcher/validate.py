@@ -185,11 +185,25 @@ def _check_model(spec: RunSpec, file: str | None, pending: bool, errors: list[Us
                                     expected="a Hugging Face model directory with config.json"))
         else:
             errors += model_dir_problems(Path(model_path), file)
+            errors += _kind_model_problems(spec, Path(model_path) / "config.json")
     if spec.model.config is not None:
         bad = check_model_type(spec.model.config.get("model_type"), "model.config.model_type", file)
         if bad is not None:
             errors.append(bad)
     return model_path
+
+
+def _kind_model_problems(spec: RunSpec, config_file: Path) -> list[UserError]:
+    """What the fine-tuning kind says of the model (a reward model's head must be one output)."""
+    if spec.task != "finetune":
+        return []
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return []  # said already (model_dir_problems)
+    problem = spec.finetune.model_problem(config) if isinstance(config, dict) else None
+    return [UserError(problem, file=str(config_file), field="model.path",
+                      expected=f"a model fit for kind {spec.finetune.kind}")] if problem else []
 
 
 def _check_tokenizer(spec: RunSpec, file: str | None, tok_path: str, pending: bool,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.paths import resolve_path
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.engines import engine_class, param_numel
 from hpctrain.trainers.model import LABELS_FILE, BuiltModel, auto_class, build_model, save_hf_model
@@ -51,6 +52,12 @@ def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | 
     """The model a fine-tuning run trains: the factory's base, wrapped in LoRA adapters for
     lora and qlora (the latter on a 4-bit base)."""
     ft = spec.finetune
+    config_file = Path(resolve_path(spec.model.path), "config.json") if spec.model.path else None
+    if config_file is not None and config_file.is_file():
+        problem = ft.model_problem(json.loads(config_file.read_text()))
+        if problem:
+            raise UserError(problem, file=str(config_file), field="model.path",
+                            expected=f"a model fit for kind {ft.kind}")
     # a full fine-tune under fsdp is built on the meta device (each rank materializes its shards);
     # LoRA adapters are made whole on every rank, so their base is too (then sharded)
     on_meta = engine_class(spec).loads_sharded and not ft.trains.adapter

@@ -124,6 +124,10 @@ class FinetuneBase(Strict):
         """Where a preference kind's reference log-probs come from (None: no reference)."""
         return None
 
+    def model_problem(self, config: dict) -> str | None:  # noqa: ARG002 - most kinds take any head
+        """What makes the model of `model.path` (its config.json) unfit for this kind, or None."""
+        return None
+
     def head_labels(self) -> list[str] | None:
         """The outputs of the head the model gets, as `plan` counts them before any file is
         read (None: the model's own head)."""
@@ -275,6 +279,16 @@ class RewardSpec(PairsBase):
 
     def head_labels(self) -> list[str]:
         return ["reward"]
+
+    def model_problem(self, config: dict) -> str | None:
+        """A sequence classifier whose head has more than one output cannot score."""
+        if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+            return None  # no head yet: it gets one with one output
+        outputs = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+        if outputs == 1:
+            return None
+        return (f"the model's classification head has {outputs} outputs (config.json id2label); a reward model's "
+                "head has one")
 
 
 class DpoSpec(PairsBase):

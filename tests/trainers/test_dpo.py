@@ -322,3 +322,24 @@ def test_a_unit_dpo_tokenizer_refuses_a_prompt_with_no_room(tiny_llama):
     dpo = kind_task(spec_from_dict(dpo_spec("/tmp/unused", tiny_llama)).finetune.model_copy(update={"seq_len": 16}))
     with pytest.raises(UserError, match="line 4: the prompt alone takes .* no room for a response at seq_len 16"):
         dpo.tokenize([(4, {"prompt": "Who decides? " * 10, "chosen": "a", "rejected": "b"})], tok, "p.jsonl", None)
+
+
+def test_a_chat_pair_shares_its_rendered_prompt_and_needs_one_message_per_side(tiny_llama):
+    """TRL's conversational form: the prompt's messages rendered once (here the plain role template:
+    the tiny tokenizer has no chat template), each side one assistant message."""
+    from transformers import AutoTokenizer
+
+    from hpctrain.trainers.tasks import kind_task
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    dpo = kind_task(spec_from_dict(dpo_spec("/tmp/unused", tiny_llama)).finetune)
+    prompt = [{"role": "user", "content": "Who decides?"}]
+    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "The scheduler."}],
+            "rejected": [{"role": "assistant", "content": "The switch."}]}
+    tk = dpo.tokenize([(1, pair)], tok, "pairs.jsonl", None)
+    n = tk.prompt_lens[0]
+    assert tk.input_ids[0][:n] == tk.labels[0][:n] and tk.input_ids[0][n:] != tk.labels[0][n:]
+    rendered = tok.decode(tk.input_ids[0][:n])
+    assert "Who decides?" in rendered and "The scheduler." not in rendered
+    with pytest.raises(UserError, match="line 7: a chat pair"):
+        dpo.tokenize([(7, {**pair, "rejected": "The switch."})], tok, "pairs.jsonl", None)

@@ -203,3 +203,17 @@ def test_a_decoder_reward_model_trains_full_and_on_a_4bit_base(tiny_llama, tmp_p
     assert [e["step"] for e in evals] == [3] and 0 <= evals[0]["accuracy"] <= 1
     export = tmp_path / "run" / "export" / ("merged" if method == "qlora" else "")
     assert AutoModelForSequenceClassification.from_pretrained(export).config.num_labels == 1
+
+
+def test_a_model_whose_head_is_not_one_output_is_refused(tmp_path, minilm_path):
+    """A three-class classifier given as a reward model's base: exit 2 naming its config.json,
+    before anything runs (a base without a head gets a one-output head)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = tmp_path / "three-classes"
+    AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3).save_pretrained(model)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(model)
+    r = run_cli("validate", str(write_spec(tmp_path / "s.yaml", reward_spec(tmp_path / "run", str(model)))))
+    assert r.returncode == 2, r.stderr
+    assert f"{model / 'config.json'}: model.path: the model's classification head has 3 outputs" in r.stderr
+    assert not (tmp_path / "run").exists()
