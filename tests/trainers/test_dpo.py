@@ -279,8 +279,9 @@ def test_lora_dpo_uses_the_policy_with_adapters_off_as_its_reference(tiny_llama,
 def test_dpo_trains_alike_and_resumes_bitwise_under_the_sharding_engines(full_ddp, tiny_llama, tmp_path, engine,
                                                                           reference):
     """The same steps under a sharding engine: each loss within 1e-4 (relative) of DDP's with a
-    precomputed reference; stopped with Ctrl-C and run again, bitwise its own uninterrupted losses
-    (the frozen copy built again from the initial weights, the stored reference read)."""
+    precomputed reference; stopped with Ctrl-C and run again: under ZeRO-3 bitwise its own
+    uninterrupted losses (the frozen copy built again from the initial weights), under FSDP2 on
+    one rank instead of two, the stored reference read, within 1e-4 of them."""
     ref, _ = full_ddp
     spec = dpo_spec(tmp_path / "run", tiny_llama)
     spec["engine"] = engine
@@ -297,10 +298,16 @@ def test_dpo_trains_alike_and_resumes_bitwise_under_the_sharding_engines(full_dd
     path = write_spec(tmp_path / "again.yaml", {**spec, "run_dir": str(again)})
     stopped = stop_with_ctrl_c(path, again, 2)
     assert stopped < 6
-    r = run_cli("run", str(path), timeout=900)
+    fewer = engine["type"] == "fsdp"  # FSDP2 resumes on another rank count: its stored reference is read
+    r = run_cli("run", str(path), *(["--set", "cluster.procs_per_node=1"] if fewer else []), timeout=900)
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
     resumed = losses(again)
-    assert [resumed[s] for s in range(stopped + 1, 7)] == [got[s] for s in range(stopped + 1, 7)]
+    if fewer:
+        assert "reference log-probs of train (160 pairs): read from" in r.stdout
+        for s in range(stopped + 1, 7):
+            assert abs(resumed[s] - got[s]) <= 1e-4 * got[s], (s, resumed[s], got[s])
+    else:
+        assert [resumed[s] for s in range(stopped + 1, 7)] == [got[s] for s in range(stopped + 1, 7)]
 
 
 def test_qlora_dpo_scores_the_reference_with_the_4bit_base_and_adapters_off(tiny_llama, tmp_path):

@@ -171,9 +171,10 @@ def ddp_losses(tmp_path_factory) -> dict[int, float]:
 
 @pytest.mark.parametrize("engine", [pytest.param({"type": "deepspeed", "zero_stage": 3}, marks=pytest.mark.deepspeed),
                                     {"type": "fsdp"}], ids=["zero3", "fsdp"])
-def test_a_reward_model_trains_alike_under_every_engine(tmp_path, ddp_losses, engine):
+def test_a_reward_model_trains_alike_and_resumes_bitwise_under_every_engine(tmp_path, ddp_losses, engine):
     """The same 8 steps under a sharding engine: each step's loss within 1e-4 (relative) of DDP's
-    (only the gradient reduction's float order differs); its validation and merged export run."""
+    (only the gradient reduction's float order differs); its validation and merged export run;
+    stopped and run again, bitwise its own uninterrupted losses."""
     spec = reward_spec(tmp_path / "run", steps=8, eval_every=8)
     spec["engine"] = engine
     r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
@@ -185,6 +186,15 @@ def test_a_reward_model_trains_alike_under_every_engine(tmp_path, ddp_losses, en
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if "accuracy" in x] == [8]  # its validation ran and logged
     assert (tmp_path / "run" / "export" / "merged" / "config.json").is_file()
+
+    again = tmp_path / "again"  # stopped with Ctrl-C and run again: bitwise the uninterrupted losses
+    path = write_spec(tmp_path / "again.yaml", {**spec, "run_dir": str(again)})
+    stopped = stop_with_ctrl_c(path, again, 3)
+    assert stopped < 8
+    r = run_cli("run", str(path), timeout=900)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
+    resumed = losses(again)
+    assert [resumed[s] for s in range(stopped + 1, 9)] == [got[s] for s in range(stopped + 1, 9)]
 
 
 @pytest.mark.parametrize("method", ["full", "qlora"])

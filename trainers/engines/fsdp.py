@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -223,8 +224,11 @@ class FSDPEngine(EngineClass):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        # an adapter's checkpoint holds only the trained tensors (`ignore_frozen_params`): the frozen
+        # base is left as built, not reported missing (dcp.load above refuses a trained key absent)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=self._options())
+                       optim_state_dict=state["optim"],
+                       options=replace(self._options(), strict=not self.trainable_only))
         self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
 
     def export(self, out: HFExport) -> None:
