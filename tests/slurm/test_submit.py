@@ -278,3 +278,34 @@ def test_a_requeued_job_that_finds_the_disk_full_says_so_once_and_waits_for_spac
     again = job_id(run)
     assert wait_state(again, ("COMPLETED", "FAILED", "CANCELLED"))["state"] == "COMPLETED"
     assert losses(run) == local_reference
+
+
+def test_dpo_preempted_during_its_reference_pass_resumes_the_pass_and_trains_bitwise(tmp_path, tiny_llama):
+    """Full DPO on 2 nodes x 1 rank, USR2 while the reference pass is under way (each part made
+    slow): the job is requeued, the next attempt computes only the parts still missing, and the
+    run finishes with the losses of an uninterrupted local 2-rank run."""
+    from tests.trainers.test_dpo import dpo_spec
+
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    ref = dpo_spec(tmp_path / "ref", tiny_llama)
+    ref["cluster"] = {"procs_per_node": 2, "env": one_thread}
+    r = run_cli("run", str(write_spec(tmp_path / "ref.yaml", ref)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "run"
+    spec = dpo_spec(run, tiny_llama)
+    spec["cluster"] = {"executor": "slurm", "nodes": 2, "procs_per_node": 1, "time_min": 10, "max_requeues": 3,
+                       "cpus_per_task": 2, "env": {**one_thread, "HPCTRAIN_FAULT_SLOW_REFERENCE_PART_S": "2"}}
+    submit(write_spec(tmp_path / "s.yaml", spec))
+    job = job_id(run)
+    parts = run / "reference" / "train"
+    wait_for(lambda: len(list(parts.glob("*.json"))) >= 1, timeout=300, what="a stored part")
+    preempt(job)
+    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
+    assert "reference pass of train stopped" in log and "resumable" in log, log[-3000:]
+    assert "reference log-probs of train (160 pairs): 0 stored" in log
+    assert "reference log-probs of train (160 pairs): 32 stored" in log or \
+        "reference log-probs of train (160 pairs): 64 stored" in log, log[-3000:]
+    assert losses(run) == losses(tmp_path / "ref")
