@@ -29,7 +29,7 @@ from hpctrain.trainers.data.examples import Tokenized, pad_rows
 from hpctrain.trainers.tasks import KindBase, Start
 from hpctrain.trainers.tasks.pairs import no_room, side
 from hpctrain.trainers.tasks.reference import Pairs, reference_source
-from hpctrain.trainers.tasks.sft import PROMPT_TEMPLATE, chat_ids
+from hpctrain.trainers.tasks.sft import chat_ids, plain_ids
 
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
          "logps/rejected")
@@ -74,9 +74,7 @@ class DPO(KindBase):
         prompt, response = side(self.ft, rec, path, line, field)
         if isinstance(prompt, list):
             return chat_ids(prompt + response, tok, path, line, self.ft.prompt_field, "finetune.prompt_field")
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        return (tok(PROMPT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"],
-                tok(str(response), add_special_tokens=False)["input_ids"] + eos)
+        return plain_ids(prompt, response, tok)
 
     def for_training(self, tk: Tokenized) -> Tokenized:
         return tk

@@ -64,7 +64,6 @@ class SFT(KindBase):
 
 
 def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
-    eos = tok.eos_token_id
     ids_all, labels_all, cut = [], [], 0
     for line, rec in records:
         if ft.messages_field in rec:
@@ -72,8 +71,7 @@ def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
         else:
             prompt = field_value(rec, ft.prompt_field, path, line, "finetune.prompt_field")
             response = field_value(rec, ft.response_field, path, line, "finetune.response_field")
-            prompt_ids = tok(PROMPT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"]
-            response_ids = tok(str(response), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            prompt_ids, response_ids = plain_ids(prompt, response, tok)
         ids = prompt_ids + response_ids
         labels = [-100] * len(prompt_ids) + response_ids
         if len(ids) > ft.seq_len:
@@ -81,6 +79,14 @@ def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
         ids_all.append(ids)
         labels_all.append(labels)
     return Tokenized(ids_all, labels_all, cut)
+
+
+def plain_ids(prompt, response, tok) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a plain-text pair: the prompt in `PROMPT_TEMPLATE`, the
+    response followed by the end-of-sequence token (SFT's examples, DPO's pair sides)."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return (tok(PROMPT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"],
+            tok(str(response), add_special_tokens=False)["input_ids"] + eos)
 
 
 def chat_ids(messages, tok, path: str, line: int, field: str,
