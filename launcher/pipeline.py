@@ -31,6 +31,8 @@ from hpctrain.launcher.contract.spec import (
 )
 
 STAGE_PREFIX = "stage:"
+STAGE_MODEL_FIELDS = ("reward_model",)
+"""Fields of a stage's `finetune` section that may name an earlier stage's export too."""
 
 
 def is_pipeline(data: dict) -> bool:
@@ -97,6 +99,16 @@ def load_pipeline(data: dict, file: str, overrides: list[str]) -> list[tuple[str
                                         field=f"stages.{i}.model.path", expected=f"one of {names[:i]}"))
                 continue
             body["model"]["path"] = str(RunDir(Path(root) / ref).export)
+        finetune = body.get("finetune")
+        for key in STAGE_MODEL_FIELDS:
+            value = finetune.get(key) if isinstance(finetune, dict) else None
+            if isinstance(value, str) and value.startswith(STAGE_PREFIX):
+                ref = value[len(STAGE_PREFIX) :]
+                if ref not in names[:i]:
+                    errors.append(UserError(f"'{value}' names no earlier stage", file=file,
+                                            field=f"stages.{i}.finetune.{key}", expected=f"one of {names[:i]}"))
+                    continue
+                finetune[key] = str(RunDir(Path(root) / ref).export)
         try:
             out.append((sname, spec_from_dict(body, file)))
         except UserErrors as e:

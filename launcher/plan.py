@@ -106,7 +106,8 @@ def checkpointed_layers(spec: RunSpec, layers: int) -> int:
 def activation_bytes(spec: RunSpec, m: ModelSize) -> float:
     """A block keeps 34·s·b·h bytes (16-bit); a checkpointed one keeps only its input (2·s·b·h),
     and the one being recomputed in the backward holds its full activations again."""
-    s, b, h = spec.seq_len, spec.training.micro_batch * spec.rows_per_example, m.hidden
+    s = spec.finetune.row_tokens() if spec.task == "finetune" else spec.seq_len
+    b, h = spec.training.micro_batch * spec.rows_per_example, m.hidden
     per_layer = 34 * s * b * h
     ckpt = checkpointed_layers(spec, m.layers)
     kept = per_layer * (m.layers - ckpt) + 2 * s * b * h * ckpt + (per_layer if ckpt else 0)
@@ -158,7 +159,34 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
     if spec.task == "finetune" and spec.finetune.frozen_copy():  # DPO's reference: model, counted in
         out = [replace(e, states=e.states + e.frozen) if e.frozen else replace(e, host=e.host + weights / n)
                for e in out]
+    other = other_model_bytes(spec)  # GRPO's reward model: held as the engine holds a frozen model
+    if other:
+        out = [replace(e, states=e.states + (other / n if e.name.startswith(("zero3", "fsdp")) else other))
+               for e in out]
+    if spec.task == "finetune" and spec.finetune.kind == "grpo":  # the KV cache of a generation batch
+        out = [replace(e, activations=e.activations + kv_cache_bytes(spec, m)) for e in out]
     return out
+
+
+def other_model_bytes(spec: RunSpec) -> int:
+    """The weights of the models a kind loads besides the policy (GRPO's reward model), from the
+    sizes of their weight files (0 where not written yet)."""
+    if spec.task != "finetune":
+        return 0
+    total = 0
+    for _, raw in spec.finetune.other_models():
+        folder = Path(raw)
+        if folder.is_dir():
+            total += sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return total
+
+
+def kv_cache_bytes(spec: RunSpec, m: ModelSize) -> float:
+    """Keys and values of every layer for a micro-batch's completions at full length (an upper
+    bound: as many key/value heads as query heads)."""
+    p = 2 if spec.training.precision == "bf16" else 4
+    rows = spec.training.micro_batch * spec.rows_per_example
+    return 2 * m.layers * m.hidden * spec.finetune.row_tokens() * rows * p
 
 
 def load_bytes(spec: RunSpec, m: ModelSize, engine: dict | None = None) -> float:
@@ -286,7 +314,15 @@ def _finetune_notes(spec: RunSpec) -> list[str]:
     """What a fine-tuning kind adds: the sequences of a pair, DPO's reference."""
     ft = spec.finetune
     out = []
-    if spec.rows_per_example > 1:
+    if ft.kind == "grpo":
+        out.append(f"a micro batch of {spec.training.micro_batch} prompts is {spec.training.micro_batch * ft.group_size} "
+                   f"completions of up to {ft.row_tokens()} tokens (seq_len + max_new_tokens): the activations above "
+                   "count them and their KV cache")
+        for field, raw in ft.other_models():
+            size = other_model_bytes(spec)
+            out.append(f"{field}: {_gib(size)} of weights, counted above (whole per rank under DDP and ZeRO 1-2, "
+                       "split under ZeRO-3 and FSDP2)" if size else f"{field}: {raw} not written yet, not counted")
+    elif spec.rows_per_example > 1:
         out.append(f"a micro batch of {spec.training.micro_batch} pairs is {spec.training.micro_batch * 2} sequences "
                    "(chosen and rejected in one forward): the activations above count them")
     how = ft.reference_kind()

@@ -156,6 +156,10 @@ def check_files(
     tok_hash = _check_tokenizer(spec, file, tok_path, pending, errors)
     samples: int | None = None
     if spec.finetune is not None:
+        _check_other_models(spec, file, future or set(), errors, notes)
+        for field, problem in spec.finetune.import_problems():
+            errors.append(UserError(problem, file=file, field=field,
+                                    expected="module:function, the module importable from here or PYTHONPATH"))
         ft_notes, samples = finetune_report(spec, errors)
         notes += ft_notes
     if spec.data is not None:
@@ -191,6 +195,34 @@ def _check_model(spec: RunSpec, file: str | None, pending: bool, errors: list[Us
         if bad is not None:
             errors.append(bad)
     return model_path
+
+
+def _check_other_models(spec: RunSpec, file: str | None, future: set[str], errors: list[UserError],
+                        notes: list[str]) -> None:
+    """The models a kind loads besides `model.path` (GRPO's reward model), checked as it is."""
+    for field, raw in spec.finetune.other_models():
+        if raw in future:
+            notes.append(f"{field}: {raw} (written by an earlier stage)")
+            continue
+        try:
+            path = Path(resolve_path(raw, field=field, file=file))
+        except UserError as e:
+            errors.append(e)
+            continue
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            errors.append(UserError(f"no model here ({path})", file=file, field=field,
+                                    expected="a Hugging Face model directory with config.json"))
+            continue
+        errors += model_dir_problems(path, file)
+        try:
+            config = json.loads(config_file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue  # said already (model_dir_problems)
+        problem = spec.finetune.other_model_problem(field, config) if isinstance(config, dict) else None
+        if problem:
+            errors.append(UserError(problem, file=str(config_file), field=field,
+                                    expected=f"a model fit for {field}"))
 
 
 def _kind_model_problems(spec: RunSpec, config_file: Path) -> list[UserError]:

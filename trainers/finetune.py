@@ -131,7 +131,8 @@ class FineTuning:
         return self.kind.metrics(float("nan"), counts)
 
     def tokens(self, micro_batches: list[dict]) -> int:
-        return sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # without padding
+        # without padding; GRPO's are its prompts with their completions (`work_tokens`)
+        return sum(mb.get("work_tokens", int(mb["attention_mask"].sum())) for mb in micro_batches)
 
     def evaluate(self, engine: Engine, step: int, total: int) -> bool:
         every = self.spec.training.eval_every
@@ -146,6 +147,7 @@ class FineTuning:
                 res.update(one)
         self.mon.log({"step": step, **res})
         self.mon.print("  validation: " + "; ".join(shown))
+        self.kind.evaluated(step, self.run)
         if self.best is None or (res[self.metric] > self.best if self.ft.higher_is_better(self.metric)
                                  else res[self.metric] < self.best):
             self.best, self.stale = res[self.metric], 0

@@ -43,6 +43,14 @@ class Monitor:
         for sink in self.sinks if to_sinks else ():
             sink.log(record)
 
+    def table(self, step: int, name: str, rows: list[dict]) -> None:
+        """Rows of a table (GRPO's sample completions) to every sink that shows tables (W&B)."""
+        if not self.enabled:
+            return
+        for sink in self.sinks:
+            if hasattr(sink, "table"):
+                sink.table(step, name, rows)
+
     def print(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True, file=sys.stdout)

@@ -65,6 +65,19 @@ class WandbSink:
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
+    def table(self, step: int, name: str, rows: list[dict]) -> None:
+        """`rows` as a W&B table under `name` at `step` (columns: the first row's keys)."""
+        if self.run is None or not rows or step < self.first_step:
+            return
+        try:
+            import wandb
+
+            columns = list(rows[0])
+            data = [[r.get(c) if isinstance(r.get(c), (int, float)) else str(r.get(c)) for c in columns] for r in rows]
+            self.run.log({name: wandb.Table(columns=columns, data=data)}, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
     def close(self, preempted: bool = False) -> None:
         if self.run is None:
             return

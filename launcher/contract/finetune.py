@@ -32,7 +32,8 @@ class Method:
 
 
 KIND_HELP = ("sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score; "
-             "dpo: preference pairs -> a policy that prefers the chosen response")
+             "dpo: preference pairs -> a policy that prefers the chosen response; grpo: prompts -> a policy that "
+             "samples completions and learns toward higher reward (a reward model and/or reward functions)")
 
 METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
                                Method("qlora", adapter=True, quantized=True))}
@@ -116,9 +117,30 @@ class FinetuneBase(Strict):
         names = [n for n, _, _ in self.valid_sets()] or [None]
         return next(better for n in names for what, better in self.METRICS.items() if metric_key(n, what) == metric)
 
+    def rows(self) -> int:
+        """Sequences an example puts through the model in a micro-batch (`plan` counts them)."""
+        return self.ROWS_PER_EXAMPLE
+
+    def row_tokens(self) -> int:
+        """The longest sequence the model sees (`plan` counts activations of this length)."""
+        return self.seq_len
+
     def frozen_copy(self) -> bool:
         """Whether the run holds a frozen copy of the model beside it (`plan` counts it)."""
         return False
+
+    def other_models(self) -> list[tuple[str, str]]:
+        """[(spec field, path)] of the models the run loads besides `model` (GRPO's reward model):
+        `validate` checks each, and a pipeline resolves `stage:NAME` in them."""
+        return []
+
+    def other_model_problem(self, field: str, config: dict) -> str | None:  # noqa: ARG002
+        """What makes the model of `field` (its config.json) unfit, or None."""
+        return None
+
+    def import_problems(self) -> list[tuple[str, str]]:
+        """[(spec field, what is wrong)] of the user code the run imports (reward functions)."""
+        return []
 
     def reference_kind(self) -> str | None:
         """Where a preference kind's reference log-probs come from (None: no reference)."""
@@ -339,9 +361,124 @@ class DpoSpec(PairsBase):
         return self
 
 
+def sequence_classifier_problem(config: dict) -> str | None:
+    """What keeps a model (its config.json) from scoring as a reward model: a head with one
+    output on a sequence classifier is what a reward stage exports."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return (f"the model is a {', '.join(config.get('architectures') or ['model without architectures'])}, not a "
+                "sequence classifier with one output (config.json architectures)")
+    outputs = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+    if outputs != 1:
+        return f"the model's classification head has {outputs} outputs (config.json id2label); a reward model's has one"
+    return None
+
+
+class GrpoSpec(FinetuneBase):
+    """Group relative policy optimisation: a causal LM (the policy) samples `group_size`
+    completions per prompt, a reward model and/or reward functions score them, and each
+    completion's advantage (its reward against its group's) weighs a clipped surrogate loss,
+    with a KL penalty keeping the policy near the reference (the model it started from)."""
+
+    MODEL_CLASS: ClassVar[str] = "AutoModelForCausalLM"
+    # TRL's names (validation: eval_<name>, val/<set>/<name>)
+    METRICS: ClassVar[dict[str, bool]] = {"loss": False, "reward": True, "kl": False}
+    DEFAULT_BEST: ClassVar[str] = "reward"
+
+    kind: Literal["grpo"] = Field(description=KIND_HELP)
+    prompt_field: str = Field("prompt", description="the prompt: a string, or chat messages (the record's other "
+                              "fields reach the reward functions as keyword arguments)")
+    seq_len: int = Field(128, gt=1, description="grpo: the prompt's tokens (a longer prompt keeps its end, counted)")
+    group_size: int = Field(8, ge=2, description="completions sampled per prompt (TRL's num_generations); "
+                            "global_batch and micro_batch count prompts")
+    max_new_tokens: int = Field(64, ge=1, description="tokens of a completion at most (TRL's "
+                                "max_completion_length); one that reaches it is counted as clipped")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use it too, as TRL's)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens holding this "
+                         "share of the probability")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="the clip range of the probability ratio")
+    kl_coef: float = Field(0.0, ge=0, description="weight of the KL penalty to the reference (TRL's beta); 0 holds "
+                           "no reference")
+    scale_rewards: bool = Field(True, description="divide each advantage by its group's reward std (GRPO); false "
+                                "leaves it at reward - group mean (Dr. GRPO)")
+    loss_normalization: Literal["token", "sequence"] = Field(
+        "token", description="token: the per-token losses summed over the micro-batch, over its completion tokens "
+        "(DAPO, TRL's default); sequence: each completion's mean, then their mean (the original GRPO)")
+    reward_model: str | None = Field(None, description="a reward model (a reward stage's export: a sequence "
+                                     "classifier with one output), a path or stage:NAME, held frozen as the "
+                                     "engine holds the policy; it scores prompt + completion")
+    reward_functions: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]] = Field(
+        [], description="module:function, TRL's signature fn(prompts, completions, **fields) -> list of floats "
+        "(the module importable from where the run starts, or on PYTHONPATH)")
+    reward_weights: list[float] | None = Field(None, description="a weight per reward: each reward function in "
+                                               "order, then the reward model (default: 1 each)")
+    disable_dropout: bool = Field(True, description="turn the policy's dropout off (as TRL's option does)")
+    samples_logged: int = Field(4, ge=0, description="completions (with their rewards) written at each "
+                                "evaluation to samples/step_N.jsonl and the W&B table")
+
+    def rows(self) -> int:
+        return self.group_size
+
+    def row_tokens(self) -> int:
+        return self.seq_len + self.max_new_tokens
+
+    def frozen_copy(self) -> bool:
+        return self.reference_kind() == "model"
+
+    def reference_kind(self) -> str | None:
+        """lora/qlora: the policy with its adapters off; full: a frozen copy; none when kl_coef is 0."""
+        if not self.kl_coef:
+            return None
+        return "adapter" if self.trains.adapter else "model"
+
+    def reward_names(self) -> list[str]:
+        """The rewards in weight order: each function's name, then `reward_model`."""
+        return [f.split(":")[1] for f in self.reward_functions] + (["reward_model"] if self.reward_model else [])
+
+    def weights(self) -> list[float]:
+        return list(self.reward_weights) if self.reward_weights is not None else [1.0] * len(self.reward_names())
+
+    def record_fields(self, record: dict) -> list[str]:  # noqa: ARG002
+        return [self.prompt_field]
+
+    def other_models(self) -> list[tuple[str, str]]:
+        return [("finetune.reward_model", self.reward_model)] if self.reward_model else []
+
+    def other_model_problem(self, field: str, config: dict) -> str | None:  # noqa: ARG002 - one other model
+        return sequence_classifier_problem(config)
+
+    def model_problem(self, config: dict) -> str | None:
+        """The prompt and a whole completion must fit the model's positions."""
+        positions = config.get("max_position_embeddings")
+        if isinstance(positions, int) and self.seq_len + self.max_new_tokens > positions:
+            return (f"seq_len {self.seq_len} (the prompt) + max_new_tokens {self.max_new_tokens} is past the model's "
+                    f"{positions} positions (config.json max_position_embeddings)")
+        return None
+
+    def import_problems(self) -> list[tuple[str, str]]:
+        from hpctrain.launcher.contract.user_code import import_problem
+
+        out = []
+        for i, name in enumerate(self.reward_functions):
+            problem = import_problem(name)
+            if problem:
+                out.append((f"finetune.reward_functions.{i}", problem))
+        return out
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> GrpoSpec:
+        n = len(self.reward_names())
+        if not n:
+            raise ValueError("finetune: grpo needs a reward: reward_model (a path or stage:NAME) and/or "
+                             "reward_functions (module:function)")
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ValueError(f"finetune.reward_weights has {len(self.reward_weights)} weight(s) for {n} reward(s) "
+                             f"({', '.join(self.reward_names())}: the functions in order, then the reward model)")
+        return self
+
+
 KINDS: dict[str, type[FinetuneBase]] = {"sft": SftSpec, "classify": ClassifySpec, "reward": RewardSpec,
-                                        "dpo": DpoSpec}
+                                        "dpo": DpoSpec, "grpo": GrpoSpec}
 """Every fine-tuning kind by its `kind` value."""
 
-FinetuneSpec = Annotated[SftSpec | ClassifySpec | RewardSpec | DpoSpec, Field(discriminator="kind")]
+FinetuneSpec = Annotated[SftSpec | ClassifySpec | RewardSpec | DpoSpec | GrpoSpec, Field(discriminator="kind")]
 """The `finetune` section: the class of its `kind`."""

@@ -17,14 +17,19 @@ ONE, MANY = "(one)", "(list)"
 UNION_TAGS = (ONE, MANY)
 
 
+TRAINING_NAMES = frozenset({"reward", "reward_std", "kl"})
+"""Plain metric names that training steps log too (GRPO's, TRL's names): validation's copy of
+one is `eval_<name>`, as TRL's is."""
+
+
 def metric_key(name: str | None, what: str) -> str:
     """The metrics key of `what` (loss, ppl, accuracy, f1, rewards/margins) of a validation set:
     `val_loss`, `val_ppl`, `accuracy`, `f1`, `eval_rewards/margins` for the single unnamed set
     (as always; TRL's eval_ prefix where the name is TRL's), `val/<name>/<what>` for a named one
     (pretraining's corpora and fine-tuning's files alike)."""
     if name is None:
-        if "/" in what:  # a TRL name (rewards/chosen): validation's is TRL's eval_rewards/chosen
-            return f"eval_{what}"
+        if "/" in what or what in TRAINING_NAMES:  # a TRL name (rewards/chosen, reward): a training
+            return f"eval_{what}"                  # step logs it too; validation's is eval_<name>
         return {"loss": "val_loss", "ppl": "val_ppl"}.get(what, what)
     return f"val/{name}/{what}"
 

@@ -440,8 +440,8 @@ class RunSpec(Strict):
 
     @property
     def rows_per_example(self) -> int:
-        """Sequences one example puts through the model (2 for a preference pair)."""
-        return self.finetune.ROWS_PER_EXAMPLE if self.task == "finetune" else 1  # type: ignore[union-attr]
+        """Sequences one example puts through the model (2 for a preference pair, a GRPO group)."""
+        return self.finetune.rows() if self.task == "finetune" else 1  # type: ignore[union-attr]
 
     @property
     def model_class(self) -> str:
@@ -508,6 +508,8 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
                 ref["path"] = fix(ref["path"])
         else:
             data["finetune"]["valid_file"] = fix(v)
+        if data["finetune"].get("reward_model"):
+            data["finetune"]["reward_model"] = fix(data["finetune"]["reward_model"])
     return RunSpec.model_validate(data)
 
 

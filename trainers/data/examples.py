@@ -60,8 +60,9 @@ class ExampleDataset:
         return len(self.tk.input_ids)
 
     def __getitems__(self, keys) -> dict[str, torch.Tensor]:
-        idx = [k[1] for k in keys]
-        return self.batch(idx)
+        batch = self.batch([k[1] for k in keys])
+        batch["draws"] = [k[2] for k in keys]  # each example's place in the run's global order
+        return batch
 
     def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
         return self.collate(self.tk, idx, self.pad_id)

@@ -4,6 +4,7 @@
     classify.py   text -> label: a classification head, accuracy and macro-F1
     reward.py     preference pairs -> a scalar score: Bradley-Terry loss, pair accuracy, margin
     dpo.py        preference pairs -> a policy: DPO / IPO loss against a reference, TRL's metrics
+    grpo.py       prompts -> a policy: sampled completions, rewards, group advantages, clipped loss
     pairs.py      what the two pair kinds share: a pair's prompt and responses, checked
 
 A kind's spec section (its fields, the metrics it reports and which way each is better, the
@@ -83,6 +84,9 @@ class KindTask(Protocol):
     def use_initial_model(self, build: Callable[[], torch.nn.Module]) -> None:
         """Scoring an export (`hpctrain eval`): `build` makes the model the run started from."""
 
+    def evaluated(self, step: int, run) -> None:
+        """After an evaluation at `step`, every rank (GRPO writes its sample completions)."""
+
 
 class KindBase:
     """What most kinds do for the optional parts of `KindTask`: nothing."""
@@ -95,12 +99,16 @@ class KindBase:
     def use_initial_model(self, build: Callable[[], torch.nn.Module]) -> None:  # noqa: ARG002
         return None
 
+    def evaluated(self, step: int, run) -> None:  # noqa: ARG002
+        return None
+
 
 def kind_task(ft) -> KindTask:
     """The task of the spec's `finetune.kind`."""
     from hpctrain.trainers.tasks.classify import Classify
     from hpctrain.trainers.tasks.dpo import DPO
+    from hpctrain.trainers.tasks.grpo import GRPO
     from hpctrain.trainers.tasks.reward import Reward
     from hpctrain.trainers.tasks.sft import SFT
 
-    return {"sft": SFT, "classify": Classify, "reward": Reward, "dpo": DPO}[ft.kind](ft)
+    return {"sft": SFT, "classify": Classify, "reward": Reward, "dpo": DPO, "grpo": GRPO}[ft.kind](ft)

@@ -53,17 +53,11 @@ class Reward(KindBase):
 
     def _side(self, rec: dict, tok, path: str, line: int, field: str) -> list[int]:
         prompt, response = side(self.ft, rec, path, line, field)
-        if isinstance(prompt, list):
-            prompt_ids, response_ids = chat_ids(prompt + response, tok, path, line, self.ft.prompt_field,
-                                                "finetune.prompt_field")
-            return prompt_ids + response_ids
-        text = PROMPT_TEMPLATE.format(prompt=prompt)
-        prompt_tokens = len(tok(text)["input_ids"])
-        if prompt_tokens >= self.ft.seq_len:
-            raise no_room(self.ft, path, line, prompt_tokens)
-        # one text, with the model's own markers around it ([CLS] ... [SEP] for BERT; none for most
-        # decoders): what a user's scoring of prompt + response gives
-        return tok(text + str(response))["input_ids"]
+        if not isinstance(prompt, list):
+            prompt_tokens = len(tok(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"])
+            if prompt_tokens >= self.ft.seq_len:
+                raise no_room(self.ft, path, line, prompt_tokens)
+        return scoring_ids(prompt, response, tok, path, line, self.ft.prompt_field)
 
     def for_training(self, tk: Tokenized) -> Tokenized:
         return tk
@@ -92,3 +86,14 @@ class Reward(KindBase):
         n = max(float(counts[0]), 1.0)
         return {"accuracy": float(counts[1]) / n, "margin": float(counts[2]) / n}
 
+
+def scoring_ids(prompt, response, tok, path: str = "", line: int = 0, field: str = "prompt") -> list[int]:
+    """The ids a reward model scores for prompt + response: chat messages with the response as
+    the assistant's turn (the chat template), or one text in the SFT prompt template with the
+    model's own markers around it ([CLS] ... [SEP] for BERT; none for most decoders). The reward
+    kind trains on these and GRPO scores its completions with them."""
+    if isinstance(prompt, list):
+        response = response if isinstance(response, list) else [{"role": "assistant", "content": str(response)}]
+        prompt_ids, response_ids = chat_ids(prompt + response, tok, path, line, field, "finetune.prompt_field")
+        return prompt_ids + response_ids
+    return tok(PROMPT_TEMPLATE.format(prompt=prompt) + str(response))["input_ids"]

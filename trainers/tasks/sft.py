@@ -111,6 +111,20 @@ def chat_ids(messages, tok, path: str, line: int, field: str,
     return prompt, tok(str(messages[-1]["content"]), add_special_tokens=False)["input_ids"] + eos
 
 
+def chat_prompt_ids(messages, tok, path: str, line: int, spec_field: str) -> list[int]:
+    """The ids of chat `messages` with the assistant's turn opened (what GRPO samples after):
+    the chat template's generation prompt, or the plain role template's."""
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
+        raise UserError(f"line {line}: a chat prompt must be a list of {{role, content}} messages",
+                        file=path, field=spec_field)
+    if getattr(tok, "chat_template", None):
+        return list(_ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)))
+    text = "".join(ROLE_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
+    return tok(text + "### assistant:\n", add_special_tokens=False)["input_ids"]
+
+
 def _ids(x):
     return x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x
 
