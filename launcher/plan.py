@@ -163,7 +163,7 @@ def estimates(spec: RunSpec, m: ModelSize, world: int) -> list[Estimate]:
     if other:
         out = [replace(e, states=e.states + (other / n if e.name.startswith(("zero3", "fsdp")) else other))
                for e in out]
-    if spec.task == "finetune" and spec.finetune.kind == "grpo":  # the KV cache of a generation batch
+    if spec.task == "finetune" and spec.finetune.generates():  # the KV cache of a generation batch
         out = [replace(e, activations=e.activations + kv_cache_bytes(spec, m)) for e in out]
     return out
 
@@ -314,7 +314,7 @@ def _finetune_notes(spec: RunSpec) -> list[str]:
     """What a fine-tuning kind adds: the sequences of a pair, DPO's reference."""
     ft = spec.finetune
     out = []
-    if ft.kind == "grpo":
+    if ft.generates():
         out.append(f"a micro batch of {spec.training.micro_batch} prompts is {spec.training.micro_batch * ft.group_size} "
                    f"completions of up to {ft.row_tokens()} tokens (seq_len + max_new_tokens): the activations above "
                    "count them and their KV cache")

@@ -2,7 +2,8 @@
 
 Panels against the training step: training loss (line) with validation loss (dots), LR,
 tokens/s, and MFU (or achieved TFLOP/s per device where no MFU is known, as on CPU); a run
-with named validation sets (`data.validation` as a list) gets a panel per set.
+with named validation sets (`data.validation` as a list) gets a panel per set; an RL run (GRPO)
+gets its mean reward (dots: validation's) and its KL to the reference.
 Restarts (an attempt resuming from a checkpoint) are dashed vertical lines in the run's
 colour. Read from each run's metrics.jsonl (the last value of each step wins).
 """
@@ -37,7 +38,8 @@ def series(run_dir: Path) -> dict:
                     if k.startswith("val/") and k.endswith("/loss")})
     return {"loss": col("loss"), "val_loss": col("val_loss"), "lr": col("lr"), "tokens_per_s": col("tokens_per_s"),
             "mfu": col("mfu"), "tflops": col("tflops_per_device"), "restarts": [s for s in starts if s > 0],
-            "val_sets": {name: col(f"val/{name}/loss") for name in named}}
+            "val_sets": {name: col(f"val/{name}/loss") for name in named},
+            "reward": col("reward"), "eval_reward": col("eval_reward"), "kl": col("kl")}
 
 
 def plot(run_dirs: list[str], out: str | None) -> Path:
@@ -62,13 +64,15 @@ def plot(run_dirs: list[str], out: str | None) -> Path:
         raise UserError("no point of the sweep has started", file=run_dirs[0])
     use_mfu = any(s["mfu"][0] for _, s in runs)
     sets = sorted({name for _, s in runs for name in s["val_sets"]})  # named validation sets: a panel each
-    rows = 2 + (len(sets) + 1) // 2
+    rl = any(s["reward"][0] for _, s in runs)  # GRPO: a row for the reward and the KL
+    top = 3 if rl else 2
+    rows = top + (len(sets) + 1) // 2
     fig, grid = plt.subplots(rows, 2, figsize=(12, 3.75 * rows), sharex=True, squeeze=False)
     (ax_loss, ax_lr), (ax_tok, ax_eff) = grid[0], grid[1]
-    val_axes = dict(zip(sets, grid[2:].flat, strict=False))
-    for ax in list(grid[2:].flat)[len(sets):]:
+    val_axes = dict(zip(sets, grid[top:].flat, strict=False))
+    for ax in list(grid[top:].flat)[len(sets):]:
         ax.set_visible(False)
-    axes = grid[:2]
+    axes = grid[:top]
     for i, (path, s) in enumerate(runs):
         color = f"C{i}"
         name = path.name if path.name not in ("run", "") else f"{path.parent.name}/{path.name}"
@@ -78,6 +82,11 @@ def plot(run_dirs: list[str], out: str | None) -> Path:
         for set_name, points in s["val_sets"].items():
             val_axes[set_name].plot(*points, "o-", color=color, ms=4, lw=1, label=name)
         ax_lr.plot(*s["lr"], color=color, lw=1.2, label=name)
+        if rl:
+            grid[2][0].plot(*s["reward"], color=color, lw=1.2, label=f"{name} train")
+            if s["eval_reward"][0]:
+                grid[2][0].plot(*s["eval_reward"], "o", color=color, ms=4, label=f"{name} validation")
+            grid[2][1].plot(*s["kl"], color=color, lw=1.2, label=name)
         ax_tok.plot(*s["tokens_per_s"], color=color, lw=1.2, label=name)
         if use_mfu:
             xs, ys = s["mfu"]
@@ -91,6 +100,10 @@ def plot(run_dirs: list[str], out: str | None) -> Path:
     ax_lr.set_title("learning rate")
     ax_tok.set_title("tokens/s")
     ax_eff.set_title("MFU (%)" if use_mfu else "achieved TFLOP/s per device (no MFU on CPU)")
+    if rl:
+        grid[2][0].set_title("reward (dots: validation)")
+        grid[2][0].legend(fontsize=8)
+        grid[2][1].set_title("KL to the reference")
     for set_name, ax in val_axes.items():
         ax.set_title(f"validation loss: {set_name}")
         ax.legend(fontsize=8)

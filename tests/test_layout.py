@@ -79,7 +79,7 @@ def _python_files(*folders: str):
         yield from sorted((REPO / folder).rglob("*.py"))
 
 
-FINETUNE_NAMES = {"sft", "classify", "full", "lora", "qlora"}  # fine-tuning kinds and methods (their values)
+FINETUNE_NAMES = {"sft", "classify", "reward", "dpo", "grpo", "full", "lora", "qlora"}  # fine-tuning kinds and methods (their values)
 
 
 def test_fine_tuning_kinds_and_methods_are_compared_only_in_the_contract():

@@ -129,6 +129,10 @@ class FinetuneBase(Strict):
         """Whether the run holds a frozen copy of the model beside it (`plan` counts it)."""
         return False
 
+    def generates(self) -> bool:
+        """Whether training samples completions (`plan` counts their KV cache)."""
+        return False
+
     def other_models(self) -> list[tuple[str, str]]:
         """[(spec field, path)] of the models the run loads besides `model` (GRPO's reward model):
         `validate` checks each, and a pipeline resolves `stage:NAME` in them."""
@@ -420,6 +424,9 @@ class GrpoSpec(FinetuneBase):
 
     def row_tokens(self) -> int:
         return self.seq_len + self.max_new_tokens
+
+    def generates(self) -> bool:
+        return True
 
     def frozen_copy(self) -> bool:
         return self.reference_kind() == "model"

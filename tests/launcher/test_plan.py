@@ -224,3 +224,28 @@ def _activations(stdout: str) -> float:
     line = next(x for x in stdout.splitlines() if x.startswith("activations per rank"))
     value, unit = line.rsplit(" ", 2)[-2:]
     return float(value) * (1 / 1024 if unit == "MiB" else 1)
+
+
+def test_plan_counts_grpo_completions_their_kv_cache_and_the_reference(tmp_path):
+    """A micro-batch of prompts is group_size completions of seq_len + max_new_tokens tokens: 4x the
+    activations of SFT at that length; `kl_coef > 0` with full adds the reference's frozen copy."""
+    def grpo(kl: float) -> dict:
+        spec = _dpo_spec(tmp_path, "precompute")
+        spec["finetune"] = {"kind": "grpo", "method": "full", "seq_len": 2048, "max_new_tokens": 2048, "group_size": 4,
+                            "kl_coef": kl, "train_file": str(DATA / "sft_train.jsonl"),
+                            "reward_functions": ["tests.trainers.grpo_rewards:constant"]}
+        return spec
+    r0 = run_cli("plan", str(write_spec(tmp_path / "g0.yaml", grpo(0.0))))
+    r1 = run_cli("plan", str(write_spec(tmp_path / "g1.yaml", grpo(0.1))))
+    sft = _dpo_spec(tmp_path, "precompute")
+    sft["finetune"] = {"kind": "sft", "method": "full", "seq_len": 4096, "train_file": str(DATA / "sft_train.jsonl")}
+    r_sft = run_cli("plan", str(write_spec(tmp_path / "sft.yaml", sft)))
+    assert r0.returncode == r1.returncode == r_sft.returncode == 0, r0.stderr + r1.stderr + r_sft.stderr
+    assert "a micro batch of 1 prompts is 4 completions of up to 4096 tokens" in r0.stdout
+    # 4x SFT's activations, and the KV cache of the 4 completions: 2 x 32 layers x 4096 x 4096 tokens x bf16
+    kv = 2 * 32 * 4096 * 4096 * 4 * 2 / 2**30
+    assert _activations(r0.stdout) == pytest.approx(4 * _activations(r_sft.stdout) + kv, rel=1e-2)
+    extra = _per_device(r0.stdout)["ddp"] - _per_device(r_sft.stdout)["ddp"]
+    assert extra == pytest.approx(_activations(r0.stdout) - _activations(r_sft.stdout), rel=2e-2)
+    n = 6_738_415_616
+    assert _per_device(r1.stdout)["ddp"] - _per_device(r0.stdout)["ddp"] == pytest.approx(4 * n / 2**30, rel=2e-2)

@@ -113,6 +113,13 @@ def test_the_reward_rises_and_the_kl_starts_at_zero(learned):
     assert [x["step"] for x in evals] == [15, 30] and all("eval_kl" in x for x in evals)
     samples = [json.loads(x) for x in (d / "run" / "samples" / "step_30.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all({"prompt", "completion", "reward", "mentions_scheduler"} <= set(s) for s in samples)
+    from hpctrain.launcher.plot import series
+
+    curves = series(d / "run")  # what `hpctrain plot` draws in its reward and KL panels
+    assert curves["reward"][0] == list(range(1, 31)) and curves["eval_reward"][0] == [15, 30]
+    assert len(curves["kl"][1]) == 30
+    r = run_cli("plot", str(d / "run"), "--out", str(d / "plot.png"))
+    assert r.returncode == 0 and (d / "plot.png").stat().st_size > 0, r.stderr
 
 
 def test_a_stopped_run_resumes_with_the_same_completions_and_losses(learned):

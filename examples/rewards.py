@@ -1,0 +1,15 @@
+"""Reward functions for `examples/pipeline_tiny_llama_rlhf.yaml`'s GRPO stage, in TRL's
+signature: fn(prompts, completions, **fields) -> a float per completion. Every field of a
+prompt's record other than the prompt arrives as a keyword argument, one value per completion
+(here `response`, the answer the SFT file holds). The run imports them as
+`examples.rewards:NAME`, from the directory it starts in (the repository)."""
+
+
+def exact_answer(prompts, completions, response, **fields):  # noqa: ARG001
+    """1.0 when the completion is the record's answer (its first line, spaces ignored), else 0."""
+    out = []
+    for text, answer in zip(completions, response, strict=True):
+        first = text.strip().splitlines()[0].strip() if text.strip() else ""
+        out.append(1.0 if first == answer.strip() else 0.0)
+    return out
+
