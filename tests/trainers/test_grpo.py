@@ -215,3 +215,19 @@ def test_a_reward_function_that_raises_ends_the_run_in_one_line(tmp_path, tiny_l
     assert ("finetune.reward_functions: reward function tests.trainers.grpo_rewards:raises raised ValueError: "
             "no scorer configured (batch with the prompt of 'prompt'") in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.deepspeed
+def test_zero3_samples_from_weights_gathered_once_and_starts_as_ddp(learned, tmp_path):
+    """ZeRO-3 (the reference a partitioned frozen copy): its first step samples the same
+    completions as DDP's (the same rewards) to within float order in the loss, and it trains on."""
+    d, spec = learned
+    z = {**spec, "run_dir": str(tmp_path / "run"), "engine": {"type": "deepspeed", "zero_stage": 3},
+         "training": {**spec["training"], "steps": 3, "eval_every": 3}}
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", z)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ddp = next(x for x in records(d / "run") if x.get("step") == 1 and "reward" in x)
+    got = [x for x in records(tmp_path / "run") if "reward" in x]
+    assert [x["step"] for x in got] == [1, 2, 3]
+    assert got[0]["reward"] == ddp["reward"] and got[0]["kl"] == 0.0 and got[2]["kl"] > 0
+    assert abs(got[0]["loss"] - ddp["loss"]) <= 1e-4 * max(abs(ddp["loss"]), 1e-3)

@@ -77,6 +77,12 @@ class Engine(Protocol):
     def evaluating(self) -> AbstractContextManager[torch.nn.Module]:
         """The model in eval mode, without gradients; train mode again after."""
 
+    def sampling(self) -> AbstractContextManager[torch.nn.Module]:
+        """The model to sample completions from, forward passes only, in the run's precision
+        (GRPO): unwrapped under DDP; under ZeRO-3 its weights gathered once for the whole
+        generation instead of block by block at every token; under FSDP2 the sharded model
+        (each forward gathers, every rank running as many)."""
+
     def state_files(self, rank: int) -> dict[str, object]:
         """{file name: state} this rank writes into a checkpoint (where `state_on_rank0`)."""
 

@@ -104,6 +104,11 @@ class DDPEngine(EngineClass):
         finally:
             self.model.train()
 
+    @contextlib.contextmanager
+    def sampling(self):
+        with self._autocast_ctx():
+            yield self.model
+
     def state_files(self, rank: int) -> dict[str, object]:
         """DDP replicas are identical: rank 0 writes the model, optimizer and schedule."""
         if rank != 0:

@@ -260,6 +260,18 @@ class DeepSpeedEngine(EngineClass):
         finally:
             self.ds.train()
 
+    @contextlib.contextmanager
+    def sampling(self):
+        """Stages 1-2: the model; ZeRO-3: every weight gathered once, its hooks off while
+        sampling (DeepSpeed's `unwrap_model_for_generation`), partitioned again after."""
+        if self.stage != 3:
+            yield self.ds.module
+            return
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.ds) as engine:
+            yield engine.module
+
     def state_files(self, rank: int) -> dict[str, object]:
         raise NotImplementedError("every rank writes its own ZeRO shards (state_on_rank0 is False)")
 

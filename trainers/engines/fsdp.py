@@ -183,6 +183,10 @@ class FSDPEngine(EngineClass):
         finally:
             self.model.train()
 
+    @contextlib.contextmanager
+    def sampling(self):
+        yield self.model
+
     def state_files(self, rank: int) -> dict[str, object]:
         raise NotImplementedError("every rank writes its own DCP shards (state_on_rank0 is False)")
 

@@ -34,6 +34,7 @@ completions with their rewards to samples/step_N.jsonl and the W&B table `sample
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -79,7 +80,7 @@ class GRPO(KindBase):
         self.functions: list = []
         self.reward_model = None  # (frozen sequence classifier, its tokenizer)
         self.reference = None  # scores completion tokens with the reference (kl_coef > 0)
-        self.policy = None  # the model the engine trains, to sample from (None: the module given)
+        self.engine = None  # the engine, whose `sampling()` gives the model to sample from (None: the module given)
         self.tok = None
         self.trims = False
         self.sync_sampling = False  # sharded engines: every rank runs as many forwards
@@ -131,7 +132,7 @@ class GRPO(KindBase):
         """The policy to sample from, the reward functions and model, and the reference."""
         if self.ft.disable_dropout:
             disable_dropout(start.model)
-        self.policy = start.model
+        self.engine = start.engine
         self.trims = keeps_logits(start.model)
         self.sync_sampling = start.run.d.world_size > 1 and not start.engine.capabilities.whole_weights
         self.seed = start.run.spec.training.seed
@@ -184,7 +185,8 @@ class GRPO(KindBase):
         mask = batch["attention_mask"].repeat_interleave(g, 0).to(device)
         draws = batch.get("draws") or [-1 - i for i in batch["index"]]  # validation: fixed per prompt
         noise = self._noise(draws, g).to(device)
-        comp, comp_mask = self._sample(self.policy if self.policy is not None else module, ids, mask, noise)
+        with self.engine.sampling() if self.engine is not None else contextlib.nullcontext(module) as policy:
+            comp, comp_mask = self._sample(policy, ids, mask, noise)
         rewards, each = self._rewards(batch, comp, comp_mask)
         gen_s = time.perf_counter() - t0
         grouped = rewards.view(-1, g)
