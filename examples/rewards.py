@@ -5,11 +5,7 @@ prompt's record other than the prompt arrives as a keyword argument, one value p
 `examples.rewards:NAME`, from the directory it starts in (the repository)."""
 
 
-def exact_answer(prompts, completions, response, **fields):  # noqa: ARG001
-    """1.0 when the completion is the record's answer (its first line, spaces ignored), else 0."""
-    out = []
-    for text, answer in zip(completions, response, strict=True):
-        first = text.strip().splitlines()[0].strip() if text.strip() else ""
-        out.append(1.0 if first == answer.strip() else 0.0)
-    return out
-
+def answers_first(prompts, completions, response, **fields):  # noqa: ARG001
+    """1.0 when the completion opens with the record's answer (what follows it is not judged)."""
+    return [1.0 if text.strip().startswith(answer.strip()) else 0.0
+            for text, answer in zip(completions, response, strict=True)]

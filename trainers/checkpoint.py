@@ -14,6 +14,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,6 +126,7 @@ class Checkpointer:
         self._inflight: Saved | None = None
         self._error: BaseException | None = None
         self._done: list[Saved] = []  # background saves finished and not yet reported
+        self.rank_state: Callable[[], dict] = dict  # the task's state of this rank (saved with its RNG)
 
     def _in_background(self, engine: Engine) -> bool:
         caps = engine.capabilities
@@ -141,7 +143,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
             tmp.mkdir()
         _barrier()
-        save_tensor_file(rng_state(), tmp / rng_file(self.rank))
+        extra = self.rank_state()
+        save_tensor_file({**rng_state(), **({"task": extra} if extra else {})}, tmp / rng_file(self.rank))
         if not self._in_background(engine):  # synchronous: every rank writes, then rank 0 publishes
             engine.save(tmp, self.rank)
             _barrier()
@@ -360,5 +363,7 @@ def load_checkpoint(path: Path, engine: Engine, rank: int) -> CheckpointMeta:
     engine.load(path, meta)
     rng = path / rng_file(rank)
     if rng.is_file():  # a different world size has no state for new ranks: they keep their seed
-        set_rng_state(torch.load(rng, weights_only=True))
+        state = torch.load(rng, weights_only=True)
+        set_rng_state(state)
+        meta.rank_state = state.get("task")
     return meta

@@ -27,7 +27,7 @@ from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.spec import RunSpec, metric_key
 from hpctrain.trainers import loop
 from hpctrain.trainers.data.examples import ExampleDataset, read_records, split_indices
-from hpctrain.trainers.data.loader import TrainBatches
+from hpctrain.trainers.data.loader import RepeatedSteps, TrainBatches
 from hpctrain.trainers.distributed import Dist, eval_slices, sum_over_ranks
 from hpctrain.trainers.engines import Engine, build_engine, engine_class
 from hpctrain.trainers.entry import Launch, entry_parser, run_entry, seed_everything
@@ -164,8 +164,12 @@ class FineTuning:
     def state(self) -> dict:
         return {"best": self.best, "stale": self.stale}
 
-    def resumed(self, state: dict) -> None:
+    def resumed(self, state: dict, rank_state: dict | None = None) -> None:
         self.best, self.stale = state.get("best"), state.get("stale", 0)
+        self.kind.resumed_rank(rank_state)
+
+    def rank_state(self) -> dict:
+        return self.kind.rank_state()
 
     def export(self, engine: Engine) -> None:
         if not self.spec.export.enabled:
@@ -205,6 +209,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     lengths = [len(x) for x in train_set.tk.input_ids] if ft.group_by_length else None
     batches = TrainBatches([], None, t.seed, t.global_batch, t.micro_batch, d.rank, d.world_size,
                            dataset=train_set, lengths=lengths)
+    if ft.updates_per_batch() > 1:
+        batches = RepeatedSteps(batches, ft.updates_per_batch())
     # achieved FLOP/s counts real tokens (padding is not model work) at their own lengths
     run.measure(flops_per_token(model, mean_context(len(x) for x in train_set.tk.input_ids)))
     engine = build_engine(spec, model, d, total, batches.accum, trainable_only=ft.trains.adapter,

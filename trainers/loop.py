@@ -47,8 +47,13 @@ class Task(Protocol):
     def state(self) -> dict:
         """The task's own part of a checkpoint (`CheckpointMeta.task`)."""
 
-    def resumed(self, state: dict) -> None:
-        """Take back what `state` returned, from the checkpoint resumed from."""
+    def resumed(self, state: dict, rank_state: dict | None) -> None:
+        """Take back what `state` returned (and this rank's `rank_state`), from the checkpoint
+        resumed from."""
+
+    def rank_state(self) -> dict:
+        """What this rank alone keeps between steps (tensors and numbers; {}: nothing), saved in
+        the checkpoint's RNG file of the rank."""
 
     def export(self, engine: Engine) -> None:
         """At the end of the run: write the model (where the spec asks)."""
@@ -73,8 +78,9 @@ def _train(run: Run, engine: Engine, task: Task, total: int) -> str:
     spec, d, mon, batches = run.spec, run.d, run.mon, task.batches
     meta = run.resume(engine, batches)
     step, tokens_seen = (meta.step, meta.tokens_seen) if meta else (0, 0)
+    run.checkpointer.rank_state = task.rank_state
     if meta:
-        task.resumed(meta.task)
+        task.resumed(meta.task, meta.rank_state)
     mon.print(task.describe(step, total))
     run.started(step, total)
     reason = task.before_steps(engine, resumed=meta is not None)

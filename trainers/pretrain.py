@@ -122,8 +122,11 @@ class Pretraining:
     def state(self) -> dict:
         return {}
 
-    def resumed(self, state: dict) -> None:
+    def resumed(self, state: dict, rank_state: dict | None = None) -> None:
         pass
+
+    def rank_state(self) -> dict:
+        return {}
 
     def export(self, engine: Engine) -> None:
         if self.spec.export.enabled:

@@ -53,6 +53,7 @@ class CheckpointMeta:
     saved_at: float = 0.0
     files: dict[str, list[int]] = field(default_factory=dict)
     task: dict = field(default_factory=dict)
+    rank_state: dict | None = field(default=None, repr=False)  # this rank's, from its RNG file (not meta.json)
 
     KNOWN = ("step", "world_size", "sampler", "tokens_seen", "spec_name", "saved_at", "files")
 

@@ -133,6 +133,10 @@ class FinetuneBase(Strict):
         """Whether training samples completions (`plan` counts their KV cache)."""
         return False
 
+    def updates_per_batch(self) -> int:
+        """Optimizer steps each global batch of examples serves (GRPO's num_iterations)."""
+        return 1
+
     def other_models(self) -> list[tuple[str, str]]:
         """[(spec field, path)] of the models the run loads besides `model` (GRPO's reward model):
         `validate` checks each, and a pipeline resolves `stage:NAME` in them."""
@@ -400,6 +404,9 @@ class GrpoSpec(FinetuneBase):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens holding this "
                          "share of the probability")
     epsilon: float = Field(0.2, gt=0, lt=1, description="the clip range of the probability ratio")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps per generation (TRL's num_iterations): each "
+                                "batch of prompts is sampled once and trained on this many steps in a row, the "
+                                "ratio to the policy that sampled it clipped by epsilon")
     kl_coef: float = Field(0.0, ge=0, description="weight of the KL penalty to the reference (TRL's beta); 0 holds "
                            "no reference")
     scale_rewards: bool = Field(True, description="divide each advantage by its group's reward std (GRPO); false "
@@ -421,6 +428,9 @@ class GrpoSpec(FinetuneBase):
 
     def rows(self) -> int:
         return self.group_size
+
+    def updates_per_batch(self) -> int:
+        return self.num_iterations
 
     def row_tokens(self) -> int:
         return self.seq_len + self.max_new_tokens

@@ -157,7 +157,8 @@ class TrainingSpec(Strict):
         None,
         gt=0,
         description="passes over the training data; steps = ceil(epochs * samples / global_batch), "
-        "samples = training examples (finetune) or packed samples of all corpora (pretrain)",
+        "samples = training examples (finetune) or packed samples of all corpora (pretrain); "
+        "times finetune.num_iterations for grpo",
     )
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(
@@ -468,7 +469,8 @@ class RunSpec(Strict):
             return math.ceil(t.tokens / (t.global_batch * self.seq_len))
         if samples_per_epoch is None:
             raise ValueError("training.epochs needs the number of samples in one epoch")
-        return max(1, math.ceil(t.epochs * samples_per_epoch / t.global_batch))
+        per_batch = self.finetune.updates_per_batch() if self.finetune is not None else 1
+        return max(1, math.ceil(t.epochs * samples_per_epoch / t.global_batch)) * per_batch
 
     @property
     def grad_accum(self) -> int:

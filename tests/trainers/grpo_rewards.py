@@ -7,6 +7,13 @@ def mentions_scheduler(prompts, completions, **fields):  # noqa: ARG001
     return [1.0 if "scheduler" in c.lower() else 0.0 for c in completions]
 
 
+def shorter(prompts, completions, **fields):  # noqa: ARG001
+    """A reward that seldom ties within a group: the fewer characters the better. A tied group
+    teaches nothing, so a short run whose groups all tie (no completion names the scheduler
+    yet) would leave the policy where it started."""
+    return [-len(c) / 100 for c in completions]
+
+
 def matches_response(prompts, completions, response, **fields):  # noqa: ARG001
     """An extra field of the record (`response`) reaches the function, one per completion."""
     return [1.0 if c.strip() == r.strip() else 0.0 for c, r in zip(completions, response, strict=True)]

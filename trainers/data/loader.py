@@ -213,3 +213,47 @@ class TrainBatches:
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state)
         self._it = None  # restart prefetching from the loaded position
+
+
+class RepeatedSteps:
+    """The micro-batches of each step of `inner` for `times` optimizer steps in a row (GRPO's
+    num_iterations: one generation, several updates). Each micro-batch says which of its steps
+    this is (`iteration`, from 0) and which batch of the order (`cycle`: the position it starts
+    at). A checkpoint between a batch's steps holds the order where that batch starts and the
+    steps of it done: the resumed run fetches the same batch and goes on with the next step."""
+
+    def __init__(self, inner: TrainBatches, times: int) -> None:
+        self.inner, self.times = inner, times
+        self.accum, self.dataset = inner.accum, inner.dataset
+        self.micro: list[dict] | None = None
+        self.done = 0  # steps of the current batch taken
+        self.start: dict = inner.state_dict()  # the order where the current batch starts
+        self.cycle = 0
+        self._resume_done = 0
+
+    def next_step(self) -> list[dict]:
+        if self.micro is None or self.done >= self.times:
+            self.start, self.cycle = self.inner.state_dict(), self.inner.consumed_samples
+            self.micro, self.done, self._resume_done = self.inner.next_step(), self._resume_done, 0
+        for mb in self.micro:
+            mb["iteration"], mb["cycle"] = self.done, self.cycle
+        self.done += 1
+        return self.micro
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.inner.consumed_samples
+
+    def state_dict(self) -> dict:
+        if self.micro is not None and self.done < self.times:
+            return {"batch_start": self.start, "steps_done": self.done}
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if "batch_start" in state:
+            self.inner.load_state_dict(state["batch_start"])
+            self._resume_done = int(state["steps_done"])
+        else:
+            self.inner.load_state_dict(state)
+            self._resume_done = 0
+        self.micro = None

@@ -87,6 +87,13 @@ class KindTask(Protocol):
     def evaluated(self, step: int, run) -> None:
         """After an evaluation at `step`, every rank (GRPO writes its sample completions)."""
 
+    def rank_state(self) -> dict:
+        """What this rank keeps between steps beyond the model (GRPO's kept generations):
+        tensors and numbers, saved in the checkpoint's RNG file of the rank."""
+
+    def resumed_rank(self, state: dict | None) -> None:
+        """The rank's `rank_state` of the checkpoint resumed from (None: it holds none)."""
+
 
 class KindBase:
     """What most kinds do for the optional parts of `KindTask`: nothing."""
@@ -100,6 +107,12 @@ class KindBase:
         return None
 
     def evaluated(self, step: int, run) -> None:  # noqa: ARG002
+        return None
+
+    def rank_state(self) -> dict:
+        return {}
+
+    def resumed_rank(self, state: dict | None) -> None:  # noqa: ARG002
         return None
 
 

@@ -14,10 +14,14 @@ Each micro-batch of prompts, inside the loss:
              summed over the micro-batch's completion tokens / their count (token), or each
              completion's mean then their mean (sequence)
 
-One update per generation (TRL's num_iterations 1): the ratio is 1 in value and carries the
-gradient of A log pi. Log-probs, the policy's and the reference's, are of logits / temperature,
-as TRL's. The reference is the policy with its adapters off (lora, qlora) or a frozen copy of
-the initial model (full), none when kl_coef is 0 (trainers/tasks/reference.py).
+With num_iterations 1 (TRL's default) one update per generation: the ratio is 1 in value and
+carries the gradient of A log pi. With num_iterations N each generation serves N optimizer steps
+in a row (the sampler gives the same prompts N times, finetune.py's RepeatedSteps): the first
+samples and keeps its completions, advantages and log-probs (the "old" policy's), the next ones
+take the ratio to them, clipped. The kept generations are in every checkpoint (each rank's
+own). Log-probs, the policy's and the reference's, are of logits / temperature, as TRL's. The
+reference is the policy with its adapters off (lora, qlora) or a frozen copy of the initial
+model (full), none when kl_coef is 0 (trainers/tasks/reference.py).
 
 Exact resume: a completion's sampling noise is drawn from a generator seeded by the run's seed,
 the prompt's position in the run's global order of examples and its place in the group, so the
@@ -75,8 +79,9 @@ class GRPO(KindBase):
         self.names = ft.reward_names()
         self.weights = torch.tensor(ft.weights(), dtype=torch.float64)
         # columns of a completion's statistics: total reward, its group's std, each reward, kl,
-        # length, clipped; then on a micro-batch's first row only: 1, its generation seconds
-        self.counts_size = 1 + 7 + len(self.names)  # completions, then the columns' sums
+        # length, clipped, tokens whose ratio the clip holds; then on a micro-batch's first row
+        # only: 1, its generation seconds
+        self.counts_size = 1 + 8 + len(self.names)  # completions, then the columns' sums
         self.functions: list = []
         self.reward_model = None  # (frozen sequence classifier, its tokenizer)
         self.reference = None  # scores completion tokens with the reference (kl_coef > 0)
@@ -86,6 +91,11 @@ class GRPO(KindBase):
         self.sync_sampling = False  # sharded engines: every rank runs as many forwards
         self.seed = 0
         self.samples: list[dict] = []  # an evaluation's first completions, rank 0's
+        # num_iterations > 1: the generations of the current cycle of updates, by their draws
+        self.buffer: dict[tuple, dict] = {}
+        self.cycle = -1
+        self.warned_regenerated = False
+        self.say = print
 
     # -- examples --------------------------------------------------------------------------
 
@@ -136,6 +146,7 @@ class GRPO(KindBase):
         self.trims = keeps_logits(start.model)
         self.sync_sampling = start.run.d.world_size > 1 and not start.engine.capabilities.whole_weights
         self.seed = start.run.spec.training.seed
+        self.say = start.run.mon.print
         self._load_rewards(lambda m: start.engine.frozen(m), start.run.mon.print)
         if self.ft.reference_kind() is not None:
             self.reference, _ = reference_source(self.ft, start, self._reference_logps)
@@ -179,7 +190,60 @@ class GRPO(KindBase):
 
     def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(the GRPO loss of the micro-batch's completions, their statistics [rows, columns])."""
+        ft = self.ft
+        gen = self._generation(module, batch, device)
+        batch["work_tokens"] = int(gen["full_mask"].sum())
+        logps = self._token_logps(module, gen["full"], gen["full_mask"], gen["comp"])
+        if gen["old"] is None:  # sampled just now by this very policy: the ratio is 1 in value
+            gen["old"] = logps.detach()
+            if self._buffers(batch):
+                self.buffer[tuple(batch["draws"])] = gen
+        m = gen["comp_mask"].to(logps.dtype)
+        ratio = torch.exp(logps - gen["old"])
+        a = gen["adv"].to(device=device, dtype=logps.dtype).unsqueeze(1)
+        per_token = -torch.min(ratio * a, ratio.clamp(1 - ft.epsilon, 1 + ft.epsilon) * a)
+        held = ((ratio < 1 - ft.epsilon) & (a < 0)) | ((ratio > 1 + ft.epsilon) & (a > 0))  # no gradient
+        kl_row = torch.zeros(len(m), dtype=logps.dtype, device=device)
+        if self.reference is not None:
+            if gen["ref"] is None:
+                gen["ref"] = self.reference(module, gen["full"], gen["full_mask"], gen["comp"]).to(logps.dtype)
+            d = gen["ref"] - logps
+            kl = torch.exp(d) - d - 1
+            per_token = per_token + ft.kl_coef * kl
+            kl_row = ((kl * m).sum(1) / m.sum(1).clamp(min=1)).detach()
+        if ft.loss_normalization == "token":
+            loss = (per_token * m).sum() / m.sum().clamp(min=1)
+        else:
+            loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        stats = gen["stats"].clone()
+        k = len(self.names)
+        stats[:, 2 + k] = kl_row.double().cpu()
+        stats[:, 5 + k] = (held.detach() * m).sum(1).double().cpu()
+        if gen["reused"]:
+            stats[0, -1] = 0.0  # no generation this step
+        gen["reused"] = True
+        return loss, stats
+
+    def _buffers(self, batch: dict) -> bool:
+        """Whether this micro-batch's generation serves more updates (num_iterations > 1)."""
+        return self.ft.num_iterations > 1 and torch.is_grad_enabled() and "iteration" in batch
+
+    def _generation(self, module, batch: dict, device) -> dict:
+        """The micro-batch's completions, rewards and advantages: sampled and scored now, or the
+        ones its first iteration sampled (num_iterations > 1: kept, and in the checkpoint)."""
         ft, g = self.ft, self.ft.group_size
+        if self._buffers(batch):
+            if batch["cycle"] != self.cycle:
+                self.buffer, self.cycle = {}, batch["cycle"]
+            kept = self.buffer.get(tuple(batch["draws"]))
+            if kept is not None:
+                return {**kept, **{k: kept[k].to(device) for k in ("full", "full_mask", "comp", "comp_mask", "old")},
+                        "ref": None if kept["ref"] is None else kept["ref"].to(device)}
+            if batch["iteration"] > 0 and not self.warned_regenerated:
+                self.warned_regenerated = True
+                self.say(f"iteration {batch['iteration'] + 1}/{ft.num_iterations} of a generation the checkpoint "
+                         "does not hold (saved by another number of ranks): its completions are sampled again "
+                         "from the policy as it is now")
         t0 = time.perf_counter()
         ids = batch["input_ids"].repeat_interleave(g, 0).to(device)
         mask = batch["attention_mask"].repeat_interleave(g, 0).to(device)
@@ -194,34 +258,37 @@ class GRPO(KindBase):
         adv = rewards - grouped.mean(1, keepdim=True).expand(-1, g).reshape(-1)
         if ft.scale_rewards:
             adv = adv / (std + 1e-4)
-        full = torch.cat([ids, comp], 1)
-        full_mask = torch.cat([mask, comp_mask.to(mask.dtype)], 1)
-        batch["work_tokens"] = int(full_mask.sum())
-        logps = self._token_logps(module, full, full_mask, comp)
-        m = comp_mask.to(logps.dtype)
-        ratio = torch.exp(logps - logps.detach())
-        a = adv.to(device=device, dtype=logps.dtype).unsqueeze(1)
-        per_token = -torch.min(ratio * a, ratio.clamp(1 - ft.epsilon, 1 + ft.epsilon) * a)
-        kl_row = torch.zeros(len(comp), dtype=logps.dtype, device=device)
-        if self.reference is not None:
-            ref = self.reference(module, full, full_mask, comp).to(logps.dtype)
-            d = ref - logps
-            kl = torch.exp(d) - d - 1
-            per_token = per_token + ft.kl_coef * kl
-            kl_row = ((kl * m).sum(1) / m.sum(1).clamp(min=1)).detach()
-        if ft.loss_normalization == "token":
-            loss = (per_token * m).sum() / m.sum().clamp(min=1)
-        else:
-            loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
         lengths = comp_mask.sum(1).double().cpu()
         clipped = (~(comp == self._eos()).any(1)).double().cpu()
         first = torch.zeros(len(comp), 2, dtype=torch.float64)
         first[0] = torch.tensor([1.0, gen_s])
-        stats = torch.cat([torch.stack([rewards, std], 1), each, kl_row.double().cpu().unsqueeze(1),
-                           lengths.unsqueeze(1), clipped.unsqueeze(1), first], 1)
+        kl = torch.zeros(len(comp), 1, dtype=torch.float64)  # filled in by each update
+        stats = torch.cat([torch.stack([rewards, std], 1), each, kl, lengths.unsqueeze(1), clipped.unsqueeze(1),
+                           torch.zeros_like(kl), first], 1)
         if not torch.is_grad_enabled():
             self._keep_samples(batch, comp, comp_mask, rewards, each)
-        return loss, stats
+        return {"full": torch.cat([ids, comp], 1), "full_mask": torch.cat([mask, comp_mask.to(mask.dtype)], 1),
+                "comp": comp, "comp_mask": comp_mask, "adv": adv, "stats": stats, "old": None, "ref": None,
+                "reused": False}
+
+    # -- num_iterations > 1: the kept generations, per rank, in the checkpoint --------------
+
+    def rank_state(self) -> dict:
+        """This rank's kept generations (tensors and numbers: loadable with weights_only)."""
+        if self.ft.num_iterations == 1 or not self.buffer:
+            return {}
+        keep = ("full", "full_mask", "comp", "comp_mask", "adv", "stats", "old")
+        return {"cycle": self.cycle, "generations": [
+            {"draws": torch.tensor(k), **{n: v[n].detach().cpu() for n in keep},
+             **({"ref": v["ref"].detach().cpu()} if v["ref"] is not None else {})} for k, v in self.buffer.items()]}
+
+    def resumed_rank(self, state: dict | None) -> None:
+        if not state:
+            return
+        self.cycle = int(state["cycle"])
+        self.buffer = {tuple(g["draws"].tolist()): {**{k: v for k, v in g.items() if k != "draws"},
+                                                   "ref": g.get("ref"), "reused": True}
+                       for g in state["generations"]}
 
     def _noise(self, draws: list[int], g: int) -> torch.Tensor:
         """[rows, max_new_tokens] uniform numbers, a row's from its own seeded generator."""
@@ -375,11 +442,13 @@ class GRPO(KindBase):
         c = [float(x) for x in counts[1:]]
         out = {"reward": c[0] / n, "reward_std": c[1] / n}
         out.update({f"rewards/{name}/mean": c[2 + i] / n for i, name in enumerate(self.names)})
-        kl, length, clipped, micro, gen_s = c[2 + k :]
+        kl, length, clipped, held, micro, gen_s = c[2 + k :]
         if self.ft.kl_coef:
             out["kl"] = kl / n
         out.update({"completions/mean_length": length / n, "completions/clipped_ratio": clipped / n,
                     "time/generation_s": gen_s / max(micro, 1.0)})
+        if self.ft.num_iterations > 1:  # the share of completion tokens the clip kept from moving
+            out["clip_ratio/region_mean"] = held / max(length, 1.0)
         return out
 
     def evaluated(self, step: int, run) -> None:
