@@ -309,3 +309,32 @@ def test_dpo_preempted_during_its_reference_pass_resumes_the_pass_and_trains_bit
     assert "reference log-probs of train (160 pairs): 32 stored" in log or \
         "reference log-probs of train (160 pairs): 64 stored" in log, log[-3000:]
     assert losses(run) == losses(tmp_path / "ref")
+
+
+def test_a_preempted_grpo_run_is_requeued_and_samples_the_same_completions(tmp_path, tiny_llama):
+    """Full GRPO with a KL penalty on 2 nodes x 1 rank, USR2 once while it trains: the job is
+    requeued and every step's loss, reward and KL, before and after, are an uninterrupted local
+    2-rank run's (the completions after the resume are sampled again, the same)."""
+    from tests.trainers.test_grpo import grpo_spec, records
+
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    ref = grpo_spec(tmp_path / "ref", tiny_llama, kl_coef=0.05)
+    ref["training"].update(steps=10, eval_every=None)
+    ref["cluster"] = {"procs_per_node": 2, "env": one_thread}
+    r = run_cli("run", str(write_spec(tmp_path / "ref.yaml", ref)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "run"
+    spec = {**ref, "run_dir": str(run), "cluster": {"executor": "slurm", "nodes": 2, "procs_per_node": 1,
+                                                    "time_min": 10, "max_requeues": 3, "cpus_per_task": 2,
+                                                    "env": one_thread}}
+    submit(write_spec(tmp_path / "s.yaml", spec))
+    job = job_id(run)
+    preempt_while_training(run, job, attempt=0, min_step=3)
+    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
+    assert "resuming from" in log, log[-3000:]
+    seen = lambda d: {x["step"]: (x["loss"], x["reward"], x["kl"]) for x in records(d) if "reward" in x}  # noqa: E731
+    want = seen(tmp_path / "ref")
+    assert sorted(want) == list(range(1, 11)) and seen(run) == want
