@@ -157,6 +157,8 @@ def check_files(
     samples: int | None = None
     if spec.finetune is not None:
         _check_other_models(spec, file, future or set(), errors, notes)
+        if spec.finetune.trains.partial and not pending and not errors:
+            notes += _check_freeze(spec, errors)
         for field, problem in spec.finetune.import_problems():
             errors.append(UserError(problem, file=file, field=field,
                                     expected="module:function, the module importable from here or PYTHONPATH"))
@@ -174,6 +176,20 @@ def check_files(
     if errors:
         raise UserErrors(errors)
     return notes, samples
+
+
+def _check_freeze(spec: RunSpec, errors: list[UserError]) -> list[str]:
+    """method freeze: the blocks and regexes it names, against the model built on the meta
+    device (`plan`'s parameter count, in a subprocess: nothing allocated, no weights read)."""
+    from hpctrain.launcher.plan import model_size
+
+    try:
+        m = model_size(spec)
+    except UserError as e:
+        errors.append(e)
+        return []
+    return [f"finetune.freeze: {m.trainable:,} of {m.total:,} parameters trained "
+            f"({100 * m.trainable / max(m.total, 1):.1f}%)"]
 
 
 def _check_model(spec: RunSpec, file: str | None, pending: bool, errors: list[UserError],

@@ -202,6 +202,8 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     if built.new_modules:
         why = "a new task head, trained" + (" and saved with the adapter" if ft.trains.adapter else "")
         mon.print(fresh_modules_note(built.new_modules, why))
+    if built.trains:
+        mon.print(f"freeze: {built.trains}")
     mon.print(parameter_report(model))
     total = spec.total_steps_for(len(train_set))
     if t.epochs is not None:

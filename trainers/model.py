@@ -75,6 +75,7 @@ class BuiltModel:
     new_modules: list[str]
     on_meta: bool = False
     weights_from: Path | None = None
+    trains: str = ""  # method freeze: what it trains, said once on the console
 
 
 @contextlib.contextmanager

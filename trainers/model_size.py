@@ -36,6 +36,10 @@ def count_parameters(spec: RunSpec) -> ModelSize:
                                     if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
             lora_spec = spec.model_copy(update={"finetune": ft.model_copy(update={"method": "lora"})})
             model = apply_lora(model, lora_spec, [])
+        if ft is not None and ft.trains.partial:
+            from hpctrain.trainers.peft_model import apply_freeze
+
+            apply_freeze(model, ft, [])
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     leaf = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
     get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0)  # noqa: E731

@@ -1,4 +1,5 @@
-"""Fine-tuning models: full, LoRA and QLoRA (4-bit NF4 base through bitsandbytes), and merging.
+"""Fine-tuning models: full, LoRA and QLoRA (4-bit NF4 base through bitsandbytes), freeze (the
+parameters it names trained in place), and merging.
 
     export/            LoRA/QLoRA: the adapter in PEFT format (PeftModel.from_pretrained loads it)
                        full: the whole model (save_pretrained); both: tokenizer + labels.json
@@ -48,6 +49,50 @@ def apply_lora(model, spec: RunSpec, new_modules: list[str]):
         raise
 
 
+def apply_freeze(model, ft, new_modules: list[str]) -> str:
+    """method freeze: every parameter frozen but those of the top (bottom, negative) N transformer
+    blocks, those whose names `trainable_modules` regexes match, and the new task head. What it
+    trains, in a line; a depth past the model's, a regex matching nothing or nothing trained is a
+    user error naming the field."""
+    import re
+
+    from hpctrain.trainers.model import transformer_blocks
+
+    f = ft.freeze
+    names = [n for n, _ in model.named_parameters()]
+    train: set[int] = set()
+    said = []
+    if f.trainable_layers:
+        blocks = transformer_blocks(model)
+        n = f.trainable_layers
+        if abs(n) > len(blocks):
+            raise UserError(f"trainable_layers {n} is past the model's {len(blocks)} transformer blocks",
+                            field="finetune.freeze.trainable_layers",
+                            expected=f"1..{len(blocks)} (top) or -1..-{len(blocks)} (bottom)")
+        chosen = blocks[-n:] if n > 0 else blocks[:-n]
+        train |= {id(p) for b in chosen for p in b.parameters()}
+        said.append(f"the {'top' if n > 0 else 'bottom'} {abs(n)} of {len(blocks)} blocks")
+    params = dict(model.named_parameters())
+    for i, rx in enumerate(f.trainable_modules or []):
+        hit = [n for n in names if re.search(rx, n)]
+        if not hit:
+            raise UserError(f"trainable_modules {rx!r} matches no parameter of {type(model).__name__}",
+                            field=f"finetune.freeze.trainable_modules.{i}",
+                            expected=f"a regex searched in parameter names such as {names[:3] + names[-3:]}")
+        train |= {id(params[n]) for n in hit}
+        said.append(f"{rx!r} ({len(hit)} tensors)")
+    for mod in new_modules:  # a new task head learns from scratch: always trained
+        train |= {id(p) for n, p in params.items() if n.startswith(f"{mod}.") or f".{mod}." in n}
+    if new_modules:
+        said.append(f"the new {', '.join(new_modules)}")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train)
+    if not train:
+        raise UserError("method freeze trains nothing here", field="finetune.freeze",
+                        expected="trainable_layers and/or trainable_modules naming parameters of the model")
+    return "trains " + ", ".join(said) + "; the rest frozen"
+
+
 def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | None) -> BuiltModel:
     """The model a fine-tuning run trains: the factory's base, wrapped in LoRA adapters for
     lora and qlora (the latter on a 4-bit base)."""
@@ -64,6 +109,8 @@ def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | 
     built = build_model(spec, labels, pad_id, quantize=ft.trains.quantized, on_meta=on_meta)
     if ft.trains.adapter:
         built = BuiltModel(apply_lora(built.model, spec, built.new_modules), built.new_modules)
+    if ft.trains.partial:
+        built.trains = apply_freeze(built.model, ft, built.new_modules)
     return built
 
 

@@ -29,6 +29,9 @@ class Method:
     the adapter, and `merge` folds it into the base."""
     quantized: bool = False
     """The frozen base is loaded in 4 bits (bitsandbytes NF4)."""
+    partial: bool = False
+    """Trains the parameters `finetune.freeze` names in place, the rest frozen: checkpoints and
+    the export hold the whole model."""
 
 
 KIND_HELP = ("sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score; "
@@ -36,7 +39,8 @@ KIND_HELP = ("sft: prompt -> response; classify: text -> label; reward: preferen
              "samples completions and learns toward higher reward (a reward model and/or reward functions)")
 
 METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
-                               Method("qlora", adapter=True, quantized=True))}
+                               Method("qlora", adapter=True, quantized=True),
+                               Method("freeze", adapter=False, partial=True))}
 
 
 class LoraSpec(Strict):
@@ -49,6 +53,32 @@ class LoraSpec(Strict):
     modules_to_save: list[str] | None = Field(
         None, description="modules trained in full and saved with the adapter (the classifier head is added)"
     )
+
+
+class FreezeSpec(Strict):
+    """What `method: freeze` trains (everything else is frozen): the top or bottom blocks and/or
+    the parameters whose names match (LLaMA-Factory's freeze_trainable_layers, Axolotl's
+    unfrozen_parameters)."""
+
+    trainable_layers: int | None = Field(None, description="the top N transformer blocks (negative: the "
+                                         "bottom N)")
+    trainable_modules: list[str] | None = Field(None, description="regexes searched in parameter names "
+                                                "(e.g. 'embed_tokens', 'norm', 'lm_head'); each must match one")
+
+    @model_validator(mode="after")
+    def _something(self) -> FreezeSpec:
+        import re
+
+        if self.trainable_layers == 0:
+            raise ValueError("finetune.freeze.trainable_layers is 0: give the top N blocks (N > 0) or the bottom "
+                             "N (N < 0), or leave it out")
+        for i, rx in enumerate(self.trainable_modules or []):
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ValueError(f"finetune.freeze.trainable_modules.{i}: {rx!r} is not a regular expression "
+                                 f"({e})") from None
+        return self
 
 
 class NamedValidFile(Strict):
@@ -70,8 +100,10 @@ class FinetuneBase(Strict):
     """Sequences an example puts through the model in a micro-batch (`plan` counts them)."""
 
     kind: str = Field(description=KIND_HELP)
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="what is trained")
+    method: Literal["full", "lora", "qlora", "freeze"] = Field(
+        "lora", description="what is trained: full | lora | qlora (adapters) | freeze (the parts `freeze` names)")
     lora: LoraSpec = LoraSpec()
+    freeze: FreezeSpec | None = Field(None, description="method freeze: the blocks and parameters trained")
     train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
     valid_file: Annotated[
         Annotated[str, Tag(ONE)] | Annotated[list[NamedValidFile], Tag(MANY)],
@@ -184,6 +216,16 @@ class FinetuneBase(Strict):
         """The kind's own checks of its read examples (`valid`: spec field -> examples);
         problems go to `errors`, notes for `validate` are returned."""
         return []
+
+    @model_validator(mode="after")
+    def _freeze_fits_method(self) -> FinetuneBase:
+        named = self.freeze is not None and (self.freeze.trainable_layers or self.freeze.trainable_modules)
+        if self.trains.partial and not named:
+            raise ValueError("method freeze trains what finetune.freeze names: give freeze.trainable_layers "
+                             "and/or freeze.trainable_modules")
+        if self.freeze is not None and not self.trains.partial:
+            raise ValueError(f"finetune.freeze is for method freeze (this spec's method is {self.method})")
+        return self
 
     @model_validator(mode="after")
     def _valid_files(self) -> FinetuneBase:
