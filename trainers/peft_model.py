@@ -36,6 +36,7 @@ def apply_lora(model, spec: RunSpec, new_modules: list[str]):
         task_type=TaskType[kind_task(ft).peft_task_type],
         r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
         target_modules=ft.lora.target_modules, modules_to_save=sorted(set(to_save)) or None,
+        use_dora=ft.lora.use_dora, use_rslora=ft.lora.use_rslora,
     )
     try:
         return get_peft_model(model, cfg)

@@ -53,6 +53,10 @@ class LoraSpec(Strict):
     modules_to_save: list[str] | None = Field(
         None, description="modules trained in full and saved with the adapter (the classifier head is added)"
     )
+    use_dora: bool = Field(False, description="DoRA: each adapted weight split into a magnitude (trained) and a "
+                           "direction (LoRA updates it); closer to full fine-tuning at low rank, slower steps")
+    use_rslora: bool = Field(False, description="rsLoRA: scale alpha / sqrt(r) instead of alpha / r (higher "
+                             "ranks keep learning)")
 
 
 class FreezeSpec(Strict):
