@@ -29,13 +29,14 @@ def count_parameters(spec: RunSpec) -> ModelSize:
         model = auto_class(spec).from_config(config)
         linear_frozen = 0
         if ft is not None and ft.trains.adapter:
-            from hpctrain.trainers.peft_model import apply_lora
+            from hpctrain.trainers.peft_model import apply_adapter
 
             if ft.trains.quantized:  # bitsandbytes quantizes the linear layers but the output head
                 linear_frozen = sum(m.weight.numel() for n, m in model.named_modules()
                                     if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
-            lora_spec = spec.model_copy(update={"finetune": ft.model_copy(update={"method": "lora"})})
-            model = apply_lora(model, lora_spec, [])
+            unquantized = spec.model_copy(update={"finetune": ft.model_copy(update={"method": "lora"})}) \
+                if ft.trains.quantized else spec  # a meta model has nothing to prepare for 4 bits
+            model = apply_adapter(model, unquantized, [])
         if ft is not None and ft.trains.partial:
             from hpctrain.trainers.peft_model import apply_freeze
 

@@ -1,5 +1,5 @@
-"""Fine-tuning models: full, LoRA and QLoRA (4-bit NF4 base through bitsandbytes), freeze (the
-parameters it names trained in place), and merging.
+"""Fine-tuning models: full, LoRA (DoRA, rsLoRA) and QLoRA (4-bit NF4 base through bitsandbytes),
+IA3, freeze (the parameters it names trained in place), and merging.
 
     export/            LoRA/QLoRA: the adapter in PEFT format (PeftModel.from_pretrained loads it)
                        full: the whole model (save_pretrained); both: tokenizer + labels.json
@@ -22,29 +22,28 @@ from hpctrain.trainers.model import LABELS_FILE, BuiltModel, auto_class, build_m
 from hpctrain.trainers.tasks import kind_task
 
 
-def apply_lora(model, spec: RunSpec, new_modules: list[str]):
-    """Wrap with LoRA adapters; a target module the model lacks is a user error, not a traceback.
-    `new_modules` (freshly initialized: a task head) are trained and saved with the adapter."""
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+def apply_adapter(model, spec: RunSpec, new_modules: list[str]):
+    """Wrap with the method's peft adapters (LoRA and its variants, IA3); a target module the
+    model lacks is a user error, not a traceback. `new_modules` (freshly initialized: a task
+    head) are trained and saved with the adapter."""
+    import peft
+    from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 
     ft = spec.finetune
-    new = new_modules
     if ft.trains.quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    to_save = list(ft.lora.modules_to_save or []) + list(new)  # peft matches these as name suffixes
-    cfg = LoraConfig(
-        task_type=TaskType[kind_task(ft).peft_task_type],
-        r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
-        target_modules=ft.lora.target_modules, modules_to_save=sorted(set(to_save)) or None,
-        use_dora=ft.lora.use_dora, use_rslora=ft.lora.use_rslora,
-    )
+    config_class, kwargs, field = ft.adapter_config()
+    own = list(ft.lora.modules_to_save or []) if config_class == "LoraConfig" else []
+    to_save = own + list(new_modules)  # peft matches these as name suffixes
+    cfg = getattr(peft, config_class)(task_type=TaskType[kind_task(ft).peft_task_type],
+                                      modules_to_save=sorted(set(to_save)) or None, **kwargs)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
         if "target" in str(e).lower() or "module" in str(e).lower():
             names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             raise UserError(
-                f"{e}".splitlines()[0][:300], field="finetune.lora.target_modules",
+                f"{e}".splitlines()[0][:300], field=field,
                 expected=f"names of linear modules of this model, e.g. {names[:12]}",
             ) from None
         raise
@@ -109,7 +108,7 @@ def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | 
     on_meta = engine_class(spec).loads_sharded and not ft.trains.adapter
     built = build_model(spec, labels, pad_id, quantize=ft.trains.quantized, on_meta=on_meta)
     if ft.trains.adapter:
-        built = BuiltModel(apply_lora(built.model, spec, built.new_modules), built.new_modules)
+        built = BuiltModel(apply_adapter(built.model, spec, built.new_modules), built.new_modules)
     if ft.trains.partial:
         built.trains = apply_freeze(built.model, ft, built.new_modules)
     return built

@@ -29,6 +29,8 @@ class Method:
     the adapter, and `merge` folds it into the base."""
     quantized: bool = False
     """The frozen base is loaded in 4 bits (bitsandbytes NF4)."""
+    peft_config: str = "LoraConfig"
+    """The peft config class of an adapter method (`FinetuneBase.adapter_config`)."""
     partial: bool = False
     """Trains the parameters `finetune.freeze` names in place, the rest frozen: checkpoints and
     the export hold the whole model."""
@@ -40,6 +42,7 @@ KIND_HELP = ("sft: prompt -> response; classify: text -> label; reward: preferen
 
 METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
                                Method("qlora", adapter=True, quantized=True),
+                               Method("ia3", adapter=True, peft_config="IA3Config"),
                                Method("freeze", adapter=False, partial=True))}
 
 
@@ -57,6 +60,15 @@ class LoraSpec(Strict):
                            "direction (LoRA updates it); closer to full fine-tuning at low rank, slower steps")
     use_rslora: bool = Field(False, description="rsLoRA: scale alpha / sqrt(r) instead of alpha / r (higher "
                              "ranks keep learning)")
+
+
+class Ia3Spec(Strict):
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="modules whose activations (or inputs) IA3 rescales (default: peft's per-architecture "
+        "choice, e.g. k_proj, v_proj, down_proj for Llama)")
+    feedforward_modules: list[str] | None = Field(
+        None, description="of target_modules, those whose input is rescaled (the feed-forward ones); default: "
+        "peft's choice")
 
 
 class FreezeSpec(Strict):
@@ -104,9 +116,11 @@ class FinetuneBase(Strict):
     """Sequences an example puts through the model in a micro-batch (`plan` counts them)."""
 
     kind: str = Field(description=KIND_HELP)
-    method: Literal["full", "lora", "qlora", "freeze"] = Field(
-        "lora", description="what is trained: full | lora | qlora (adapters) | freeze (the parts `freeze` names)")
+    method: Literal["full", "lora", "qlora", "ia3", "freeze"] = Field(
+        "lora", description="what is trained: full | lora | qlora | ia3 (adapters) | freeze (the parts `freeze` "
+        "names)")
     lora: LoraSpec = LoraSpec()
+    ia3: Ia3Spec = Ia3Spec()
     freeze: FreezeSpec | None = Field(None, description="method freeze: the blocks and parameters trained")
     train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
     valid_file: Annotated[
@@ -122,12 +136,23 @@ class FinetuneBase(Strict):
     best_metric: str | None = Field(None, description="val_loss | accuracy | f1, or val/<name>/loss | accuracy | f1 "
                                     "with named valid files (default: the (first) set's loss; accuracy to classify)")
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
-    merge: bool = Field(False, description="lora/qlora: also export the merged full model")
+    merge: bool = Field(False, description="lora/qlora/ia3: also export the merged full model")
 
     @property
     def trains(self) -> Method:
         """The method's declaration (`METHODS`)."""
         return METHODS[self.method]
+
+    def adapter_config(self) -> tuple[str, dict, str]:
+        """An adapter method's peft config: (its class in peft, its arguments, the spec field that
+        names its target modules)."""
+        if self.trains.peft_config == "IA3Config":
+            return ("IA3Config", {"target_modules": self.ia3.target_modules,
+                                  "feedforward_modules": self.ia3.feedforward_modules}, "finetune.ia3.target_modules")
+        lo = self.lora
+        return ("LoraConfig", {"r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
+                               "target_modules": lo.target_modules, "use_dora": lo.use_dora,
+                               "use_rslora": lo.use_rslora}, "finetune.lora.target_modules")
 
     def valid_sets(self) -> list[tuple[str | None, str, str]]:
         """[(name, or None for the single unnamed file; path; spec field)] of the validation files."""
