@@ -87,13 +87,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def checkpoint_due(cfg, step: int, last_save: float) -> bool:
-    """Whether the spec's cadence (every N steps and/or M minutes) asks for a save now."""
-    by_steps = bool(cfg.every_steps and step % cfg.every_steps == 0)
-    by_time = bool(cfg.every_minutes and time.time() - last_save >= cfg.every_minutes * 60)
-    return by_steps or by_time
-
-
 @dataclass
 class Saved:
     """One save: where it lands, how long training was blocked, how long the whole save took

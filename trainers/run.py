@@ -22,7 +22,8 @@ from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.launcher.contract.states import mark_finished, mark_preempted, mark_running
-from hpctrain.trainers.checkpoint import Checkpointer, checkpoint_due, load_checkpoint
+from hpctrain.trainers.cadence import Cadence, last_logged_save_s
+from hpctrain.trainers.checkpoint import Checkpointer, load_checkpoint
 from hpctrain.trainers.distributed import Dist, from_main_rank
 from hpctrain.trainers.engines import Engine, engine_class
 from hpctrain.trainers.entry import Launch
@@ -59,6 +60,7 @@ class Run:
         self.stopper = StopRequest(launch.stop_path or RunDir(self.run_dir).stop_file, launch.deadline,
                                    margin_s=5.0)
         self.last_save, self.save_seconds = time.time(), 0.0
+        self.cadence = Cadence(spec.checkpoint, deciding=d.is_main)
         self.checkpointer = Checkpointer(self.run_dir, d.rank, spec.checkpoint.keep_last,
                                          background=spec.checkpoint.background)
         self._host_prepared = False  # Checkpointer.prepare, after the first step
@@ -117,9 +119,13 @@ class Run:
         if self.d.is_main:
             self.restarts = mark_running(self.run_dir, step, total, os.getpid())
             clear_reports(self.run_dir)
+            self.cadence.interruptions = self.restarts
+            if step > 0:  # a resumed run: what its last save cost
+                self.cadence.cost_s = last_logged_save_s(RunDir(self.run_dir).metrics)
         self.watchdog = Watchdog(self.run_dir, self.d.rank, self.d.world_size, self.spec.monitor.hang_timeout_s,
                                  total)
         self.watchdog.beat(step)
+        self.last_save = time.time()  # a time cadence counts training, not the start-up before it
         # a start record, not a step's metric: metrics.jsonl only (W&B would file it under that step)
         self.mon.log({"step": step, "mem_base_mib": round(self.memory.base_mib, 1)}, to_sinks=False)
 
@@ -135,7 +141,8 @@ class Run:
         if not self._host_prepared:  # the first step gave the optimizer its state
             self._host_prepared = True
             self.checkpointer.prepare(engine)
-        due = checkpoint_due(self.spec.checkpoint, step, self.last_save)
+        self._said_cadence(step, self.cadence.stepped(step, step_seconds))
+        due = self.cadence.due(step, self.last_save)
         reason, save_now = self.stopper.agree(due, next_step_s=step_seconds + self.save_seconds)
         if save_now or reason or force_save or step == total:
             t0 = time.perf_counter()
@@ -157,12 +164,19 @@ class Run:
             # how long training was blocked by the save (all of it when synchronous; a background
             # save also waits for the write before it, if still in flight)
             self.mon.log({"step": step, "ckpt_save_s": round(blocked, 3)})
+            self._said_cadence(step, self.cadence.saved(step, round(blocked, 3)))
             self.watchdog.beat(step)
         if step == total or reason or force_save:
             self.watchdog.stop()  # no step follows: the export and the exit are not watched
             self.checkpointer.wait()  # the run ends (or stops) only with its checkpoint published
             self._report_written(step)
         return reason
+
+    def _said_cadence(self, step: int, line: str | None) -> None:
+        """`every_minutes: auto` chose an interval that moved: the console and metrics.jsonl."""
+        if line:
+            self.mon.print(f"  {line}")
+            self.mon.log(self.cadence.record(step), to_sinks=False)
 
     def crashed(self) -> None:
         """Training raised: a background save in flight publishes before the process ends."""

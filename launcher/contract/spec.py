@@ -210,7 +210,12 @@ class TrainingSpec(Strict):
 
 class CheckpointSpec(Strict):
     every_steps: int | None = Field(None, gt=0, description="save every N steps")
-    every_minutes: float | None = Field(None, gt=0, description="save every M minutes of training")
+    every_minutes: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        None, description="save every M minutes of training; auto: the Young-Daly interval sqrt(2 C MTBF) from "
+        "what a save measured to cost (C) and mtbf_hours, chosen again at every save")
+    mtbf_hours: float = Field(24.0, gt=0, description="every_minutes auto: the expected hours between "
+                              "interruptions (preemptions, failures, time limits) until the run has seen its own; "
+                              "then (mtbf_hours + hours trained) / (1 + interruptions)")
     keep_last: int = Field(
         2, ge=1, description="complete checkpoints kept (older ones are deleted)"
     )
