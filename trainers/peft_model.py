@@ -33,8 +33,7 @@ def apply_adapter(model, spec: RunSpec, new_modules: list[str]):
     if ft.trains.quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config_class, kwargs, field = ft.adapter_config()
-    own = list(ft.lora.modules_to_save or []) if config_class == "LoraConfig" else []
-    to_save = own + list(new_modules)  # peft matches these as name suffixes
+    to_save = list(kwargs.pop("modules_to_save") or []) + list(new_modules)  # peft matches these as name suffixes
     cfg = getattr(peft, config_class)(task_type=TaskType[kind_task(ft).peft_task_type],
                                       modules_to_save=sorted(set(to_save)) or None, **kwargs)
     try:
@@ -59,7 +58,8 @@ def apply_freeze(model, ft, new_modules: list[str]) -> str:
     from hpctrain.trainers.model import transformer_blocks
 
     f = ft.freeze
-    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    names = list(params)
     train: set[int] = set()
     said = []
     if f.trainable_layers:
@@ -72,7 +72,6 @@ def apply_freeze(model, ft, new_modules: list[str]) -> str:
         chosen = blocks[-n:] if n > 0 else blocks[:-n]
         train |= {id(p) for b in chosen for p in b.parameters()}
         said.append(f"the {'top' if n > 0 else 'bottom'} {abs(n)} of {len(blocks)} blocks")
-    params = dict(model.named_parameters())
     for i, rx in enumerate(f.trainable_modules or []):
         hit = [n for n in names if re.search(rx, n)]
         if not hit:

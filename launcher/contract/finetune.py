@@ -145,14 +145,17 @@ class FinetuneBase(Strict):
 
     def adapter_config(self) -> tuple[str, dict, str]:
         """An adapter method's peft config: (its class in peft, its arguments, the spec field that
-        names its target modules)."""
+        names its target modules). `modules_to_save` lists the spec's own; the trainer adds the
+        new task head."""
         if self.trains.peft_config == "IA3Config":
             return ("IA3Config", {"target_modules": self.ia3.target_modules,
-                                  "feedforward_modules": self.ia3.feedforward_modules}, "finetune.ia3.target_modules")
+                                  "feedforward_modules": self.ia3.feedforward_modules, "modules_to_save": None},
+                    "finetune.ia3.target_modules")
         lo = self.lora
         return ("LoraConfig", {"r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
                                "target_modules": lo.target_modules, "use_dora": lo.use_dora,
-                               "use_rslora": lo.use_rslora}, "finetune.lora.target_modules")
+                               "use_rslora": lo.use_rslora, "modules_to_save": lo.modules_to_save},
+                "finetune.lora.target_modules")
 
     def valid_sets(self) -> list[tuple[str | None, str, str]]:
         """[(name, or None for the single unnamed file; path; spec field)] of the validation files."""

@@ -126,6 +126,13 @@ def preempt_while_training(run: Path, job: str, attempt: int, min_step: int) -> 
     preempt(job)
 
 
+def completed_after_one_requeue(job: str, what: str = "the requeue") -> None:
+    """The job is requeued (once) and then completes."""
+    wait_for(lambda: restart_count(job) >= 1, timeout=180, what=what)
+    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+
+
 def zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus) -> Path:
     """DeepSpeed ZeRO-3 on 2 nodes x 1 rank: USR2 once, every rank saves its shards, the job is
     requeued and finishes with the losses of an uninterrupted local 2-rank ZeRO-3 run."""
@@ -148,9 +155,7 @@ def sharded_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus, 
     submit(write_spec(tmp_path / "s.yaml", spec))
     job = job_id(run)
     preempt_while_training(run, job, attempt=0, min_step=5)
-    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
-    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
-    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    completed_after_one_requeue(job)
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert ckpts and all((run / "checkpoints" / c / shards).is_dir() for c in ckpts)
     assert losses(run) == losses(tmp_path / "ref")

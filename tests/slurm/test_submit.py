@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import fill_disk, run_cli
 from tests.slurm.helpers import (
+    completed_after_one_requeue,
     job_id,
     metrics_step,
     preempt,
@@ -189,9 +190,7 @@ def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe
 
     wait_step(run, 12)
     os.kill(rank_1(), signal.SIGKILL)
-    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the retry's requeue")
-    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
-    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    completed_after_one_requeue(job, what="the retry's requeue")
     status = json.loads((run / "status.json").read_text())
     assert [r["reason"] for r in status["retries"]] == ["rank 1 killed by SIGKILL on node 1"], status
     assert losses(run) == local_reference
@@ -300,9 +299,7 @@ def test_dpo_preempted_during_its_reference_pass_resumes_the_pass_and_trains_bit
     parts = run / "reference" / "train"
     wait_for(lambda: len(list(parts.glob("*.json"))) >= 1, timeout=300, what="a stored part")
     preempt(job)
-    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
-    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
-    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    completed_after_one_requeue(job)
     log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
     assert "reference pass of train stopped" in log and "resumable" in log, log[-3000:]
     assert "reference log-probs of train (160 pairs): 0 stored" in log
@@ -330,9 +327,7 @@ def test_a_preempted_grpo_run_is_requeued_and_samples_the_same_completions(tmp_p
     submit(write_spec(tmp_path / "s.yaml", spec))
     job = job_id(run)
     preempt_while_training(run, job, attempt=0, min_step=3)
-    wait_for(lambda: restart_count(job) >= 1, timeout=180, what="the requeue")
-    st = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED"))
-    assert st["state"] == "COMPLETED" and st["restarts"] == "1", st
+    completed_after_one_requeue(job)
     log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
     assert "resuming from" in log, log[-3000:]
     seen = lambda d: {x["step"]: (x["loss"], x["reward"], x["kl"]) for x in records(d) if "reward" in x}  # noqa: E731
