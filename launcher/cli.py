@@ -327,7 +327,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    return _trainer_tool("--eval", args.run_dir, "--data", args.data)
+    extra = ("--predictions", args.predictions) if args.predictions else ()
+    return _trainer_tool("--eval", args.run_dir, "--data", args.data, *extra)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -517,7 +518,9 @@ def _run_dir_verbs(sub) -> None:
 
     ev = sub.add_parser("eval", help="evaluate a fine-tuning run's export on a file of examples")
     ev.add_argument("run_dir")
-    ev.add_argument("--data", required=True, help="JSONL/CSV with the run's fields")
+    ev.add_argument("--data", required=True, help="JSONL/CSV/TSV with the run's fields")
+    ev.add_argument("--predictions", help="seq2seq: where the generated outputs go (default: "
+                    "RUN_DIR/eval/<data stem>.predictions.jsonl)")
     ev.set_defaults(func=_cmd_eval)
 
 

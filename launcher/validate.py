@@ -67,7 +67,7 @@ def _read_examples(path: str, spec: RunSpec, spec_field: str, errors: list[UserE
     (empty file, missing column or field) go to `errors`. None when unreadable or empty."""
     ft = spec.finetune
     try:
-        rows = list(iter_records(path))
+        rows = list(iter_records(path, ft.tsv_columns()))
     except UserError as e:
         errors.append(e)
         return None
@@ -114,7 +114,7 @@ def finetune_report(spec: RunSpec, errors: list[UserError]) -> tuple[list[str], 
         path = resolve_path(raw)
         if not Path(path).is_file():
             errors.append(UserError(f"file not found ({raw})", field=field,
-                                    expected="a JSONL or CSV file of examples"))
+                                    expected="a JSONL, CSV or TSV file of examples"))
             continue
         sets[field] = _read_examples(path, spec, field, errors)
     train = sets.get("finetune.train_file")
@@ -210,6 +210,10 @@ def _check_model(spec: RunSpec, file: str | None, pending: bool, errors: list[Us
         bad = check_model_type(spec.model.config.get("model_type"), "model.config.model_type", file)
         if bad is not None:
             errors.append(bad)
+        elif spec.task == "finetune" and spec.finetune.architecture_problem(spec.model.config):
+            errors.append(UserError(spec.finetune.architecture_problem(spec.model.config), file=file,
+                                    field="model.config.model_type",
+                                    expected=f"a model fit for kind {spec.finetune.kind}"))
     return model_path
 
 
@@ -249,7 +253,8 @@ def _kind_model_problems(spec: RunSpec, config_file: Path) -> list[UserError]:
         config = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError):
         return []  # said already (model_dir_problems)
-    problem = spec.finetune.model_problem(config) if isinstance(config, dict) else None
+    ft = spec.finetune
+    problem = (ft.architecture_problem(config) or ft.model_problem(config)) if isinstance(config, dict) else None
     return [UserError(problem, file=str(config_file), field="model.path",
                       expected=f"a model fit for kind {spec.finetune.kind}")] if problem else []
 

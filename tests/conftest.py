@@ -62,6 +62,34 @@ def tiny_llama(tmp_path_factory, bpe_tokenizer, bpe_corpus) -> str:
     return str(d / "run" / "export")
 
 
+@pytest.fixture(scope="session")
+def marian_tokenizer(tmp_path_factory) -> str:
+    """A byte-level BPE tokenizer trained on both sides of the shipped parallel corpus."""
+    from hpctrain.tools.train_tokenizer import train_tokenizer
+
+    data = REPO / "examples" / "data"
+    return train_tokenizer([str(data / "translate_base.jsonl"), str(data / "translate_train.jsonl")],
+                           str(tmp_path_factory.mktemp("tok-marian")), vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_marian(tmp_path_factory, marian_tokenizer) -> str:
+    """A tiny Marian-shaped translation model trained from its config on translate_base.jsonl
+    (the export): the "pretrained" model the seq2seq tests re-train."""
+    from tests.trainers.helpers import TINY_MARIAN, s2s_spec, write_spec
+
+    d = tmp_path_factory.mktemp("tiny-marian")
+    spec = s2s_spec(d / "run", None, "full", steps=800, eval_every=800, lr=1e-3, warmup_steps=30,
+                    global_batch=16, micro_batch=16)
+    spec["model"] = {"config": dict(TINY_MARIAN), "tokenizer": marian_tokenizer}
+    spec["finetune"].update(train_file=str(REPO / "examples" / "data" / "translate_base.jsonl"), metrics=[])
+    spec["finetune"].pop("valid_file")
+    spec["checkpoint"]["every_steps"] = 800
+    r = run_cli("run", str(write_spec(d / "s.yaml", spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(d / "run" / "export")
+
+
 @pytest.fixture
 def weird_tmp_path(tmp_path: Path) -> Path:
     """A directory whose name has spaces, quotes, a semicolon and a newline (as in submitit's tests)."""

@@ -5,7 +5,7 @@ launcher never imports torch):
     python -m hpctrain.trainers.exported --eval RUN_DIR --data FILE  # `hpctrain eval RUN_DIR --data FILE`
 
 `--eval` scores the export on a file of examples with the run's kind (its loss and metrics) and
-prints one JSON line.
+prints one JSON line; a kind that generates (seq2seq) also writes its outputs (`--predictions`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from hpctrain.launcher.contract.errors import UserError, run_command
 from hpctrain.launcher.contract.fast_exit import exit_process
-from hpctrain.launcher.contract.rundir import RunDir
+from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
 from hpctrain.launcher.contract.spec import RunSpec
 from hpctrain.trainers.data.examples import ExampleDataset, read_records
 from hpctrain.trainers.distributed import Dist
@@ -44,8 +44,10 @@ def _tokenizer(export_dir: Path):
     return AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
 
 
-def run_eval(run_dir: Path, data: str) -> dict:
-    """Evaluate the run's export on a file of examples (`hpctrain eval`)."""
+def run_eval(run_dir: Path, data: str, predictions: str | None = None) -> dict:
+    """Evaluate the run's export on a file of examples (`hpctrain eval`); a kind that generates
+    (seq2seq) writes every output beside its source and reference to `predictions` (default:
+    RUN_DIR/eval/<data file's stem>.predictions.jsonl)."""
     spec = finetune_run(run_dir)
     export_dir = RunDir(run_dir).export
     if not export_dir.is_dir():
@@ -54,12 +56,20 @@ def run_eval(run_dir: Path, data: str) -> dict:
     model, labels = load_exported(spec, export_dir)
     model.eval()
     kind = kind_task(spec.finetune)
-    tk = kind.tokenize(read_records(data), tok, data, labels)
+    tk = kind.tokenize(read_records(data, spec.finetune.tsv_columns()), tok, data, labels)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kind.use_initial_model(lambda: build_model(spec, labels, pad).model)  # DPO's reference
     d = Dist(0, 1, 0, 1, torch.device("cpu"))
+    kind.keep_all_outputs()
     res = evaluate(model, ExampleDataset(tk, pad, kind.collate), kind, spec.training.micro_batch, d)
-    return {"examples": len(tk.input_ids), **res}
+    out = {"examples": len(tk.input_ids), **res}
+    rows = kind.outputs()
+    if rows:
+        path = Path(predictions) if predictions else RunDir(run_dir).root / "eval" / f"{Path(data).stem}.predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        out["predictions"] = str(path)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--merge", metavar="RUN_DIR", help="merge the run's adapter into its base model")
     what.add_argument("--eval", metavar="RUN_DIR", help="evaluate the run's export on --data")
-    ap.add_argument("--data", help="examples to evaluate (JSONL/CSV)")
+    ap.add_argument("--data", help="examples to evaluate (JSONL/CSV/TSV)")
+    ap.add_argument("--predictions", help="where a generating kind (seq2seq) writes its outputs (default: "
+                    "RUN_DIR/eval/<data stem>.predictions.jsonl)")
     args = ap.parse_args(argv)
     quiet_libraries()
 
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         if not args.data:
             raise UserError("--data is required", field="--data", expected="a JSONL or CSV file")
-        print(json.dumps(run_eval(Path(args.eval), args.data)))
+        print(json.dumps(run_eval(Path(args.eval), args.data, args.predictions)))
 
     return run_command(body)
 

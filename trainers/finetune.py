@@ -51,10 +51,10 @@ def load_examples(spec: RunSpec, tok, kind: KindTask):
     spec's files: every named validation file, the single one, or a seeded split of train_file."""
     ft = spec.finetune
     train_path = resolve_path(ft.train_file)
-    records = read_records(train_path)
+    records = read_records(train_path, ft.tsv_columns())
     if ft.valid_file:
         held = [(name, resolve_path(raw), None) for name, raw, _ in ft.valid_sets()]
-        held = [(name, path, read_records(path)) for name, path, _ in held]
+        held = [(name, path, read_records(path, ft.tsv_columns())) for name, path, _ in held]
     else:
         tr, va = split_indices(len(records), ft.valid_fraction, spec.training.seed)
         held = [(None, train_path, [records[i] for i in va])]
@@ -66,7 +66,7 @@ def load_examples(spec: RunSpec, tok, kind: KindTask):
     counts = " + ".join(f"{len(v.input_ids)}" + (f" ({name})" if name else "") for name, v in valid) or "0"
     notes = f"{len(train.input_ids)} training / {counts} validation examples"
     if train.truncated:
-        notes += f"; {train.truncated} training example(s) truncated to {ft.seq_len} tokens"
+        notes += f"; {train.truncated} training example(s) {ft.truncation_note()}"
     return (ExampleDataset(train, pad, kind.collate),
             [(name, ExampleDataset(v, pad, kind.collate)) for name, v in valid], labels, notes)
 
@@ -78,14 +78,15 @@ def evaluate(model, data: ExampleDataset, kind: KindTask, micro: int, d: Dist) -
     loss_sum, n = 0.0, 0
     counts = torch.zeros(kind.counts_size, dtype=torch.float64)
     for idx in eval_slices(len(data), d, micro):
-        if not idx:  # this rank has no examples left, the others do: its forward is still needed (ZeRO-3)
-            kind.loss(model, data.batch([0]), d.device)
+        if not idx:  # this rank has no examples left, the others do: its forwards are still needed (ZeRO-3)
+            _, logits = kind.loss(model, data.batch([0]), d.device)
+            kind.eval_counts(model, data.batch([0]), logits, d.device)
             continue
         batch = data.batch(idx)
         loss, logits = kind.loss(model, batch, d.device)
         loss_sum += float(loss) * len(idx)
         n += len(idx)
-        counts += kind.counts(batch, logits)
+        counts += kind.eval_counts(model, batch, logits, d.device)
     totals = torch.cat([torch.tensor([loss_sum, float(n)], dtype=torch.float64), counts])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)

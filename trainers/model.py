@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable
@@ -186,6 +187,9 @@ def _build_on_meta(spec: RunSpec, labels, pad_id) -> BuiltModel:
         raise UserError("no safetensors weights to load shard by shard", file=str(folder), field="model.path",
                         expected="an HF folder saved with safe_serialization (model*.safetensors)")
     missing = [n for n, _ in model.named_parameters() if checkpoint_key(model, n, keys) is None]
+    # what the model computes rather than saves (Marian's sinusoidal positions) is not new
+    expected = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    missing = [n for n in missing if not any(p.search(n) for p in expected)]
     return BuiltModel(model, sorted({n.rsplit(".", 1)[0] for n in missing}), on_meta=True, weights_from=folder)
 
 
@@ -236,6 +240,7 @@ def _build_model(spec: RunSpec, labels, pad_id, quantize) -> BuiltModel:
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
             )
         model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
+        keep_frozen_as_built(model)
         built = BuiltModel(model, missing_modules(info))
         if quantize:
             keep_4bit_layout(model)
@@ -247,6 +252,18 @@ def _build_model(spec: RunSpec, labels, pad_id, quantize) -> BuiltModel:
         model.config.pad_token_id = pad_id  # sequence classification finds the last token by it
     apply_activation_checkpointing(model, spec)
     return built
+
+
+def keep_frozen_as_built(model) -> None:
+    """Parameters the architecture builds frozen (Marian's sinusoidal positions) stay frozen:
+    transformers 5's loading hands them back trainable, so a model loaded whole would train what
+    the same model built on the meta device (FSDP2, ZeRO-3) does not."""
+    with parameters_on_meta():
+        bare = type(model)(model.config)
+    frozen = {n for n, p in bare.named_parameters() if not p.requires_grad}
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
 
 
 def keep_4bit_layout(model) -> None:

@@ -98,7 +98,8 @@ def build_finetune_model(spec: RunSpec, labels: list[str] | None, pad_id: int | 
     ft = spec.finetune
     config_file = Path(resolve_path(spec.model.path), "config.json") if spec.model.path else None
     if config_file is not None and config_file.is_file():
-        problem = ft.model_problem(json.loads(config_file.read_text()))
+        config = json.loads(config_file.read_text())
+        problem = ft.architecture_problem(config) or ft.model_problem(config)
         if problem:
             raise UserError(problem, file=str(config_file), field="model.path",
                             expected=f"a model fit for kind {ft.kind}")

@@ -38,7 +38,19 @@ class Method:
 
 KIND_HELP = ("sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score; "
              "dpo: preference pairs -> a policy that prefers the chosen response; grpo: prompts -> a policy that "
-             "samples completions and learns toward higher reward (a reward model and/or reward functions)")
+             "samples completions and learns toward higher reward (a reward model and/or reward functions); "
+             "seq2seq: source -> target with an encoder-decoder model (translation, summarisation), scored by "
+             "generating: BLEU, chrF, ROUGE-L")
+
+ENCODER_DECODER_TYPES = {"marian", "t5", "mt5", "umt5", "bart", "mbart", "pegasus", "pegasus_x", "m2m_100", "fsmt",
+                         "led", "longt5", "mvp", "plbart", "prophetnet", "blenderbot", "blenderbot-small",
+                         "bigbird_pegasus", "switch_transformers", "nllb-moe"}
+"""model_type values of encoder-decoder models (a config.json without is_encoder_decoder)."""
+
+
+def is_encoder_decoder(config: dict) -> bool:
+    """Whether a model config (config.json, or model.config) is an encoder-decoder."""
+    return bool(config.get("is_encoder_decoder", config.get("model_type") in ENCODER_DECODER_TYPES))
 
 METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
                                Method("qlora", adapter=True, quantized=True),
@@ -169,17 +181,18 @@ class FinetuneBase(Strict):
     def metrics_for_best(self) -> list[str]:
         """What `best_metric` may name for this run."""
         names = [n for n, _, _ in self.valid_sets()] or [None]
-        return [metric_key(n, k) for n in names for k in self.METRICS]
+        return [metric_key(n, k) for n in names for k in self.metric_directions()]
 
     def best(self) -> str:
         """The metric that picks the best export: `best_metric`, or the first set's default."""
         sets = self.valid_sets()
-        return self.best_metric or metric_key(sets[0][0] if sets else None, self.DEFAULT_BEST)
+        return self.best_metric or metric_key(sets[0][0] if sets else None, self.default_best())
 
     def higher_is_better(self, metric: str) -> bool:
         """The direction the kind declares for `metric` (a key of `metrics_for_best`)."""
         names = [n for n, _, _ in self.valid_sets()] or [None]
-        return next(better for n in names for what, better in self.METRICS.items() if metric_key(n, what) == metric)
+        return next(better for n in names for what, better in self.metric_directions().items()
+                    if metric_key(n, what) == metric)
 
     def rows(self) -> int:
         """Sequences an example puts through the model in a micro-batch (`plan` counts them)."""
@@ -220,6 +233,34 @@ class FinetuneBase(Strict):
 
     def model_problem(self, config: dict) -> str | None:  # noqa: ARG002 - most kinds take any head
         """What makes the model of `model.path` (its config.json) unfit for this kind, or None."""
+        return None
+
+    def architecture_problem(self, config: dict) -> str | None:
+        """An encoder-decoder model for a kind of decoder-only or encoder models, or the reverse
+        (config.json or model.config), or None."""
+        kind_wants = self.MODEL_CLASS == "AutoModelForSeq2SeqLM"
+        if is_encoder_decoder(config) == kind_wants:
+            return None
+        what = ", ".join(config.get("architectures") or [str(config.get("model_type", "model"))])
+        if kind_wants:
+            return (f"kind {self.kind} needs an encoder-decoder model (Marian, T5, BART, mBART...); {what} is not "
+                    "one (config.json is_encoder_decoder)")
+        return (f"{what} is an encoder-decoder model: kind {self.kind} trains decoder-only or encoder models; "
+                "use kind: seq2seq")
+
+    def metric_directions(self) -> dict[str, bool]:
+        """What each validation set reports and whether higher is better (the kind's METRICS)."""
+        return self.METRICS
+
+    def default_best(self) -> str:
+        return self.DEFAULT_BEST
+
+    def truncation_note(self) -> str:
+        """How long examples were cut, for the count of truncated ones."""
+        return f"truncated to {self.seq_len} tokens"
+
+    def tsv_columns(self) -> list[str] | None:
+        """The fields of a TSV file's columns (no header), or None where the kind reads none."""
         return None
 
     def head_labels(self) -> list[str] | None:
@@ -271,6 +312,21 @@ class FinetuneBase(Strict):
         return self
 
 
+GENERATION_METRICS = {"bleu": True, "chrf": True, "rougeL": True}
+"""What generated text is scored with (higher is better for each)."""
+BLEU_TOKENIZERS = ("13a", "intl", "zh", "char", "none")
+"""sacrebleu's tokenizers that need nothing more installed."""
+
+
+class GenerationSpec(Strict):
+    """How evaluation generates (HF generate)."""
+
+    num_beams: int | None = Field(None, ge=1, description="beam search width (default: the model's generation "
+                                  "config, 1 for a model from model.config)")
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens generated at most (default: seq2seq's "
+                                       "target_len; sft's 64)")
+
+
 class SftSpec(FinetuneBase):
     """Supervised fine-tuning: prompt -> response (or chat messages), loss on the response."""
 
@@ -283,6 +339,20 @@ class SftSpec(FinetuneBase):
     response_field: str = Field("response", description="response field")
     messages_field: str = Field("messages", description="chat messages field (used when present)")
     packing: bool = Field(False, description="pack short examples into seq_len sequences")
+    generation_metrics: list[Literal["bleu", "chrf", "rougeL"]] = Field(
+        [], description="at each evaluation, generate a response to every validation prompt and score it "
+        "against the example's response: bleu, chrf, rougeL (off by default: a forward per generated token)")
+    bleu_tokenize: Literal["13a", "intl", "zh", "char", "none"] = Field(
+        "13a", description="sacrebleu's tokenizer for BLEU: 13a (its default), intl, zh (Chinese), char, none")
+    generation: GenerationSpec = GenerationSpec()
+    predictions_logged: int = Field(8, ge=0, description="generated responses written beside their prompts and "
+                                    "references at each evaluation to predictions/step_N.jsonl and W&B")
+
+    def metric_directions(self) -> dict[str, bool]:
+        return {"loss": False, **{m: GENERATION_METRICS[m] for m in self.generation_metrics}}
+
+    def max_new_tokens(self) -> int:
+        return self.generation.max_new_tokens or 64
 
     def record_fields(self, record: dict) -> list[str]:
         return [self.messages_field] if self.messages_field in record else [self.prompt_field, self.response_field]
@@ -567,9 +637,80 @@ class GrpoSpec(FinetuneBase):
         return self
 
 
+class Seq2SeqSpec(FinetuneBase):
+    """Sequence to sequence: an encoder-decoder model (Marian, T5, BART, mBART) learns source ->
+    target (translation, summarisation); the loss is on the target tokens, and evaluation
+    generates each validation source and scores it against its target."""
+
+    MODEL_CLASS: ClassVar[str] = "AutoModelForSeq2SeqLM"
+    METRICS: ClassVar[dict[str, bool]] = {"loss": False, **GENERATION_METRICS}
+    DEFAULT_BEST: ClassVar[str] = "bleu"
+
+    kind: Literal["seq2seq"] = Field(description=KIND_HELP)
+    source_field: str = Field("source", description="the source text field (JSONL, CSV column; a TSV's first column)")
+    target_field: str = Field("target", description="the target text field (a TSV's second column)")
+    seq_len: int | None = Field(None, description="not used by seq2seq (source_len, target_len)")
+    source_len: int = Field(128, gt=1, description="source tokens at most (longer ones are truncated and counted)")
+    target_len: int = Field(128, gt=1, description="target tokens at most (longer ones are truncated and counted)")
+    metrics: list[Literal["bleu", "chrf", "rougeL"]] = Field(
+        ["bleu", "chrf"], description="what generated text is scored with at each evaluation (corpus-level; "
+        "[] generates nothing): bleu, chrf (sacrebleu), rougeL (summaries)")
+    bleu_tokenize: Literal["13a", "intl", "zh", "char", "none"] = Field(
+        "13a", description="sacrebleu's tokenizer for BLEU: 13a (its default), intl, zh (Chinese targets), char, "
+        "none")
+    generation: GenerationSpec = GenerationSpec()
+    predictions_logged: int = Field(8, ge=0, description="predictions written beside their sources and references "
+                                    "at each evaluation to predictions/step_N.jsonl and the W&B table")
+
+    def metric_directions(self) -> dict[str, bool]:
+        return {"loss": False, **{m: GENERATION_METRICS[m] for m in self.metrics}}
+
+    def default_best(self) -> str:
+        return self.metrics[0] if self.metrics else "loss"
+
+    def truncation_note(self) -> str:
+        return f"truncated (source_len {self.source_len}, target_len {self.target_len})"
+
+    def row_tokens(self) -> int:
+        return max(self.source_len, self.target_len)
+
+    def max_new_tokens(self) -> int:
+        return self.generation.max_new_tokens or self.target_len
+
+    def record_fields(self, record: dict) -> list[str]:  # noqa: ARG002
+        return [self.source_field, self.target_field]
+
+    def csv_columns(self) -> list[str]:
+        return [self.source_field, self.target_field]
+
+    def tsv_columns(self) -> list[str]:
+        return [self.source_field, self.target_field]
+
+    def model_problem(self, config: dict) -> str | None:
+        positions = config.get("max_position_embeddings")
+        longest = max(self.source_len, self.target_len, self.max_new_tokens())
+        if isinstance(positions, int) and positions and longest > positions and config.get("model_type") != "t5":
+            return (f"source_len / target_len / generation.max_new_tokens ({longest}) is past the model's "
+                    f"{positions} positions (config.json max_position_embeddings)")
+        return None
+
+    @model_validator(mode="after")
+    def _no_seq_len(self) -> Seq2SeqSpec:
+        if self.seq_len is not None:
+            raise ValueError("finetune.seq_len: kind seq2seq counts source_len and target_len")
+        return self
+
+    @model_validator(mode="after")
+    def _best_is_generated(self) -> Seq2SeqSpec:
+        if self.best_metric in GENERATION_METRICS and self.best_metric not in self.metrics:
+            raise ValueError(f"finetune.best_metric {self.best_metric} is not generated: add it to finetune.metrics")
+        return self
+
+
 KINDS: dict[str, type[FinetuneBase]] = {"sft": SftSpec, "classify": ClassifySpec, "reward": RewardSpec,
-                                        "dpo": DpoSpec, "grpo": GrpoSpec}
+                                        "dpo": DpoSpec, "grpo": GrpoSpec, "seq2seq": Seq2SeqSpec}
 """Every fine-tuning kind by its `kind` value."""
 
-FinetuneSpec = Annotated[SftSpec | ClassifySpec | RewardSpec | DpoSpec | GrpoSpec, Field(discriminator="kind")]
+FinetuneSpec = Annotated[SftSpec | ClassifySpec | RewardSpec | DpoSpec | GrpoSpec | Seq2SeqSpec,
+                         Field(discriminator="kind")]
 """The `finetune` section: the class of its `kind`."""

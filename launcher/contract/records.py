@@ -1,4 +1,4 @@
-"""Reading example files (JSONL, CSV) record by record; shared by validation and the trainers."""
+"""Reading example files (JSONL, CSV, TSV) record by record; shared by validation and the trainers."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from pathlib import Path
 from hpctrain.launcher.contract.errors import UserError
 
 
-def iter_records(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a JSONL or CSV file; bad JSON names its line."""
+def iter_records(path: str, tsv_columns: list[str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a JSONL, CSV (a header row) or TSV file (no header: its columns
+    are `tsv_columns`, the kind's); bad JSON, or a TSV row without every column, names its line."""
     p = Path(path)
     if not p.is_file():
         raise UserError("file not found", file=path, expected="a JSONL or CSV file of examples")
+    if p.suffix.lower() == ".tsv":
+        yield from _tsv_records(p, path, tsv_columns)
+        return
     if p.suffix.lower() == ".csv":
         try:
             with open(p, newline="", encoding="utf-8") as f:
@@ -37,6 +41,25 @@ def iter_records(path: str) -> Iterator[tuple[int, dict]]:
             if not isinstance(rec, dict):
                 raise UserError(f"line {n} is not a JSON object", file=path)
             yield n, rec
+
+
+def _tsv_records(p: Path, path: str, columns: list[str] | None) -> Iterator[tuple[int, dict]]:
+    if not columns:
+        raise UserError("a TSV file, which this kind does not read", file=path,
+                        expected="JSONL or CSV (TSV: kind seq2seq, source<TAB>target)")
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise _not_utf8(path, n) from None
+            if not line.strip():
+                continue
+            cells = line.split("\t")
+            if len(cells) != len(columns):
+                raise UserError(f"line {n} has {len(cells)} tab-separated column(s)", file=path,
+                                expected=f"{len(columns)} columns: {', '.join(columns)} (no header row)")
+            yield n, dict(zip(columns, cells, strict=True))
 
 
 def _first_bad_line(p: Path) -> int:

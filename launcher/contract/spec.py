@@ -442,7 +442,9 @@ class RunSpec(Strict):
 
     @property
     def seq_len(self) -> int:
-        return self.finetune.seq_len if self.task == "finetune" else self.data.seq_len  # type: ignore[union-attr]
+        if self.task == "finetune":  # seq2seq has none: its longest side
+            return self.finetune.seq_len or self.finetune.row_tokens()  # type: ignore[union-attr]
+        return self.data.seq_len  # type: ignore[union-attr]
 
     @property
     def rows_per_example(self) -> int:

@@ -29,6 +29,15 @@ TINY_LLAMA = {
 }
 
 
+TINY_MARIAN = {
+    "model_type": "marian", "vocab_size": 600, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    "max_position_embeddings": 64, "pad_token_id": 1, "eos_token_id": 0, "decoder_start_token_id": 1,
+    "forced_eos_token_id": 0, "dropout": 0.0,
+}
+"""A Marian-shaped translation model for the BPE tokenizer of the parallel corpus (eos 0, pad 1)."""
+
+
 def clm_spec(run_dir: Path, tokenizer: str, corpus: str, **over) -> dict:
     spec = {
         "name": "tiny-clm",
@@ -150,6 +159,23 @@ def sft_spec(run_dir, model_path: str, method: str, **training) -> dict:
         "training": {"global_batch": 8, "micro_batch": 4, "steps": 20, "lr": 1e-2, "eval_every": 10,
                      "seed": 5, **training},
         "checkpoint": {"every_steps": 10},
+        "cluster": {"procs_per_node": 1},
+    }
+
+
+def s2s_spec(run_dir, model_path: str | None, method: str, **training) -> dict:
+    """Re-train `model_path` on the parallel corpus's new data (translate_train.jsonl), scored on
+    translate_valid.tsv."""
+    return {
+        "name": f"s2s-{method}", "run_dir": str(run_dir), "task": "finetune",
+        "model": {"path": model_path},
+        "finetune": {"kind": "seq2seq", "method": method, "train_file": str(DATA / "translate_train.jsonl"),
+                     "valid_file": str(DATA / "translate_valid.tsv"), "source_len": 32, "target_len": 32,
+                     "metrics": ["bleu", "chrf", "rougeL"],
+                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+        "training": {"global_batch": 16, "micro_batch": 4, "steps": 8, "lr": 1e-3, "eval_every": 4,
+                     "warmup_steps": 2, "seed": 3, **training},
+        "checkpoint": {"every_steps": 4},
         "cluster": {"procs_per_node": 1},
     }
 

@@ -130,6 +130,34 @@ def test_sft_loss_falls_and_only_the_adapter_is_trained(tmp_path, tiny_llama, me
         _check_finetune_flops(tmp_path / "run", model)
 
 
+def test_sft_scores_generated_responses_when_asked(tmp_path, tiny_llama):
+    """generation_metrics: every validation prompt gets a generated response, scored against the
+    example's response; the logged BLEU is sacrebleu's corpus BLEU of the outputs it wrote."""
+    import sacrebleu
+
+    spec = sft_spec(tmp_path / "run", tiny_llama, "lora")
+    spec["finetune"].update(generation_metrics=["bleu", "rougeL"], generation={"max_new_tokens": 12},
+                            predictions_logged=40, best_metric="bleu")
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "best by bleu" in r.stdout
+    evals = {x["step"]: x for x in _val(tmp_path / "run")}
+    assert sorted(evals) == [10, 20] and all(0 <= e["bleu"] <= 100 and "rougeL" in e for e in evals.values())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "predictions" / "step_20.jsonl").read_text().splitlines()]
+    valid = [json.loads(x) for x in (DATA / "sft_valid.jsonl").read_text().splitlines()]
+    assert len(rows) == len(valid) == 40
+    for row in rows:  # each output beside its own prompt and that example's response
+        example = next(v for v in valid if v["prompt"] in row["prompt"])
+        assert row["reference"] == example["response"]
+    bleu = sacrebleu.corpus_bleu([x["prediction"] for x in rows], [[x["reference"] for x in rows]]).score
+    assert evals[20]["bleu"] == pytest.approx(bleu)
+    assert evals[20]["bleu"] > 20  # the three answers are learned within 20 steps
+    plain = sft_spec(tmp_path / "plain", tiny_llama, "lora", steps=2, eval_every=2)
+    r = run_cli("run", str(write_spec(tmp_path / "p.yaml", plain)))
+    assert r.returncode == 0 and "bleu" not in _val(tmp_path / "plain")[-1], r.stdout + r.stderr
+    assert not (tmp_path / "plain" / "predictions").exists()  # off by default
+
+
 def _check_finetune_flops(run, model):
     """Achieved FLOP/s of fine-tuning: 6 per trainable and 4 per frozen weight (no weight gradient)
     and token, embeddings aside, plus 12 L H T with T each real token's own sequence length."""

@@ -15,9 +15,10 @@ from hpctrain.launcher.contract.records import iter_records
 from hpctrain.launcher.contract.split import split_indices  # noqa: F401 - re-exported for the trainers
 
 
-def read_records(path: str) -> list[tuple[int, dict]]:
-    """(line number, record) from a JSONL or CSV file; at least one record."""
-    out = list(iter_records(path))
+def read_records(path: str, tsv_columns: list[str] | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) from a JSONL, CSV or TSV file (`tsv_columns`: the kind's); at least
+    one record."""
+    out = list(iter_records(path, tsv_columns))
     if not out:
         raise UserError("no examples", file=path, expected="at least one record")
     return out
@@ -36,7 +37,7 @@ class Tokenized:
     input_ids: list[list[int]]
     labels: list  # what the kind learns from each example (token labels, a class id...)
     truncated: int
-
+    references: list[str] | None = None  # each example's reference text, where generation is scored
 
 def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of `rows` padded on the right to the longest."""

@@ -71,11 +71,36 @@ def materialize(model: torch.nn.Module, device: torch.device, weights_from: Path
         fresh = {n for n in meta if source[n] is None}
         for name, module in hf.named_modules():  # transformers' own init, on this rank's shards
             if any((f"{name}.{pn}" if name else pn) in fresh for pn, _ in module.named_parameters(recurse=False)):
-                hf._init_weights(module)
+                _init_module(hf, module)
         wanted = {source[n]: params[n] for n in meta if source[n] is not None}
         if wanted:
             dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(weights_from)),
                      planner=DefaultLoadPlanner(allow_partial_load=True))
+
+
+def _init_module(hf, module: torch.nn.Module) -> None:
+    """transformers' init of `module`'s parameters on this rank's shards. An init that writes a
+    whole tensor (Marian's sinusoidal positions, copied in) runs on a whole-sized stand-in, of
+    which each rank keeps its shard (every rank computes the same whole: the same seed)."""
+    sharded = {pn: p for pn, p in module.named_parameters(recurse=False) if hasattr(p, "to_local")}
+    try:
+        hf._init_weights(module)
+        return
+    except RuntimeError:
+        if not sharded:
+            raise
+    from torch.distributed.tensor import distribute_tensor
+
+    for pn, p in sharded.items():
+        module._parameters[pn] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=_local(p).device),
+                                                    requires_grad=p.requires_grad)
+    try:
+        hf._init_weights(module)
+        for pn, p in sharded.items():
+            _local(p).copy_(distribute_tensor(module._parameters[pn].data, p.device_mesh, p.placements).to_local())
+    finally:
+        for pn, p in sharded.items():
+            module._parameters[pn] = p
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -185,7 +210,15 @@ class FSDPEngine(EngineClass):
 
     @contextlib.contextmanager
     def sampling(self):
-        yield self.model
+        """The sharded model, its root's parameters (embeddings, final norm, output layer)
+        gathered for the whole generation: an encoder-decoder's `generate` runs the encoder
+        without the root's forward (whose hook would gather them); each block still gathers
+        its own at each forward."""
+        self.model.unshard()
+        try:
+            yield self.model
+        finally:
+            self.model.reshard()
 
     def state_files(self, rank: int) -> dict[str, object]:
         raise NotImplementedError("every rank writes its own DCP shards (state_on_rank0 is False)")

@@ -5,6 +5,8 @@
     reward.py     preference pairs -> a scalar score: Bradley-Terry loss, pair accuracy, margin
     dpo.py        preference pairs -> a policy: DPO / IPO loss against a reference, TRL's metrics
     grpo.py       prompts -> a policy: sampled completions, rewards, group advantages, clipped loss
+    seq2seq.py    source -> target (encoder-decoder): loss on the target, generated outputs scored
+    scores.py     BLEU, chrF, ROUGE-L of generated text from statistics summed over ranks
     pairs.py      what the two pair kinds share: a pair's prompt and responses, checked
 
 A kind's spec section (its fields, the metrics it reports and which way each is better, the
@@ -74,6 +76,11 @@ class KindTask(Protocol):
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         """What validation sums besides the loss (float64, `counts_size` long)."""
 
+    def eval_counts(self, module: torch.nn.Module, batch: dict, logits: torch.Tensor, device) -> torch.Tensor:
+        """What validation sums for a batch, given the model too (seq2seq generates with it):
+        `counts` unless the kind needs more. Every rank calls it as often (a rank without
+        examples left with a stand-in batch, its result dropped)."""
+
     def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:
         """Validation metrics beyond `val_loss`, from the summed counts."""
 
@@ -94,6 +101,12 @@ class KindTask(Protocol):
     def resumed_rank(self, state: dict | None) -> None:
         """The rank's `rank_state` of the checkpoint resumed from (None: it holds none)."""
 
+    def keep_all_outputs(self) -> None:
+        """Scoring an export (`hpctrain eval`): keep every output the evaluation generates."""
+
+    def outputs(self) -> list[dict]:
+        """What the last evaluation generated and kept ({source, prediction, reference}...)."""
+
 
 class KindBase:
     """What most kinds do for the optional parts of `KindTask`: nothing."""
@@ -102,6 +115,15 @@ class KindBase:
 
     def before_steps(self, start: Start) -> str | None:  # noqa: ARG002
         return None
+
+    def eval_counts(self, module, batch: dict, logits: torch.Tensor, device) -> torch.Tensor:  # noqa: ARG002
+        return self.counts(batch, logits)
+
+    def keep_all_outputs(self) -> None:
+        return None
+
+    def outputs(self) -> list[dict]:
+        return []
 
     def use_initial_model(self, build: Callable[[], torch.nn.Module]) -> None:  # noqa: ARG002
         return None
@@ -122,6 +144,8 @@ def kind_task(ft) -> KindTask:
     from hpctrain.trainers.tasks.dpo import DPO
     from hpctrain.trainers.tasks.grpo import GRPO
     from hpctrain.trainers.tasks.reward import Reward
+    from hpctrain.trainers.tasks.seq2seq import Seq2Seq
     from hpctrain.trainers.tasks.sft import SFT
 
-    return {"sft": SFT, "classify": Classify, "reward": Reward, "dpo": DPO, "grpo": GRPO}[ft.kind](ft)
+    return {"sft": SFT, "classify": Classify, "reward": Reward, "dpo": DPO, "grpo": GRPO,
+            "seq2seq": Seq2Seq}[ft.kind](ft)

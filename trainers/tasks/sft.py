@@ -1,7 +1,9 @@
 """Supervised fine-tuning (`finetune.kind: sft`): prompt -> response, or chat messages whose last
 message is the response. Labels are -100 on prompt tokens, so only the response carries loss;
 examples longer than seq_len are truncated and counted; short ones may be packed together.
-Validation reports the loss and its perplexity.
+Validation reports the loss and its perplexity; with `generation_metrics`, also a response
+generated to every validation prompt (trainers/tasks/generated.py), scored against the example's
+response (BLEU, chrF, ROUGE-L).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import SftSpec
 from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
-from hpctrain.trainers.tasks import KindBase
+from hpctrain.trainers.tasks import KindBase, Start
+from hpctrain.trainers.tasks.generated import Generation
 
 # The plain template used when a tokenizer has no chat template (documented in docs/finetuning.md).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
@@ -25,15 +28,19 @@ class SFT(KindBase):
     """The sft kind's part of a training process (trainers/tasks/__init__.py: `KindTask`)."""
 
     peft_task_type = "CAUSAL_LM"
-    counts_size = 0  # validation needs the loss alone
 
     def __init__(self, ft: SftSpec) -> None:
         self.ft = ft
+        self.gen = Generation(ft.generation_metrics, ft.bleu_tokenize, ft.generation.num_beams,
+                              ft.max_new_tokens(), ft.predictions_logged)
+        self.counts_size = self.gen.size  # the loss alone unless generation is scored
+        self.tok, self.pad = None, 0
 
     def labels(self, records, path: str) -> None:  # noqa: ARG002 - no classification head
         return None
 
     def tokenize(self, records, tok, path: str, labels: list[str] | None) -> Tokenized:  # noqa: ARG002
+        self.tok = tok
         return tokenize_sft(records, tok, self.ft, path)
 
     def for_training(self, tk: Tokenized) -> Tokenized:
@@ -44,7 +51,12 @@ class SFT(KindBase):
         labels = torch.full(ids.shape, -100, dtype=torch.long)
         for j, i in enumerate(idx):
             labels[j, : len(tk.labels[i])] = torch.tensor(tk.labels[i])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if tk.references is not None and self.gen.size:  # what generation starts from and is scored against
+            self.pad = pad_id
+            batch["prompts"] = [tk.input_ids[i][: _prompt_length(tk.labels[i])] for i in idx]
+            batch["references"] = [tk.references[i] for i in idx]
+        return batch
 
     def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(next-token loss on response tokens, logits)."""
@@ -59,26 +71,63 @@ class SFT(KindBase):
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         return torch.zeros(0, dtype=torch.float64)
 
-    def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:  # noqa: ARG002
-        return {"val_ppl": math.exp(min(val_loss, 50))}
+    def before_steps(self, start: Start) -> str | None:
+        self.gen.start(start)
+        return None
+
+    def eval_counts(self, module, batch: dict, logits: torch.Tensor, device) -> torch.Tensor:  # noqa: ARG002
+        """With generation_metrics: a response generated to each prompt (left-padded), scored."""
+        if not self.gen.size:
+            return torch.zeros(0, dtype=torch.float64)
+        prompts = batch["prompts"]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[j, width - len(p) :] = 1
+        out = self.gen.generate(module, ids.to(device), mask.to(device), pad_token_id=self.pad,
+                                eos_token_id=self.tok.eos_token_id)
+        hyps = [s.strip() for s in self.tok.batch_decode(out[:, width:], skip_special_tokens=True)]
+        shown = [s.strip() for s in self.tok.batch_decode(prompts, skip_special_tokens=True)]
+        return self.gen.score(shown, hyps, batch["references"], "prompt")
+
+    def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:
+        return {"val_ppl": math.exp(min(val_loss, 50)), **self.gen.metrics(counts)}
+
+    def keep_all_outputs(self) -> None:
+        self.gen.keep = None
+
+    def outputs(self) -> list[dict]:
+        return self.gen.kept
+
+    def evaluated(self, step: int, run) -> None:
+        self.gen.evaluated(step, run)
 
 
 def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
-    ids_all, labels_all, cut = [], [], 0
+    ids_all, labels_all, refs, cut = [], [], [], 0
     for line, rec in records:
         if ft.messages_field in rec:
             prompt_ids, response_ids = chat_ids(rec[ft.messages_field], tok, path, line, ft.messages_field)
+            refs.append(str(rec[ft.messages_field][-1]["content"]))
         else:
             prompt = field_value(rec, ft.prompt_field, path, line, "finetune.prompt_field")
             response = field_value(rec, ft.response_field, path, line, "finetune.response_field")
             prompt_ids, response_ids = plain_ids(prompt, response, tok)
+            refs.append(str(response))
         ids = prompt_ids + response_ids
         labels = [-100] * len(prompt_ids) + response_ids
         if len(ids) > ft.seq_len:
             ids, labels, cut = ids[: ft.seq_len], labels[: ft.seq_len], cut + 1
         ids_all.append(ids)
         labels_all.append(labels)
-    return Tokenized(ids_all, labels_all, cut)
+    return Tokenized(ids_all, labels_all, cut, refs)
+
+
+def _prompt_length(labels: list[int]) -> int:
+    """The prompt's tokens: those before the first labelled (response) token."""
+    return next((k for k, x in enumerate(labels) if x != -100), len(labels))
 
 
 def plain_ids(prompt, response, tok) -> tuple[list[int], list[int]]:

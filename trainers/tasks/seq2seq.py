@@ -1,0 +1,118 @@
+"""Sequence to sequence (`finetune.kind: seq2seq`): an encoder-decoder model (Marian, T5, BART,
+mBART) learns source -> target. The encoder reads the source, the decoder is trained on the
+target shifted right (the model's own `decoder_start_token_id` first), the loss is on target
+tokens only. Sources and targets longer than source_len / target_len are truncated (their end
+of sequence kept) and counted.
+
+Validation reports the teacher-forced loss, then generates every validation source (HF
+`generate`: `generation.num_beams`, `generation.max_new_tokens`) and scores the outputs against
+the references with `finetune.metrics` (trainers/tasks/scores.py: BLEU, chrF, ROUGE-L, from
+statistics summed over micro-batches and ranks: the corpus scores of the whole set). The model
+generates from the engine's `sampling()`: under ZeRO-3 its weights gathered once; under FSDP2
+the sharded model, every rank running as many forwards (HF's `synced_gpus`). The first
+`predictions_logged` outputs go beside their sources and references to
+predictions/step_N.jsonl and the W&B table `predictions`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hpctrain.launcher.contract.finetune import Seq2SeqSpec
+from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
+from hpctrain.trainers.tasks import KindBase, Start
+from hpctrain.trainers.tasks.generated import Generation
+
+
+class Seq2Seq(KindBase):
+    """The seq2seq kind's part of a training process (trainers/tasks/__init__.py: `KindTask`)."""
+
+    peft_task_type = "SEQ_2_SEQ_LM"
+
+    def __init__(self, ft: Seq2SeqSpec) -> None:
+        self.ft = ft
+        self.gen = Generation(ft.metrics, ft.bleu_tokenize, ft.generation.num_beams, ft.max_new_tokens(),
+                              ft.predictions_logged)
+        self.counts_size = self.gen.size
+        self.tok = None
+
+    # -- examples --------------------------------------------------------------------------
+
+    def labels(self, records, path: str) -> None:  # noqa: ARG002 - the model's own head
+        return None
+
+    def tokenize(self, records, tok, path: str, labels: list[str] | None) -> Tokenized:  # noqa: ARG002
+        """input_ids: the source's ids; labels: (target ids, source text, target text)."""
+        self.tok = tok
+        ft, eos = self.ft, tok.eos_token_id
+        ids_all, out, cut = [], [], 0
+        for line, rec in records:
+            src = str(field_value(rec, ft.source_field, path, line, "finetune.source_field"))
+            tgt = str(field_value(rec, ft.target_field, path, line, "finetune.target_field"))
+            s, s_cut = _ending(tok(src)["input_ids"], eos, ft.source_len)
+            t, t_cut = _ending(tok(text_target=tgt)["input_ids"], eos, ft.target_len)
+            cut += s_cut or t_cut
+            ids_all.append(s)
+            out.append((t, src, tgt))
+        return Tokenized(ids_all, out, cut)
+
+    def for_training(self, tk: Tokenized) -> Tokenized:
+        return tk
+
+    def collate(self, tk: Tokenized, idx: list[int], pad_id: int) -> dict:
+        ids, mask = pad_rows([tk.input_ids[i] for i in idx], pad_id)
+        targets = [tk.labels[i][0] for i in idx]
+        labels = torch.full((len(idx), max(len(t) for t in targets)), -100, dtype=torch.long)
+        for j, t in enumerate(targets):
+            labels[j, : len(t)] = torch.tensor(t)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "work_tokens": int(mask.sum()) + sum(len(t) for t in targets),  # encoder + decoder tokens
+                "sources": [tk.labels[i][1] for i in idx], "references": [tk.labels[i][2] for i in idx]}
+
+    # -- training and validation -----------------------------------------------------------
+
+    def before_steps(self, start: Start) -> str | None:
+        self.gen.start(start)
+        return None
+
+    def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next-token loss on target tokens, the decoder's logits): the model shifts the labels
+        right into the decoder's input itself."""
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        logits = module(input_ids=ids, attention_mask=mask, labels=labels).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=-100), logits
+
+    def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        return torch.zeros(0, dtype=torch.float64)
+
+    def eval_counts(self, module, batch: dict, logits: torch.Tensor, device) -> torch.Tensor:  # noqa: ARG002
+        """Generate the batch's sources and score them against their references."""
+        if not self.gen.size:
+            return torch.zeros(0, dtype=torch.float64)
+        out = self.gen.generate(module, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        hyps = [s.strip() for s in self.tok.batch_decode(out, skip_special_tokens=True)]
+        return self.gen.score(batch["sources"], hyps, batch["references"], "source")
+
+    def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:  # noqa: ARG002
+        return self.gen.metrics(counts)
+
+    def keep_all_outputs(self) -> None:
+        self.gen.keep = None
+
+    def outputs(self) -> list[dict]:
+        return self.gen.kept
+
+    def evaluated(self, step: int, run) -> None:
+        self.gen.evaluated(step, run)
+
+
+def _ending(ids: list[int], eos: int | None, limit: int) -> tuple[list[int], bool]:
+    """`ids` ending in the end-of-sequence token, at most `limit` long (cut before it)."""
+    ids = list(ids)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    if len(ids) <= limit:
+        return ids, False
+    return ids[: limit - 1] + ([eos] if eos is not None else ids[limit - 1 : limit]), True
