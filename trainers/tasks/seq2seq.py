@@ -36,6 +36,7 @@ class Seq2Seq(KindBase):
                               ft.predictions_logged)
         self.counts_size = self.gen.size
         self.tok = None
+        self.decoder_ids: tuple[int, int] | None = None
 
     # -- examples --------------------------------------------------------------------------
 
@@ -77,15 +78,30 @@ class Seq2Seq(KindBase):
         return None
 
     def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(next-token loss on target tokens, the decoder's logits): the model shifts the labels
-        right into the decoder's input itself."""
+        """(next-token loss on target tokens, the decoder's logits). The decoder's input is the
+        labels shifted right, as the model makes it when given labels; given the input instead,
+        the model skips a loss of its own that would go unused."""
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        logits = module(input_ids=ids, attention_mask=mask, labels=labels).logits
+        start, pad = self._decoder_ids(module)
+        dec = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
+        dec = dec.masked_fill(dec.eq(-100), pad)
+        logits = module(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=-100), logits
 
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         return torch.zeros(0, dtype=torch.float64)
+
+    def _decoder_ids(self, module) -> tuple[int, int]:
+        """(decoder_start_token_id, pad_token_id) of the model inside `module` (an engine's wrapper)."""
+        if self.decoder_ids is None:
+            inner = module
+            while not hasattr(getattr(inner, "config", None), "pad_token_id") and hasattr(inner, "module"):
+                inner = inner.module  # DDP's, DeepSpeed's wrappers (DeepSpeed's own `config` is a dict)
+            cfg = inner.config
+            start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+            self.decoder_ids = (int(start), int(cfg.pad_token_id))
+        return self.decoder_ids
 
     def eval_counts(self, module, batch: dict, logits: torch.Tensor, device) -> torch.Tensor:  # noqa: ARG002
         """Generate the batch's sources and score them against their references."""
