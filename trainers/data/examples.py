@@ -6,7 +6,7 @@ and the field. What a kind makes of a record is its task module (trainers/tasks/
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +37,9 @@ class Tokenized:
     input_ids: list[list[int]]
     labels: list  # what the kind learns from each example (token labels, a class id...)
     truncated: int
-    references: list[str] | None = None  # each example's reference text, where generation is scored
+    # each example's reference text, where generation is scored (keyword-only: the kinds' own
+    # subclasses add positional fields after `truncated`)
+    references: list[str] | None = field(default=None, kw_only=True)
 
 def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of `rows` padded on the right to the longest."""

@@ -122,7 +122,7 @@ def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
             ids, labels, cut = ids[: ft.seq_len], labels[: ft.seq_len], cut + 1
         ids_all.append(ids)
         labels_all.append(labels)
-    return Tokenized(ids_all, labels_all, cut, refs)
+    return Tokenized(ids_all, labels_all, cut, references=refs)
 
 
 def _prompt_length(labels: list[int]) -> int:
