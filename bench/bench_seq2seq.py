@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_trainer import run_spec  # `hpctrain run` of a spec, its metrics records
+
 REPO = Path(__file__).resolve().parents[1]
 BATCH, LEN, LR, WARMUP, NEW = 16, 128, 5e-4, 20, 160
 CONFIG = {"model_type": "marian", "d_model": 256, "encoder_layers": 3, "decoder_layers": 3,
@@ -74,9 +76,6 @@ def build(root: Path) -> tuple[Path, Path, Path]:
 
 
 def run_hpctrain(train: Path, valid: Path, init: Path, steps: int, root: Path) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_trainer import run_spec
-
     run = root / f"hpctrain-{time.time_ns()}"
     spec = {"name": "bench-seq2seq", "run_dir": str(run), "task": "finetune", "model": {"path": str(init)},
             "finetune": {"kind": "seq2seq", "method": "full", "train_file": str(train), "valid_file": str(valid),

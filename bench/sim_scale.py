@@ -74,27 +74,17 @@ def efficiency(nodes: int, tau_h: float, cost_h: float, restart_h: float, node_m
     """Useful hours / wall hours of one simulated run."""
     rate = nodes / node_mtbf_h
     wall, useful, goal = 0.0, 0.0, days * 24 * 0.8  # train until 80% of the days are useful work
+    failure_in = rng.expovariate(rate)
     while useful < goal:
-        failure_in = rng.expovariate(rate)
-        segment = 0.0  # work since the last checkpoint
-        while True:
-            step = min(tau_h, goal - useful - segment)
-            if failure_in < step:  # the work since the last checkpoint is lost
-                wall += failure_in + restart_h
-                break
-            failure_in -= step
-            wall += step
-            segment += step
-            if useful + segment >= goal:
-                useful += segment
-                return useful / wall
-            if failure_in < cost_h:  # dies during the blocking part of the save
-                wall += failure_in + restart_h
-                break
-            failure_in -= cost_h
-            wall += cost_h
-            useful += segment
-            segment = 0.0
+        work = min(tau_h, goal - useful)
+        span = work + (cost_h if useful + work < goal else 0.0)  # the last stretch needs no save
+        if failure_in < span:  # a node fails before this stretch is saved: its work is lost
+            wall += failure_in + restart_h
+            failure_in = rng.expovariate(rate)
+            continue
+        failure_in -= span
+        wall += span
+        useful += work
     return useful / wall
 
 

@@ -314,8 +314,7 @@ class FinetuneBase(Strict):
 
 GENERATION_METRICS = {"bleu": True, "chrf": True, "rougeL": True}
 """What generated text is scored with (higher is better for each)."""
-BLEU_TOKENIZERS = ("13a", "intl", "zh", "char", "none")
-"""sacrebleu's tokenizers that need nothing more installed."""
+TextMetric = Literal["bleu", "chrf", "rougeL"]
 
 
 class GenerationSpec(Strict):
@@ -327,7 +326,26 @@ class GenerationSpec(Strict):
                                        "target_len; sft's 64)")
 
 
-class SftSpec(FinetuneBase):
+class ScoresGenerations(Strict):
+    """What the kinds that score generated text at evaluation share (seq2seq; sft when asked):
+    listed before FinetuneBase in a kind's bases, so its metric directions are these."""
+
+    bleu_tokenize: Literal["13a", "intl", "zh", "char", "none"] = Field(
+        "13a", description="sacrebleu's tokenizer for BLEU (those that need nothing more installed): 13a (its "
+        "default), intl, zh (Chinese targets), char, none")
+    generation: GenerationSpec = GenerationSpec()
+    predictions_logged: int = Field(8, ge=0, description="outputs written beside their inputs and references at "
+                                    "each evaluation to predictions/step_N.jsonl and the W&B table")
+
+    def scored(self) -> list[str]:
+        """The metrics generated text is scored with ([]: nothing is generated)."""
+        raise NotImplementedError
+
+    def metric_directions(self) -> dict[str, bool]:
+        return {"loss": False, **{m: GENERATION_METRICS[m] for m in self.scored()}}
+
+
+class SftSpec(ScoresGenerations, FinetuneBase):
     """Supervised fine-tuning: prompt -> response (or chat messages), loss on the response."""
 
     MODEL_CLASS: ClassVar[str] = "AutoModelForCausalLM"
@@ -339,17 +357,12 @@ class SftSpec(FinetuneBase):
     response_field: str = Field("response", description="response field")
     messages_field: str = Field("messages", description="chat messages field (used when present)")
     packing: bool = Field(False, description="pack short examples into seq_len sequences")
-    generation_metrics: list[Literal["bleu", "chrf", "rougeL"]] = Field(
+    generation_metrics: list[TextMetric] = Field(
         [], description="at each evaluation, generate a response to every validation prompt and score it "
         "against the example's response: bleu, chrf, rougeL (off by default: a forward per generated token)")
-    bleu_tokenize: Literal["13a", "intl", "zh", "char", "none"] = Field(
-        "13a", description="sacrebleu's tokenizer for BLEU: 13a (its default), intl, zh (Chinese), char, none")
-    generation: GenerationSpec = GenerationSpec()
-    predictions_logged: int = Field(8, ge=0, description="generated responses written beside their prompts and "
-                                    "references at each evaluation to predictions/step_N.jsonl and W&B")
 
-    def metric_directions(self) -> dict[str, bool]:
-        return {"loss": False, **{m: GENERATION_METRICS[m] for m in self.generation_metrics}}
+    def scored(self) -> list[str]:
+        return list(self.generation_metrics)
 
     def max_new_tokens(self) -> int:
         return self.generation.max_new_tokens or 64
@@ -637,7 +650,7 @@ class GrpoSpec(FinetuneBase):
         return self
 
 
-class Seq2SeqSpec(FinetuneBase):
+class Seq2SeqSpec(ScoresGenerations, FinetuneBase):
     """Sequence to sequence: an encoder-decoder model (Marian, T5, BART, mBART) learns source ->
     target (translation, summarisation); the loss is on the target tokens, and evaluation
     generates each validation source and scores it against its target."""
@@ -652,18 +665,12 @@ class Seq2SeqSpec(FinetuneBase):
     seq_len: int | None = Field(None, description="not used by seq2seq (source_len, target_len)")
     source_len: int = Field(128, gt=1, description="source tokens at most (longer ones are truncated and counted)")
     target_len: int = Field(128, gt=1, description="target tokens at most (longer ones are truncated and counted)")
-    metrics: list[Literal["bleu", "chrf", "rougeL"]] = Field(
+    metrics: list[TextMetric] = Field(
         ["bleu", "chrf"], description="what generated text is scored with at each evaluation (corpus-level; "
         "[] generates nothing): bleu, chrf (sacrebleu), rougeL (summaries)")
-    bleu_tokenize: Literal["13a", "intl", "zh", "char", "none"] = Field(
-        "13a", description="sacrebleu's tokenizer for BLEU: 13a (its default), intl, zh (Chinese targets), char, "
-        "none")
-    generation: GenerationSpec = GenerationSpec()
-    predictions_logged: int = Field(8, ge=0, description="predictions written beside their sources and references "
-                                    "at each evaluation to predictions/step_N.jsonl and the W&B table")
 
-    def metric_directions(self) -> dict[str, bool]:
-        return {"loss": False, **{m: GENERATION_METRICS[m] for m in self.metrics}}
+    def scored(self) -> list[str]:
+        return list(self.metrics)
 
     def default_best(self) -> str:
         return self.metrics[0] if self.metrics else "loss"
@@ -698,12 +705,6 @@ class Seq2SeqSpec(FinetuneBase):
     def _no_seq_len(self) -> Seq2SeqSpec:
         if self.seq_len is not None:
             raise ValueError("finetune.seq_len: kind seq2seq counts source_len and target_len")
-        return self
-
-    @model_validator(mode="after")
-    def _best_is_generated(self) -> Seq2SeqSpec:
-        if self.best_metric in GENERATION_METRICS and self.best_metric not in self.metrics:
-            raise ValueError(f"finetune.best_metric {self.best_metric} is not generated: add it to finetune.metrics")
         return self
 
 

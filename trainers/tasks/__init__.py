@@ -138,6 +138,23 @@ class KindBase:
         return None
 
 
+def write_rows(run, name: str, step: int, rows: list[dict]):
+    """What an evaluation kept (GRPO's sample completions, generated predictions), from rank 0:
+    to RUN_DIR/<name>/step_N.jsonl and the W&B table `name`; the file's path (None on the other
+    ranks or with nothing kept)."""
+    import json
+
+    from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
+
+    if not run.d.is_main or not rows:
+        return None
+    path = RunDir(run.run_dir).root / name / f"step_{step}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    run.mon.table(step, name, rows)
+    return path
+
+
 def kind_task(ft) -> KindTask:
     """The task of the spec's `finetune.kind`."""
     from hpctrain.trainers.tasks.classify import Classify

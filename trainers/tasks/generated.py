@@ -11,23 +11,24 @@ slowest (HF's `synced_gpus`), since each forward gathers collectively.
 from __future__ import annotations
 
 import contextlib
-import json
 
 import torch
 
-from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
-from hpctrain.trainers.tasks import Start
+from hpctrain.trainers.tasks import KindBase, Start, write_rows
 from hpctrain.trainers.tasks.scores import TextScores
 
 
 class Generation:
-    """Generates, scores and keeps outputs for a kind (`names`: the metrics; none: off)."""
+    """Generates, scores and keeps outputs for a kind, as its spec section
+    (`ScoresGenerations`) says: the metrics (none: off), BLEU's tokenizer, the beams, the new
+    tokens and how many outputs an evaluation keeps."""
 
-    def __init__(self, names: list[str], bleu_tokenize: str, num_beams: int | None, max_new_tokens: int,
-                 keep: int) -> None:
-        self.scores = TextScores(names, bleu_tokenize) if names else None
+    def __init__(self, ft) -> None:
+        names = ft.scored()
+        self.scores = TextScores(names, ft.bleu_tokenize) if names else None
         self.size = self.scores.size if self.scores else 0
-        self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
+        self.num_beams, self.max_new_tokens = ft.generation.num_beams, ft.max_new_tokens()
+        keep = ft.predictions_logged
         self.engine = None  # its `sampling()` gives the model to generate with (None: the module given)
         self.sync = False
         self.keep: int | None = keep  # outputs kept per evaluation (None: all)
@@ -63,12 +64,29 @@ class Generation:
     def evaluated(self, step: int, run) -> None:
         """After an evaluation: rank 0's kept outputs to predictions/step_N.jsonl and W&B."""
         kept, self.kept = self.kept, []
-        if not run.d.is_main or not kept:
-            return
-        path = RunDir(run.run_dir).root / "predictions" / f"step_{step}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept))
-        first, what = kept[0], next(iter(kept[0]))
-        run.mon.print(f"  prediction: {str(first[what])[:50]!r} -> {first['prediction'][:60]!r} "
-                      f"(reference {first['reference'][:60]!r})  [{len(kept)} in {path}]")
-        run.mon.table(step, "predictions", kept)
+        path = write_rows(run, "predictions", step, kept)
+        if path is not None:
+            first, what = kept[0], next(iter(kept[0]))
+            run.mon.print(f"  prediction: {str(first[what])[:50]!r} -> {first['prediction'][:60]!r} "
+                          f"(reference {first['reference'][:60]!r})  [{len(kept)} in {path}]")
+
+
+class GeneratingKind(KindBase):
+    """The parts of `KindTask` a kind that scores generated text (its `gen`) has alike: the
+    engine taken at the start, every output kept for `hpctrain eval`, the outputs written after
+    an evaluation."""
+
+    gen: Generation
+
+    def before_steps(self, start: Start) -> str | None:
+        self.gen.start(start)
+        return None
+
+    def keep_all_outputs(self) -> None:
+        self.gen.keep = None
+
+    def outputs(self) -> list[dict]:
+        return self.gen.kept
+
+    def evaluated(self, step: int, run) -> None:
+        self.gen.evaluated(step, run)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,10 +48,9 @@ import torch
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import GrpoSpec
-from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
 from hpctrain.launcher.contract.user_code import load_function
 from hpctrain.trainers.data.examples import Tokenized, field_value
-from hpctrain.trainers.tasks import KindBase, Start
+from hpctrain.trainers.tasks import KindBase, Start, write_rows
 from hpctrain.trainers.tasks.dpo import disable_dropout, keeps_logits
 from hpctrain.trainers.tasks.reference import reference_source
 from hpctrain.trainers.tasks.reward import scoring_ids
@@ -454,15 +452,11 @@ class GRPO(KindBase):
     def evaluated(self, step: int, run) -> None:
         """After an evaluation: rank 0's first completions to samples/step_N.jsonl and W&B."""
         samples, self.samples = self.samples, []
-        if not run.d.is_main or not samples:
-            return
-        path = RunDir(run.run_dir).root / "samples" / f"step_{step}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-        first = samples[0]
-        run.mon.print(f"  sample (reward {first['reward']:.3f}): {str(first['prompt'])[:60]!r} -> "
-                      f"{first['completion'][:80]!r}  [{len(samples)} in {path}]")
-        run.mon.table(step, "samples", samples)
+        path = write_rows(run, "samples", step, samples)
+        if path is not None:
+            first = samples[0]
+            run.mon.print(f"  sample (reward {first['reward']:.3f}): {str(first['prompt'])[:60]!r} -> "
+                          f"{first['completion'][:80]!r}  [{len(samples)} in {path}]")
 
 
 def pick(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

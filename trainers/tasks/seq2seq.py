@@ -21,19 +21,17 @@ import torch.nn.functional as F
 
 from hpctrain.launcher.contract.finetune import Seq2SeqSpec
 from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
-from hpctrain.trainers.tasks import KindBase, Start
-from hpctrain.trainers.tasks.generated import Generation
+from hpctrain.trainers.tasks.generated import GeneratingKind, Generation
 
 
-class Seq2Seq(KindBase):
+class Seq2Seq(GeneratingKind):
     """The seq2seq kind's part of a training process (trainers/tasks/__init__.py: `KindTask`)."""
 
     peft_task_type = "SEQ_2_SEQ_LM"
 
     def __init__(self, ft: Seq2SeqSpec) -> None:
         self.ft = ft
-        self.gen = Generation(ft.metrics, ft.bleu_tokenize, ft.generation.num_beams, ft.max_new_tokens(),
-                              ft.predictions_logged)
+        self.gen = Generation(ft)
         self.counts_size = self.gen.size
         self.tok = None
         self.decoder_ids: tuple[int, int] | None = None
@@ -73,10 +71,6 @@ class Seq2Seq(KindBase):
 
     # -- training and validation -----------------------------------------------------------
 
-    def before_steps(self, start: Start) -> str | None:
-        self.gen.start(start)
-        return None
-
     def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(next-token loss on target tokens, the decoder's logits). The decoder's input is the
         labels shifted right, as the model makes it when given labels; given the input instead,
@@ -113,15 +107,6 @@ class Seq2Seq(KindBase):
 
     def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:  # noqa: ARG002
         return self.gen.metrics(counts)
-
-    def keep_all_outputs(self) -> None:
-        self.gen.keep = None
-
-    def outputs(self) -> list[dict]:
-        return self.gen.kept
-
-    def evaluated(self, step: int, run) -> None:
-        self.gen.evaluated(step, run)
 
 
 def _ending(ids: list[int], eos: int | None, limit: int) -> tuple[list[int], bool]:

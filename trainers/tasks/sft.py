@@ -16,23 +16,21 @@ import torch.nn.functional as F
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.finetune import SftSpec
 from hpctrain.trainers.data.examples import Tokenized, field_value, pad_rows
-from hpctrain.trainers.tasks import KindBase, Start
-from hpctrain.trainers.tasks.generated import Generation
+from hpctrain.trainers.tasks.generated import GeneratingKind, Generation
 
 # The plain template used when a tokenizer has no chat template (documented in docs/finetuning.md).
 PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
 ROLE_TEMPLATE = "### {role}:\n{content}\n"
 
 
-class SFT(KindBase):
+class SFT(GeneratingKind):
     """The sft kind's part of a training process (trainers/tasks/__init__.py: `KindTask`)."""
 
     peft_task_type = "CAUSAL_LM"
 
     def __init__(self, ft: SftSpec) -> None:
         self.ft = ft
-        self.gen = Generation(ft.generation_metrics, ft.bleu_tokenize, ft.generation.num_beams,
-                              ft.max_new_tokens(), ft.predictions_logged)
+        self.gen = Generation(ft)
         self.counts_size = self.gen.size  # the loss alone unless generation is scored
         self.tok, self.pad = None, 0
 
@@ -71,10 +69,6 @@ class SFT(KindBase):
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         return torch.zeros(0, dtype=torch.float64)
 
-    def before_steps(self, start: Start) -> str | None:
-        self.gen.start(start)
-        return None
-
     def eval_counts(self, module, batch: dict, logits: torch.Tensor, device) -> torch.Tensor:  # noqa: ARG002
         """With generation_metrics: a response generated to each prompt (left-padded), scored."""
         if not self.gen.size:
@@ -94,15 +88,6 @@ class SFT(KindBase):
 
     def metrics(self, val_loss: float, counts: torch.Tensor) -> dict:
         return {"val_ppl": math.exp(min(val_loss, 50)), **self.gen.metrics(counts)}
-
-    def keep_all_outputs(self) -> None:
-        self.gen.keep = None
-
-    def outputs(self) -> list[dict]:
-        return self.gen.kept
-
-    def evaluated(self, step: int, run) -> None:
-        self.gen.evaluated(step, run)
 
 
 def tokenize_sft(records, tok, ft, path: str) -> Tokenized:
