@@ -33,11 +33,19 @@ def _load_stages(args: argparse.Namespace):
     from hpctrain.launcher.pipeline import is_pipeline, load_pipeline, produced_paths
 
     data = load_spec_dict(args.spec)
+    pinner = _pinner(args.spec)
     if is_pipeline(data):
-        stages = load_pipeline(data, args.spec, args.set)
+        stages = [(name, pinner.pin(spec)) for name, spec in load_pipeline(data, args.spec, args.set)]
         return stages, produced_paths(stages)
     spec = spec_from_dict(apply_overrides(data, args.set), args.spec)
-    return [(None, with_absolute_paths(spec))], set()
+    return [(None, pinner.pin(with_absolute_paths(spec)))], set()
+
+
+def _pinner(file: str):
+    """Hub model ids in the spec, pinned to their commit here (launcher/hub.py); progress on stderr."""
+    from hpctrain.launcher.hub import Pinner
+
+    return Pinner(file, log=lambda line: print(f"hpctrain: {line}", file=sys.stderr, flush=True))
 
 
 def _check(stages, future, file) -> list[list[str]]:
@@ -248,6 +256,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(report(with_absolute_paths(load_spec(args.spec, args.set)).run_path))
         return 0
     base, points = sweep_specs(args.spec, args.set, args.over)
+    pinner = _pinner(args.spec)  # every point on the same commit of a Hub model
+    points = [(p, pinner.pin(s)) for p, s in points]
     stages = [(p.name, s) for p, s in points]
     _check(stages, set(), args.spec)  # every point, before anything runs or is submitted
     on_slurm = all(s.cluster.executor == "slurm" for _, s in stages)

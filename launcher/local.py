@@ -29,7 +29,7 @@ def torch_env(nproc: int) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["HF_HUB_OFFLINE"] = "1"  # ranks load local folders only: a Hub id was pinned and downloaded at launch (hub.py)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -46,7 +46,7 @@ def model_files_errors(spec: RunSpec):
         raise UserError(str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__,
                         file=spec.model.path, field=field) from e
     except RuntimeError as e:
-        if "size mismatch" not in str(e) and "Error(s) in loading" not in str(e):
+        if not any(s in str(e) for s in ("size mismatch", "Error(s) in loading", "ignore_mismatched_sizes")):
             raise
         raise UserError(str(e).strip().splitlines()[0][:400], file=spec.model.path, field=field) from e
 

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from hpctrain.launcher.contract.errors import UserError
 
 PKG_PREFIX = "pkg:"
+
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w.][\w./-]*))?")
+"""`org/name` or `org/name@revision` (a branch, tag or commit sha) on the Hugging Face Hub."""
+
+
+def hub_id(value: str | None, base: Path | None = None) -> tuple[str, str] | None:
+    """(repo id, revision) when `value` names a model on the Hugging Face Hub rather than a local
+    folder: `org/name[@revision]`, and nothing at that path relative to `base` (the launch
+    directory). `pkg:`, absolute, `./`, `../` and `~` paths are always local."""
+    if not value or value.startswith((PKG_PREFIX, "/", ".", "~")):
+        return None
+    m = HUB_ID.fullmatch(value)
+    if m is None or (base or Path.cwd()).joinpath(value).exists():
+        return None
+    return m["repo"], m["revision"] or "main"
 
 
 def resolve_path(value: str, *, field: str | None = None, file: str | None = None) -> str:

@@ -28,6 +28,7 @@ from pydantic import (
 
 from hpctrain.launcher.contract.errors import UserError, UserErrors
 from hpctrain.launcher.contract.finetune import KINDS, FinetuneSpec
+from hpctrain.launcher.contract.paths import hub_id
 from hpctrain.launcher.contract.schema import MANY, ONE, UNION_TAGS, Strict, metric_key, named_once
 
 __all__ = ["RunSpec", "FinetuneSpec", "metric_key", "load_spec", "spec_from_dict"]
@@ -35,7 +36,8 @@ __all__ = ["RunSpec", "FinetuneSpec", "metric_key", "load_spec", "spec_from_dict
 
 class ModelSpec(Strict):
     path: str | None = Field(
-        None, description="local Hugging Face model directory (or pkg:PACKAGE/dir) to start from"
+        None, description="local Hugging Face model directory (or pkg:PACKAGE/dir) to start from, or a Hub id "
+        "org/name[@revision]: pinned to its commit sha and downloaded by run/submit, never on a compute node"
     )
     config: dict[str, Any] | None = Field(
         None,
@@ -43,6 +45,10 @@ class ModelSpec(Strict):
     )
     tokenizer: str | None = Field(None, description="tokenizer directory; defaults to model.path")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype the weights are kept in")
+    hub_cache: str | None = Field(
+        None, description="where Hub models (a path of the form org/name[@revision]) are downloaded at submit; on a "
+        "file system the compute nodes see (default: HF_HUB_CACHE, else HF_HOME/hub)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -57,6 +63,14 @@ class ModelSpec(Strict):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.path  # type: ignore[return-value]
+
+
+class HubPin(Strict):
+    """A Hub model as `run`/`submit` pinned it: written into the frozen spec, never by hand."""
+
+    id: str = Field(description="the Hub repo id (org/name)")
+    revision: str = Field(description="the revision the spec asked for (branch, tag or sha)")
+    sha: str = Field(pattern=r"^[0-9a-f]{40}$", description="the commit that revision named when the run was pinned")
 
 
 class ObjectiveSpec(Strict):
@@ -411,6 +425,10 @@ class RunSpec(Strict):
     engine: EngineSpec = Field(EngineSpec(), description="ddp, deepspeed (ZeRO 1-3, offload) or fsdp")
     export: ExportSpec = ExportSpec()
     monitor: MonitorSpec = Field(MonitorSpec(), description="where metrics go besides metrics.jsonl")
+    hub: dict[str, HubPin] = Field(
+        {}, description="written by run/submit: each field that named a Hub model, the commit it was pinned to "
+        "(its folder in the cache is what the field holds in the frozen spec)"
+    )
 
     @model_validator(mode="after")
     def _task_sections(self) -> RunSpec:
@@ -493,7 +511,7 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
     base = base or Path.cwd()
 
     def fix(p: str | None) -> str | None:
-        if p is None or p.startswith("pkg:"):
+        if p is None or p.startswith("pkg:") or hub_id(p, base):
             return p
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
@@ -502,6 +520,7 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
     data["run_dir"] = fix(spec.run_path)
     data["model"]["path"] = fix(data["model"]["path"])
     data["model"]["tokenizer"] = fix(data["model"]["tokenizer"])
+    data["model"]["hub_cache"] = fix(data["model"]["hub_cache"])
     if data["data"]:
         for c in data["data"]["corpora"]:
             c["path"] = fix(c["path"])
