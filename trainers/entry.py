@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import random
 import sys
@@ -23,7 +22,6 @@ import numpy as np
 import torch
 
 from hpctrain.launcher.contract.errors import UserError
-from hpctrain.launcher.contract.paths import resolve_path
 from hpctrain.launcher.contract.rundir import RunDir
 from hpctrain.launcher.contract.spec import RunSpec, load_spec_dict, spec_from_dict
 from hpctrain.trainers.distributed import Dist, bind_rank_cpus, init_distributed, shutdown
@@ -67,23 +65,6 @@ def frozen_spec(run_dir: Path) -> RunSpec:
     return spec_from_dict(load_spec_dict(frozen), str(frozen))
 
 
-def needs_bitsandbytes(spec: RunSpec) -> bool:
-    """Whether a rank loads 4-bit weights: QLoRA, or a model folder saved quantized.
-
-    peft imports bitsandbytes whenever it is installed, and bitsandbytes compiles its kernels with
-    torch.compile on import (1.5 s a process on a 2-core CPU, every rank of every launch); a rank
-    that loads no 4-bit weights leaves it out."""
-    if spec.finetune is not None and spec.finetune.trains.quantized:
-        return True
-    if spec.model.path is None:
-        return False
-    try:
-        config = json.loads((Path(resolve_path(spec.model.path, field="model.path")) / "config.json").read_text())
-    except (OSError, ValueError, UserError):
-        return True  # the load says what is wrong with the folder; nothing is left out before it
-    return "quantization_config" in config
-
-
 def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist], str]) -> int:
     """Start one trainer rank: frozen spec, process group, train; a user error exits cleanly."""
     die_with_parent()
@@ -102,8 +83,6 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
     install_faults(Faults.from_env())  # test-only switches; nothing when unset
     try:
         spec = frozen_spec(launch.run_dir)
-        if not needs_bitsandbytes(spec):
-            sys.modules.setdefault("bitsandbytes", None)  # imports of it fail; peft and transformers see it absent
         engine = engine_class(spec)
         if engine.gathers_by_block(spec, int(os.environ.get("WORLD_SIZE", 1))):
             return_large_blocks()

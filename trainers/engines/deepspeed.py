@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,7 +94,6 @@ def import_deepspeed(device: torch.device):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     import deepspeed
 
-    leave_out_muon()
     if device.type == "cpu":
         # DeepSpeed's communication layer compiles a shared-memory all-reduce kernel when it
         # starts on a CPU (30-60 s in a new environment) that only its inference all-reduce
@@ -107,25 +105,6 @@ def import_deepspeed(device: torch.device):
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
-
-
-MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
-def leave_out_muon() -> None:
-    """DeepSpeed's ZeRO optimizers import its Muon optimizer only to ask whether the optimizer
-    they were handed is one, and that import compiles Muon's kernels with torch.compile (1.5 s a
-    rank on a 2-core CPU, every launch). The optimizer is always ours (AdamW), so a stand-in
-    module answers instead: its `MuonWithAuxAdam` is a class nothing is an instance of."""
-    if MUON_MODULE in sys.modules:
-        return
-
-    class MuonWithAuxAdam:
-        """Not DeepSpeed's Muon: no optimizer hpctrain builds is one."""
-
-    stand_in = types.ModuleType(MUON_MODULE, "hpctrain's stand-in: the run's optimizer is never Muon")
-    stand_in.MuonWithAuxAdam = MuonWithAuxAdam
-    sys.modules[MUON_MODULE] = stand_in
 
 
 _LOADING_CONFIG: list = []  # transformers holds it by weak reference: alive for the process
