@@ -212,19 +212,27 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     require_slurm(args.spec)
     previous = None
     for name, spec in stages:
-        previous = _submit_one(f"stage {name}: " if name else "", spec, args.no_resume, previous, "afterok")
+        previous = _submit_one(f"stage {name}: " if name else "", spec, args.no_resume, previous, "afterok",
+                               forget_bad_nodes=args.forget_bad_nodes)
     return 0
 
 
-def _submit_one(label: str, spec, no_resume: bool, after: str | None, kind: str) -> str:
+def _submit_one(label: str, spec, no_resume: bool, after: str | None, kind: str,
+                forget_bad_nodes: bool = False) -> str:
     """Submit one run as a Slurm job (after job `after` ends: `kind` afterok | afterany), its run
     dir handed to the job; its job id."""
+    from hpctrain.launcher import bad_nodes
     from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
     from hpctrain.launcher.contract.diskfull import keep_reserve
     from hpctrain.launcher.slurm import submit
 
     owner = lock.process_owner("hpctrain submit")
     spec, run_dir = _hold_run_dir(spec, not no_resume, owner)
+    if forget_bad_nodes and (hosts := bad_nodes.forget(run_dir)):
+        print(f"{label}no longer leaving out node(s) {', '.join(hosts)}")
+    elif left_out := [e.host for e in bad_nodes.excluded(run_dir)]:
+        print(f"{label}leaving out node(s) {', '.join(left_out)}, where earlier attempts died or hung "
+              "(--forget-bad-nodes to use them again)")
     ckpt = newest_whole_checkpoint(run_dir, checksums=False)[0]  # the trainer checks contents too
     try:
         keep_reserve(run_dir)  # the job's ranks free it if the disk fills (contract/diskfull.py)
@@ -479,6 +487,8 @@ def _spec_verbs(sub) -> None:
         "--dry-run", action="store_true", help="print the sbatch script and torchrun command only"
     )
     su.add_argument("--no-resume", action="store_true", help="start over in a new run dir")
+    su.add_argument("--forget-bad-nodes", action="store_true",
+                    help="clear the nodes this run left out after attempts died or hung on them")
     su.set_defaults(func=_cmd_submit)
 
     sw = sub.add_parser("sweep", help="one run per point of a grid of spec values (--over KEY=V1,V2,...), "

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpctrain.launcher import lock
+from hpctrain.launcher import bad_nodes, lock
 from hpctrain.launcher.attempt import (
     Action,
     Outcome,
@@ -145,6 +145,11 @@ def make_executor(spec: RunSpec, run_dir: Path, dependency: str | None = None):
     params = executor_parameters(spec)
     if dependency:
         params["dependency"] = dependency
+    left_out = [e.host for e in bad_nodes.excluded(run_dir)]
+    if left_out:  # nodes earlier attempts of this run died or hung on
+        extra = params["additional_parameters"]
+        mine = [h for h in extra.get("exclude", "").split(",") if h]  # the spec's own sbatch_extra.exclude
+        extra["exclude"] = ",".join(dict.fromkeys(mine + left_out))
     ex.update_parameters(**params)
     return ex
 
@@ -216,12 +221,14 @@ class NodeTask:
         max_requeues: int,
         module: str = "hpctrain.trainers.pretrain",
         retries_on_failure: int = 0,
+        max_excluded_nodes: int = 0,
     ):
         self.run_dir = run_dir
         self.procs_per_node = procs_per_node
         self.max_requeues = max_requeues
         self.module = module
         self.retries_on_failure = retries_on_failure
+        self.max_excluded_nodes = max_excluded_nodes
         self._proc = None
         self._signalled = False
 
@@ -355,16 +362,34 @@ class NodeTask:
         reports = RunDir(self.run_dir).failure_reports(job_id, _restart_count())
         reports.mkdir(parents=True, exist_ok=True)
         atomic_write_text(reports / f"node{env.node}", reason + "\n")
+        if env.global_rank == 0 and status.state == State.HUNG:
+            self._leave_out_bad_nodes(env, job_id, status.reason or "")  # for the next submit: a hang is not retried
         if env.global_rank == 0 and status.state not in (State.FAILED, State.HUNG):  # the trainer's reason wins
             reason = root_cause(reports, env.num_nodes, reason)
             mark_failed(self.run_dir, reason)
+            self._leave_out_bad_nodes(env, job_id, reason)
             after = record_after_failure(self.run_dir, read_status(self.run_dir), scope, self.retries_on_failure)
             if after.action is Action.RETRY:
                 print(f"hpctrain: {after.line}: requeueing the job", flush=True)
-                subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
+                bad_nodes.requeue_leaving_out(job_id, self.run_dir)
                 time.sleep(600)  # the requeue ends this task
         self._release(env, job_id)
         raise RuntimeError(f"{reason}; rank logs under {RunDir(self.run_dir).logs}")
+
+    def _leave_out_bad_nodes(self, env, job_id: str, reason: str) -> None:
+        """The nodes `reason` blames join the run's excluded list (launcher/bad_nodes.py)."""
+        nodes = bad_nodes.blamed_nodes(reason, self.procs_per_node, env.num_nodes)
+        if not nodes:
+            return
+        hosts = bad_nodes.job_hosts(os.environ["SLURM_JOB_NODELIST"])
+        blamed = [hosts[n] for n in nodes if n < len(hosts)]
+        added, capped = bad_nodes.exclude(self.run_dir, blamed, reason, job_id,
+                                          getattr(self, "max_excluded_nodes", 0))
+        if added:
+            print(f"hpctrain: leaving out node(s) {', '.join(added)} from this run's next attempts", flush=True)
+        if capped:
+            print(f"hpctrain: not leaving out {', '.join(capped)}: cluster.max_excluded_nodes "
+                  f"({self.max_excluded_nodes}) are left out already", flush=True)
 
     def _release(self, env, job_id: str) -> None:
         """The job's last attempt is over: the run dir is free for the next run or submit."""
@@ -388,7 +413,8 @@ class NodeTask:
             if read_status(self.run_dir).state == State.FINISHED:
                 return None  # nothing left to do: no requeue
         return submitit.helpers.DelayedSubmission(
-            NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module, self.retries_on_failure)
+            NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module, self.retries_on_failure,
+                     getattr(self, "max_excluded_nodes", 0))
         )
 
 
@@ -428,7 +454,7 @@ def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
     """Submit one run; returns the Slurm job id and records it in RUN_DIR/slurm/jobs.json."""
     ex = make_executor(spec, run_dir, dependency)
     task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues, spec.trainer_module,
-                    spec.cluster.retries_on_failure)
+                    spec.cluster.retries_on_failure, spec.cluster.max_excluded_nodes)
     try:
         job = ex.submit(task)
     except Exception as e:  # sbatch said no: a user-facing problem (partition, account, limits)

@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from hpctrain.launcher import bad_nodes
 from hpctrain.launcher.contract.checkpoints import newest_whole_checkpoint
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.rundir import RunDir, metrics_records, validation_losses
@@ -78,6 +79,7 @@ def status_text(run_dir: str) -> str:
             lines.append(
                 f"slurm job {job}: no longer known to Slurm (finished jobs age out; no sacct here)"
             )
+    lines += bad_nodes.status_lines(run)
     state = st.state or "not started"
     lines.append(
         f"trainer: {state}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start a real two-node Slurm cluster on this machine: munged, slurmctld and
-# `slurmd -N n1` / `slurmd -N n2` on their own ports at 127.0.0.1.
+# Start a real three-node Slurm cluster on this machine: munged, slurmctld and
+# `slurmd -N n1` / `-N n2` / `-N n3` on their own ports at 127.0.0.1 (two-node jobs, and a
+# third node to land on when a job leaves a bad one out).
 #   sudo bash slurm/start.sh [STATE_DIR]      (default: /tmp/hpctrain-slurm)
 # Idempotent: daemons already running from STATE_DIR are left alone. Installs
 # Debian's slurm-wlm and munge when missing (root). Stop with slurm/stop.sh.
@@ -13,9 +14,12 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
-mkdir -p "$state"/{ctld,run,log,munge} "$state"/spool-n1 "$state"/spool-n2
-grep -qE '(^|\s)n1(\s|$)' /etc/hosts || echo "127.0.0.1 n1" >> /etc/hosts
-grep -qE '(^|\s)n2(\s|$)' /etc/hosts || echo "127.0.0.1 n2" >> /etc/hosts
+nodes="n1 n2 n3"
+for n in $nodes; do
+  mkdir -p "$state/spool-$n"
+  grep -qE "(^|\s)$n(\s|$)" /etc/hosts || echo "127.0.0.1 $n" >> /etc/hosts
+done
+mkdir -p "$state"/{ctld,run,log,munge}
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -44,10 +48,10 @@ case "$taskplugin" in affinity|none) ;; *)
   echo "slurm/start.sh: HPCTRAIN_SLURM_TASK_PLUGIN must be affinity or none, not '$taskplugin'" >&2; exit 2;;
 esac
 cpus="${HPCTRAIN_SLURM_CPUS:-2}"
-layout="proctrack/$proctrack task/$taskplugin cpus=$cpus"
+layout="proctrack/$proctrack task/$taskplugin cpus=$cpus nodes=$nodes"
 if [ "$(cat "$state/layout" 2>/dev/null)" != "$layout" ]; then
   echo "slurm/start.sh: switching to $layout: restarting the Slurm daemons" >&2
-  for name in slurmd-n1 slurmd-n2 slurmctld; do
+  for name in slurmd-n1 slurmd-n2 slurmd-n3 slurmctld; do
     f="$state/run/$name.pid"
     if alive "$f"; then
       pid=$(cat "$f"); kill "$pid"
@@ -71,7 +75,7 @@ fi
 conf="$state/slurm.conf"
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
 sed -e "s|@HOST@|$(hostname -s)|" -e "s|@STATE@|$state|g" -e "s|@CTLD_PORT@|${HPCTRAIN_SLURM_PORT:-16817}|" \
-    -e "s|@N1_PORT@|17001|" -e "s|@N2_PORT@|17002|" -e "s|@CPUS@|$cpus|g" -e "s|@TASKPLUGIN@|$taskplugin|" -e "s|@MEM@|$mem|g" \
+    -e "s|@N1_PORT@|17001|" -e "s|@N2_PORT@|17002|" -e "s|@N3_PORT@|17003|" -e "s|@CPUS@|$cpus|g" -e "s|@TASKPLUGIN@|$taskplugin|" -e "s|@MEM@|$mem|g" \
     -e "s|@PROCTRACK@|$proctrack|" \
     "$here/slurm.conf.template" > "$conf.new"
 mv "$conf.new" "$conf"
@@ -85,17 +89,17 @@ fi
 export SLURM_CONF="$conf"
 
 alive "$state/run/slurmctld.pid" || slurmctld -f "$conf"
-for n in n1 n2; do
+for n in $nodes; do
   alive "$state/run/slurmd-$n.pid" || slurmd -f "$conf" -N "$n"
 done
 
 for _ in $(seq 1 60); do
-  if sinfo -h -o '%n %t' 2>/dev/null | awk '$2 ~ /^idle|^mix|^alloc/ {c++} END {exit !(c==2)}'; then
-    scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true
+  if sinfo -h -o '%n %t' 2>/dev/null | awk '$2 ~ /^idle|^mix|^alloc/ {c++} END {exit !(c==3)}'; then
+    scontrol update nodename=n1,n2,n3 state=resume >/dev/null 2>&1 || true
     echo "slurm: cluster up (state $state); nodes:"; sinfo -N -o '  %N %t %c cpus' -h
     exit 0
   fi
-  scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true
+  scontrol update nodename=n1,n2,n3 state=resume >/dev/null 2>&1 || true
   sleep 1
 done
 echo "slurm/start.sh: nodes did not come up; see $state/log/" >&2

@@ -3,7 +3,7 @@
 #   bash slurm/stop.sh [STATE_DIR]
 set -uo pipefail
 state="${1:-${HPCTRAIN_SLURM_STATE:-/tmp/hpctrain-slurm}}"
-for name in slurmd-n1 slurmd-n2 slurmctld munged; do
+for name in slurmd-n1 slurmd-n2 slurmd-n3 slurmctld munged; do
   f="$state/run/$name.pid"
   [ -f "$f" ] || continue
   pid=$(cat "$f" 2>/dev/null || true)

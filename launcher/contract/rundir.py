@@ -137,6 +137,11 @@ class RunDir:
     def jobs_file(self) -> Path:
         return self.slurm / JOBS_FILE
 
+    @property
+    def excluded_nodes(self) -> Path:
+        """Nodes this run's attempts died or hung on, left out of its later jobs (launcher/bad_nodes.py)."""
+        return self.slurm / "excluded_nodes.json"
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same directory, fsync, rename: complete or absent."""

@@ -294,6 +294,10 @@ class ClusterSpec(Strict):
     max_requeues: int = Field(
         3, ge=0, description="requeues after a time-out (preemptions do not count)"
     )
+    max_excluded_nodes: int = Field(
+        2, ge=0, description="nodes an attempt died or hung on are left out of the run's later attempts and jobs "
+        "(sbatch --exclude), up to this many; 0 leaves none out"
+    )
     sbatch_extra: dict[str, str] = Field(
         default_factory=dict, description="extra sbatch options, e.g. {reservation: x}"
     )

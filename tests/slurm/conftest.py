@@ -22,8 +22,8 @@ def _cluster_problem() -> str | None:
     if r.returncode != 0:
         return f"Slurm does not answer: {r.stderr.strip()} (start it with slurm/start.sh)"
     up = [line for line in r.stdout.splitlines() if line.split()[1].rstrip("*") in ("idle", "mix", "alloc")]
-    if len(up) < 2:
-        return f"the local cluster needs two nodes up, sinfo says: {r.stdout.strip()!r}"
+    if len(up) < 3:
+        return f"the local cluster needs its three nodes up, sinfo says: {r.stdout.strip()!r}"
     return None
 
 
@@ -40,7 +40,7 @@ def slurm_cluster() -> None:
 @pytest.fixture(scope="module", autouse=True)
 def one_slurm_module_at_a_time(tmp_path_factory):
     """tools/test.sh runs test modules on two pytest-xdist workers: the Slurm modules take turns,
-    since they share the two-node cluster (a job waiting for nodes that another test's job holds
+    since they share the three-node cluster (a job waiting for nodes that another test's job holds
     could run past its test's timeouts)."""
     lock = tmp_path_factory.getbasetemp().parent / "slurm-tests.lock"
     with open(lock, "w") as f:

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import fill_disk, run_cli
 from tests.slurm.helpers import (
     completed_after_one_requeue,
+    hostnames,
     job_id,
     metrics_step,
     preempt,
@@ -19,6 +20,7 @@ from tests.slurm.helpers import (
     restart_count,
     sharded_preempted_once_resumes_bitwise,
     slurm_spec,
+    state,
     submit,
     trainer_processes,
     wait_state,
@@ -169,7 +171,9 @@ def test_pipeline_stages_are_chained_with_afterok(tmp_path, bpe_tokenizer, bpe_c
 
 def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe_corpus, local_reference):
     """cluster.retries_on_failure: 1 on Slurm: a trainer rank killed (an OOM kill, a lost GPU) fails
-    the attempt; the node task records why, requeues the job, and it finishes bitwise."""
+    the attempt; the node task records why, leaves that rank's node out and requeues the job,
+    which runs on the two other nodes and finishes bitwise; `status` shows the node left out and
+    a later submit of the run dir excludes it."""
     import os
     import signal
 
@@ -189,12 +193,20 @@ def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe
     from tests.slurm.helpers import wait_step
 
     wait_step(run, 12)
+    first_nodes = hostnames(state(job)["nodes"])
     os.kill(rank_1(), signal.SIGKILL)
     completed_after_one_requeue(job, what="the retry's requeue")
     status = json.loads((run / "status.json").read_text())
     assert [r["reason"] for r in status["retries"]] == ["rank 1 killed by SIGKILL on node 1"], status
     assert losses(run) == local_reference
     assert trainer_processes(run) == []
+
+    bad = first_nodes[1]  # node 1 of the first attempt held rank 1
+    assert bad not in hostnames(state(job)["nodes"]) and len(hostnames(state(job)["nodes"])) == 2
+    shown = run_cli("status", str(run)).stdout
+    assert "excluded nodes" in shown and f"{bad}: job {job}, rank 1 killed by SIGKILL on node 1" in shown, shown
+    dry = run_cli("submit", str(spec), "--dry-run")
+    assert dry.returncode == 0 and f"#SBATCH --exclude={bad}" in dry.stdout, dry.stdout + dry.stderr
 
 
 def test_a_user_error_found_after_the_queue_is_reported_and_never_retried(tmp_path, bpe_tokenizer, bpe_corpus):
