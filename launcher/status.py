@@ -57,6 +57,18 @@ def tail(path: Path, n: int) -> list[str]:
         return []
 
 
+def _hub_lines(run: Path) -> list[str]:
+    """The Hub models the run was pinned to (launcher/hub.py), from its frozen spec."""
+    import yaml
+
+    try:
+        hub = (yaml.safe_load(RunDir(run).spec_file.read_text()) or {}).get("hub") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    return [f"{field}: {p.get('id')}@{p.get('revision')} pinned to commit {p.get('sha')}"
+            for field, p in hub.items() if isinstance(p, dict)]
+
+
 def status_text(run_dir: str) -> str:
     from hpctrain.launcher.slurm import jobs_of, slurm_state
     from hpctrain.launcher.sweep import read_sweep, report
@@ -79,7 +91,7 @@ def status_text(run_dir: str) -> str:
             lines.append(
                 f"slurm job {job}: no longer known to Slurm (finished jobs age out; no sacct here)"
             )
-    lines += bad_nodes.status_lines(run)
+    lines += _hub_lines(run) + bad_nodes.status_lines(run)
     state = st.state or "not started"
     lines.append(
         f"trainer: {state}"

@@ -43,6 +43,23 @@ def minilm_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_path) -> str:
+    """A 2-layer BERT of width 32, random weights, with MiniLM's tokenizer: an encoder for the
+    tests whose assertion is not about what a pretrained model knows."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm_path}/{f}", d / f)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
 def minilm_corpus(tmp_path_factory, minilm_path) -> str:
     return prepare_example_corpus(tmp_path_factory.mktemp("corpus") / "domain-minilm", minilm_path)
 

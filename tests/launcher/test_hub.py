@@ -6,7 +6,7 @@ nothing written."""
 
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,26 +18,12 @@ from tests.trainers.helpers import DATA, losses, write_spec
 REPO_ID = "acme/tiny-bert"
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory, minilm_path):
-    """A 2-layer BERT of width 32 with MiniLM's tokenizer: the model the stand-in Hub serves."""
-    from transformers import BertConfig, BertModel
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(f"{minilm_path}/{f}", d / f)
-    return d
-
-
 @pytest.fixture
 def hub(tiny_bert):
     with StandInHub() as h:
         repo = h.repo(REPO_ID)
-        repo.commit(tiny_bert, "v1")
-        repo.commit(tiny_bert, "main", change=b"second commit")
+        repo.commit(Path(tiny_bert), "v1")
+        repo.commit(Path(tiny_bert), "main", change=b"second commit")
         yield h
 
 
@@ -84,6 +70,7 @@ def test_a_hub_id_is_pinned_at_launch_and_a_later_launch_keeps_the_commit(tmp_pa
     assert model_requests(hub)[asked:] == []
     assert yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())["hub"]["model.path"]["sha"] == main
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert f"model.path: {REPO_ID}@main pinned to commit {main}" in run_cli("status", str(tmp_path / "run")).stdout
 
     # a revision named in the spec: a tag, pinned to its own commit (validate pins as run does)
     other = write_spec(tmp_path / "v1.yaml", spec(tmp_path, f"{REPO_ID}@v1", run="tagged"))

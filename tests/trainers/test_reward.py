@@ -160,41 +160,47 @@ def test_a_chat_pair_needs_one_assistant_message_per_side(tiny_llama):
         reward.tokenize([(3, bad)], tok, "pairs.jsonl", None)
 
 
+ENGINE_STEPS = 12
+
+
 @pytest.fixture(scope="module")
-def ddp_losses(tmp_path_factory) -> dict[int, float]:
-    """8 steps of the LoRA reward run under DDP: what the sharding engines are held to."""
+def ddp_losses(tmp_path_factory, tiny_bert) -> dict[int, float]:
+    """12 steps of the LoRA reward run on the tiny BERT under DDP: what the sharding engines are
+    held to (equal losses and a bitwise resume need no pretrained encoder)."""
     d = tmp_path_factory.mktemp("reward-ddp")
-    r = run_cli("run", str(write_spec(d / "s.yaml", reward_spec(d / "run", steps=8, eval_every=8))), timeout=900)
+    spec = reward_spec(d / "run", tiny_bert, steps=ENGINE_STEPS, eval_every=ENGINE_STEPS)
+    r = run_cli("run", str(write_spec(d / "s.yaml", spec)), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     return losses(d / "run")
 
 
 @pytest.mark.parametrize("engine", [pytest.param({"type": "deepspeed", "zero_stage": 3}, marks=pytest.mark.deepspeed),
                                     {"type": "fsdp"}], ids=["zero3", "fsdp"])
-def test_a_reward_model_trains_alike_and_resumes_bitwise_under_every_engine(tmp_path, ddp_losses, engine):
-    """The same 8 steps under a sharding engine: each step's loss within 1e-4 (relative) of DDP's
+def test_a_reward_model_trains_alike_and_resumes_bitwise_under_every_engine(tmp_path, ddp_losses, tiny_bert, engine):
+    """The same 12 steps under a sharding engine: each step's loss within 1e-4 (relative) of DDP's
     (only the gradient reduction's float order differs); its validation and merged export run;
     stopped and run again, bitwise its own uninterrupted losses."""
-    spec = reward_spec(tmp_path / "run", steps=8, eval_every=8)
+    n = ENGINE_STEPS
+    spec = reward_spec(tmp_path / "run", tiny_bert, steps=n, eval_every=n)
     spec["engine"] = engine
     r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     got = losses(tmp_path / "run")
-    assert sorted(got) == list(range(1, 9))
+    assert sorted(got) == list(range(1, n + 1))
     for s in ddp_losses:
         assert abs(got[s] - ddp_losses[s]) <= 1e-4 * abs(ddp_losses[s]), (s, got[s], ddp_losses[s])
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in records if "accuracy" in x] == [8]  # its validation ran and logged
+    assert [x["step"] for x in records if "accuracy" in x] == [n]  # its validation ran and logged
     assert (tmp_path / "run" / "export" / "merged" / "config.json").is_file()
 
     again = tmp_path / "again"  # stopped with Ctrl-C and run again: bitwise the uninterrupted losses
     path = write_spec(tmp_path / "again.yaml", {**spec, "run_dir": str(again)})
     stopped = stop_with_ctrl_c(path, again, 3)
-    assert stopped < 8
+    assert stopped < n
     r = run_cli("run", str(path), timeout=900)
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
     resumed = losses(again)
-    assert [resumed[s] for s in range(stopped + 1, 9)] == [got[s] for s in range(stopped + 1, 9)]
+    assert [resumed[s] for s in range(stopped + 1, n + 1)] == [got[s] for s in range(stopped + 1, n + 1)]
 
 
 @pytest.mark.parametrize("method", ["full", "qlora"])
