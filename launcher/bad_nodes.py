@@ -86,12 +86,6 @@ def forget(run_dir: str | Path) -> list[str]:
     return hosts
 
 
-def job_hosts(nodelist: str) -> list[str]:
-    """The job's host names in node-index order (SLURM_NODEID indexes this list)."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-    return out.stdout.split()
-
-
 def requeue_leaving_out(job_id: str, run_dir: str | Path) -> None:
     """Requeue the job (from inside it) with the run's list as its excluded nodes.
 

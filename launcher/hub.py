@@ -17,6 +17,7 @@ token, a Hub that cannot be reached. A full commit sha already in the cache need
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -87,54 +88,46 @@ def _resolve(repo: str, revision: str) -> str:
     return HfApi().model_info(repo, revision=revision).sha
 
 
-class hub_errors:  # noqa: N801 - used as `with hub_errors(...)`
+@contextlib.contextmanager
+def hub_errors(field: str, file: str | None, repo: str, revision: str):
     """The Hub's answers that are the user's to fix, as one-line user errors naming the field."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    def __init__(self, field: str, file: str | None, repo: str, revision: str) -> None:
-        self.field, self.file, self.repo, self.revision = field, file, repo, revision
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb) -> bool:
-        if e is None:
-            return False
-        from huggingface_hub import constants
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        hub = constants.ENDPOINT
-        unreachable = (
-            ("HF_HUB_OFFLINE=1 is set here, and " if constants.HF_HUB_OFFLINE else "")
-            + f"cannot reach the Hub at {hub} to pin {self.repo}@{self.revision}",
-            "a reachable Hub, or a local folder, or a full commit sha already in the cache",
-            "pin where the Hub is reachable (only the machine that runs submit needs it, not the compute nodes)")
-        if isinstance(e, GatedRepoError):
-            msg, expected, hint = (f"{self.repo} is gated", "a model this account may download",
-                                   "accept its terms on the Hub and set HF_TOKEN where you submit")
-        elif isinstance(e, RepositoryNotFoundError):
-            msg, expected, hint = (f"no model {self.repo} on the Hub ({hub}), and no folder at that path",
-                                   "a Hub model id org/name or a local model folder",
-                                   "a private model needs HF_TOKEN where you submit")
-        elif isinstance(e, RevisionNotFoundError):
-            msg, expected, hint = (f"{self.repo} has no revision '{self.revision}'",
-                                   "a branch, tag or commit of the model", None)
-        elif isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)) or any(
-                c.__name__ in NETWORK_ERRORS for c in type(e).__mro__):
-            msg, expected, hint = unreachable
-        elif isinstance(e, HfHubHTTPError):
+    hub = constants.ENDPOINT
+    try:
+        yield
+        return
+    except GatedRepoError:
+        msg, expected, hint = (f"{repo} is gated", "a model this account may download",
+                               "accept its terms on the Hub and set HF_TOKEN where you submit")
+    except RepositoryNotFoundError:
+        msg, expected, hint = (f"no model {repo} on the Hub ({hub}), and no folder at that path",
+                               "a Hub model id org/name or a local model folder",
+                               "a private model needs HF_TOKEN where you submit")
+    except RevisionNotFoundError:
+        msg, expected, hint = f"{repo} has no revision '{revision}'", "a branch, tag or commit of the model", None
+    except Exception as e:
+        unreachable = isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)) \
+            or any(c.__name__ in NETWORK_ERRORS for c in type(e).__mro__)
+        if not unreachable and isinstance(e, HfHubHTTPError):
             status = e.response.status_code if e.response is not None else "an error"
-            msg, expected, hint = (f"the Hub ({hub}) answered {status} for {self.repo}@{self.revision}",
-                                   "a Hub that serves the model", "try again later")
-        else:
-            return False
-        raise UserError(msg, file=self.file, field=self.field, expected=expected, hint=hint) from None
+            raise UserError(f"the Hub ({hub}) answered {status} for {repo}@{revision}", file=file, field=field,
+                            expected="a Hub that serves the model", hint="try again later") from None
+        if not unreachable:
+            raise
+        msg = (("HF_HUB_OFFLINE=1 is set here, and " if constants.HF_HUB_OFFLINE else "")
+               + f"cannot reach the Hub at {hub} to pin {repo}@{revision}")
+        expected = "a reachable Hub, or a local folder, or a full commit sha already in the cache"
+        hint = "pin where the Hub is reachable (only the machine that runs submit needs it, not the compute nodes)"
+    raise UserError(msg, file=file, field=field, expected=expected, hint=hint) from None
 
 
 def _default_cache() -> str:

@@ -204,11 +204,16 @@ def job_end_time(job_id: str) -> float | None:
         return None
 
 
-def first_node(nodelist: str) -> str:
+def hostnames(nodelist: str) -> list[str]:
+    """A job's node list (`n[1,3]`) as host names in node order (SLURM_NODEID indexes it)."""
     out = subprocess.run(
         ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
     )
-    return out.stdout.split()[0]
+    return out.stdout.split()
+
+
+def first_node(nodelist: str) -> str:
+    return hostnames(nodelist)[0]
 
 
 class NodeTask:
@@ -381,7 +386,7 @@ class NodeTask:
         nodes = bad_nodes.blamed_nodes(reason, self.procs_per_node, env.num_nodes)
         if not nodes:
             return
-        hosts = bad_nodes.job_hosts(os.environ["SLURM_JOB_NODELIST"])
+        hosts = hostnames(os.environ["SLURM_JOB_NODELIST"])
         blamed = [hosts[n] for n in nodes if n < len(hosts)]
         added, capped = bad_nodes.exclude(self.run_dir, blamed, reason, job_id,
                                           getattr(self, "max_excluded_nodes", 0))

@@ -79,19 +79,27 @@ class StandInHub:
     def repo(self, repo_id: str) -> Repo:
         return self.repos.setdefault(repo_id, Repo())
 
+    def _commit(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str) -> str | None:
+        """The sha `rev` names in `repo_id`, or None with the Hub's 404 answered."""
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            _error(h, 404, "RepoNotFound", f"Repository {repo_id} not found")
+            return None
+        sha = repo.sha(rev)
+        if sha is None:
+            _error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return sha
+
     def _answer(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlparse(h.path).path)
         self.requests.append((h.command, path))
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo_id, what, rev = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
-            repo = self.repos.get(repo_id)
-            if repo is None:
-                return _error(h, 404, "RepoNotFound", f"Repository {repo_id} not found")
-            sha = repo.sha(rev)
+            sha = self._commit(h, repo_id, rev)
             if sha is None:
-                return _error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
-            files = repo.commits[sha]
+                return None
+            files = self.repos[repo_id].commits[sha]
             if what == "revision":
                 info = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
                         "siblings": [{"rfilename": f} for f in files]}
@@ -100,13 +108,10 @@ class StandInHub:
                              for f, data in files.items()], body, sha)
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, rev, file = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-            repo = self.repos.get(repo_id)
-            if repo is None:
-                return _error(h, 404, "RepoNotFound", f"Repository {repo_id} not found")
-            sha = repo.sha(rev)
+            sha = self._commit(h, repo_id, rev)
             if sha is None:
-                return _error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
-            data = repo.commits[sha].get(file)
+                return None
+            data = self.repos[repo_id].commits[sha].get(file)
             if data is None:
                 return _error(h, 404, "EntryNotFound", f"{file} not found")
             h.send_response(200)

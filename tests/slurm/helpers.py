@@ -42,12 +42,6 @@ def wait_state(job: str, states: tuple[str, ...], timeout: float = 300, eligible
     raise AssertionError(f"job {job} did not reach {states} in {timeout}s; last: {st}")
 
 
-def hostnames(nodelist: str) -> list[str]:
-    """A Slurm node list (`n[1,3]`) as host names, in node order."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-    return out.stdout.split()
-
-
 def nodes_idle() -> bool:
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout.split()
     return bool(out) and all(s.rstrip("*") == "idle" for s in out)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from hpctrain.launcher.slurm import hostnames
 from tests.conftest import fill_disk, run_cli
 from tests.slurm.helpers import (
     completed_after_one_requeue,
-    hostnames,
     job_id,
     metrics_step,
     preempt,
