@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -90,19 +91,36 @@ def requeue_leaving_out(job_id: str, run_dir: str | Path) -> None:
     """Requeue the job (from inside it) with the run's list as its excluded nodes.
 
     Slurm changes a job's ExcNodeList only while it is not running, so the job is requeued held,
-    updated, and released: three calls that return before Slurm's kill of the job's steps
-    reaches this node task (SIGTERM, which it takes as a stop request, then SIGKILL after
-    KillWait). The release comes even if the update fails: a held job would wait forever."""
+    updated, and released. The requeue's own kill of the job's steps (SIGTERM, then SIGKILL after
+    KillWait) reaches every process of the step where Slurm tracks processes by ancestry
+    (proctrack/linuxproc), so the `scontrol` calls run with SIGTERM ignored: a TERM that lands
+    while the update runs would otherwise kill it, and the release would send the job back to
+    the bad node. The release comes even if the update fails: a held job would wait forever."""
     hosts = [e.host for e in excluded(run_dir)]
     if not hosts:
-        subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
+        _scontrol("requeue", job_id)
         return
-    subprocess.check_call(["scontrol", "requeuehold", job_id], timeout=120)
+    _scontrol("requeuehold", job_id)
     try:
-        subprocess.run(["scontrol", "update", f"jobid={job_id}", f"ExcNodeList={','.join(hosts)}"],
-                       check=False, timeout=120)
+        if error := _scontrol("update", f"jobid={job_id}", f"ExcNodeList={','.join(hosts)}", check=False):
+            print(f"hpctrain: could not leave out {', '.join(hosts)}: {error}", flush=True)
     finally:
-        subprocess.check_call(["scontrol", "release", job_id], timeout=120)
+        _scontrol("release", job_id)
+
+
+def _scontrol(*args: str, check: bool = True) -> str:
+    """Run `scontrol args` with SIGTERM ignored: '' if it succeeded, else its error (raised if `check`)."""
+    done = subprocess.run(["scontrol", *args], timeout=120, capture_output=True, text=True,
+                          preexec_fn=_ignore_sigterm)
+    error = "" if done.returncode == 0 else \
+        f"scontrol {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}"
+    if error and check:
+        raise RuntimeError(error)
+    return error
+
+
+def _ignore_sigterm() -> None:  # in the child, before exec: an ignored signal stays ignored
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def status_lines(run_dir: str | Path) -> list[str]:

@@ -209,6 +209,46 @@ def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe
     assert dry.returncode == 0 and f"#SBATCH --exclude={bad}" in dry.stdout, dry.stdout + dry.stderr
 
 
+def test_the_requeue_leaves_the_node_out_when_its_own_kill_lands_during_the_update(tmp_path):
+    """The retry's requeue (requeuehold, update ExcNodeList, release) kills the job's steps, and
+    Slurm's SIGTERM reaches every process of the step: here it lands while `scontrol update`
+    runs (an `scontrol` ahead on PATH waits 3 s before the update, as a loaded controller may),
+    and the update still takes effect: the next attempt runs without the excluded node."""
+    import shutil
+    import sys
+    import textwrap
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text("name: x\n")
+    wrap = tmp_path / "bin"
+    wrap.mkdir()
+    (wrap / "scontrol").write_text(f'#!/bin/bash\n[ "$1" = update ] && sleep 3\nexec {shutil.which("scontrol")} "$@"\n')
+    (wrap / "scontrol").chmod(0o755)
+    node_task = textwrap.dedent("""
+        import os, signal, sys
+        from hpctrain.launcher import bad_nodes
+        from hpctrain.launcher.slurm import hostnames
+        signal.signal(signal.SIGTERM, lambda *a: None)  # the node task takes TERM as a stop request
+        job, run = os.environ["SLURM_JOB_ID"], sys.argv[1]
+        bad_nodes.exclude(run, [hostnames(os.environ["SLURM_JOB_NODELIST"])[1]], "test", job, cap=2)
+        bad_nodes.requeue_leaving_out(job, run)
+    """)
+    (tmp_path / "node_task.py").write_text(node_task)
+    (tmp_path / "job.sh").write_text(
+        "#!/bin/bash\n#SBATCH --nodes=2 --requeue --output=/dev/null\n"
+        'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then\n'
+        f'  echo "$SLURM_JOB_NODELIST" > {run}/first_nodes\n'
+        f'  PATH={wrap}:$PATH exec {sys.executable} {tmp_path}/node_task.py {run}\nfi\n'
+        f'echo "$SLURM_JOB_NODELIST" > {run}/second_nodes\n')
+    job = subprocess.run(["sbatch", "--parsable", str(tmp_path / "job.sh")], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    completed_after_one_requeue(job)
+    bad = hostnames((run / "first_nodes").read_text().strip())[1]
+    second = hostnames((run / "second_nodes").read_text().strip())
+    assert bad not in second and len(second) == 2, (bad, second)
+
+
 def test_a_user_error_found_after_the_queue_is_reported_and_never_retried(tmp_path, bpe_tokenizer, bpe_corpus):
     """The corpus is cut after `submit` validated it (a copy to scratch still running): the
     trainer's start-up refuses it; the job ends with that one line, not requeued or retried."""
