@@ -126,6 +126,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     stages, future = _load_stages(args)
     _check(stages, future, args.spec)
+    _no_container_here(stages, args.spec)
     for name, spec in stages:
         if name is not None:
             if _finished(spec) and not args.no_resume:
@@ -142,6 +143,19 @@ def _finished(spec) -> bool:
     from hpctrain.launcher.contract.states import State, read_status
 
     return read_status(spec.run_path).state == State.FINISHED
+
+
+def _no_container_here(stages, file) -> None:
+    """`run` trains on this machine as it is: a spec's container is for its Slurm jobs."""
+    from hpctrain.launcher.contract.errors import UserError
+
+    for name, spec in stages:
+        if spec.cluster.container is not None:
+            raise UserError(f"a container ({spec.cluster.container.runtime}) is for Slurm jobs; this command "
+                            "trains on this machine as it is", file=file,
+                            field=f"{name}: cluster.container" if name else "cluster.container",
+                            hint="hpctrain submit SPEC runs it in the container; remove cluster.container to "
+                                 "train here")
 
 
 def _run_one(spec, no_resume: bool) -> tuple[int, bool]:
@@ -200,7 +214,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from hpctrain.launcher.slurm import dry_run
 
     stages, future = _load_stages(args)
-    _check(stages, future, args.spec)
+    for notes, _ in _check(stages, future, args.spec):
+        for line in (n for n in notes if n.startswith("warning:")):  # validate prints all of them
+            print(f"hpctrain: {line}", file=sys.stderr)
     if args.dry_run:
         for name, spec in stages:
             if name is not None:
@@ -284,6 +300,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             jobs.append(_submit_one(f"point {name}: ", spec, args.no_resume, after, "afterany"))
         print(f"report: hpctrain sweep {args.spec} --report   (or hpctrain status {base.run_path})")
         return 0
+    _no_container_here(stages, args.spec)
     failed = []
     for name, spec in stages:
         if _finished(spec) and not args.no_resume:

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpctrain.launcher import bad_nodes, lock
+from hpctrain.launcher import bad_nodes, container, lock
 from hpctrain.launcher.attempt import (
     Action,
     Outcome,
@@ -227,6 +227,7 @@ class NodeTask:
         module: str = "hpctrain.trainers.pretrain",
         retries_on_failure: int = 0,
         max_excluded_nodes: int = 0,
+        container: dict | None = None,
     ):
         self.run_dir = run_dir
         self.procs_per_node = procs_per_node
@@ -234,6 +235,7 @@ class NodeTask:
         self.module = module
         self.retries_on_failure = retries_on_failure
         self.max_excluded_nodes = max_excluded_nodes
+        self.container = container  # launcher/container.py: for_node_task
         self._proc = None
         self._signalled = False
 
@@ -241,7 +243,8 @@ class NodeTask:
         return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_signalled")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _proc=None, _signalled=False)
+        # a job submitted by an older hpctrain, requeued under this one, lacks the newer fields
+        self.__dict__.update({"max_excluded_nodes": 0, "container": None, **state, "_proc": None, "_signalled": False})
 
     def stop_path(self, job_id: str) -> Path:
         # one stop file per attempt: a stale request can never stop the next attempt
@@ -325,9 +328,14 @@ class NodeTask:
             log_dir=str(
                 RunDir(self.run_dir).node_logs(job_id, _restart_count(), node)
             ),
+            python=container.python_in(self.container) if self.container else None,
         )
+        env_ = job_env(self.procs_per_node)
+        if self.container:  # torchrun inside it; this task stays outside (launcher/container.py)
+            cmd, env_ = container.wrap(self.container, self.run_dir, cmd, env_, container.node_name())
+            print(f"hpctrain: in a container: {show_command(cmd[:cmd.index('-m')])} ...", flush=True)
         tail: list[str] = []
-        self._proc = start_torchrun(cmd, env=job_env(self.procs_per_node), stderr_tail=tail)
+        self._proc = start_torchrun(cmd, env=env_, stderr_tail=tail)
         try:
             while self._proc.poll() is None:
                 time.sleep(0.5)
@@ -389,7 +397,7 @@ class NodeTask:
         hosts = hostnames(os.environ["SLURM_JOB_NODELIST"])
         blamed = [hosts[n] for n in nodes if n < len(hosts)]
         added, capped = bad_nodes.exclude(self.run_dir, blamed, reason, job_id,
-                                          getattr(self, "max_excluded_nodes", 0))
+                                          self.max_excluded_nodes)
         if added:
             print(f"hpctrain: leaving out node(s) {', '.join(added)} from this run's next attempts", flush=True)
         if capped:
@@ -417,10 +425,9 @@ class NodeTask:
             _wait(self._proc)
             if read_status(self.run_dir).state == State.FINISHED:
                 return None  # nothing left to do: no requeue
-        return submitit.helpers.DelayedSubmission(
-            NodeTask(self.run_dir, self.procs_per_node, self.max_requeues, self.module, self.retries_on_failure,
-                     getattr(self, "max_excluded_nodes", 0))
-        )
+        again = NodeTask.__new__(NodeTask)
+        again.__setstate__(self.__getstate__())
+        return submitit.helpers.DelayedSubmission(again)
 
 
 def root_cause(reports: Path, nnodes: int, mine: str, wait_s: float = 10.0) -> str:
@@ -459,7 +466,7 @@ def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
     """Submit one run; returns the Slurm job id and records it in RUN_DIR/slurm/jobs.json."""
     ex = make_executor(spec, run_dir, dependency)
     task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues, spec.trainer_module,
-                    spec.cluster.retries_on_failure, spec.cluster.max_excluded_nodes)
+                    spec.cluster.retries_on_failure, spec.cluster.max_excluded_nodes, container.for_node_task(spec))
     try:
         job = ex.submit(task)
     except Exception as e:  # sbatch said no: a user-facing problem (partition, account, limits)
@@ -473,6 +480,7 @@ def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
 
 def dry_run(spec: RunSpec, run_dir: Path) -> str:
     ex = make_executor(spec, run_dir)
+    box = container.for_node_task(spec)
     cmd = build_torchrun_command(
         str(run_dir),
         spec.cluster.procs_per_node,
@@ -482,11 +490,21 @@ def dry_run(spec: RunSpec, run_dir: Path) -> str:
         rdzv_endpoint="FIRST_NODE:PORT",
         run_id="jobJOBID",
         stop_file=str(RunDir(run_dir).slurm_stop_file("JOBID", "N")),
-        python=sys.executable,
+        python=container.python_in(box) if box else sys.executable,
     )
+    inside = ""
+    if box:
+        from hpctrain.launcher.local import torch_env
+
+        env = {**torch_env(spec.cluster.procs_per_node), "HPCTRAIN_RANK_CPUS": "split", **spec.cluster.env}
+        names = container.passed_names(box, env)
+        cmd, env = container.wrap(box, str(run_dir), cmd, env, "NODE")
+        inside = (f" inside the container ({box['spec']['runtime']}; NODE is the node's Slurm name; the "
+                  f"environment passed in, values never on the command line: {', '.join(names)})")
     return (
         f"# sbatch script (submitit writes it to {run_dir / 'slurm'})\n{sbatch_script(ex)}\n"
-        f"# each node task then runs (node rank, first node and port come from Slurm):\n{show_command(cmd)}\n"
+        f"# each node task then runs{inside} (node rank, first node and port come from Slurm):\n"
+        f"{show_command(cmd)}\n"
     )
 
 

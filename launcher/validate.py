@@ -169,9 +169,11 @@ def check_files(
     _check_wandb(spec, file, errors, notes)
     _check_engine(spec, file, errors)
     if spec.cluster.executor == "slurm":
+        from hpctrain.launcher.container import check_container
         from hpctrain.launcher.cpus import cpu_notes
 
         notes += cpu_notes(spec)
+        check_container(spec, file, errors, notes)
     _check_writable(spec, file, errors)
     if errors:
         raise UserErrors(errors)

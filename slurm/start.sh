@@ -4,15 +4,16 @@
 # third node to land on when a job leaves a bad one out).
 #   sudo bash slurm/start.sh [STATE_DIR]      (default: /tmp/hpctrain-slurm)
 # Idempotent: daemons already running from STATE_DIR are left alone. Installs
-# Debian's slurm-wlm and munge when missing (root). Stop with slurm/stop.sh.
+# Debian's slurm-wlm and munge when missing (root), and bubblewrap, the stand-in container
+# runtime of cluster.container (runtime: bubblewrap). Stop with slurm/stop.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 state="${1:-${HPCTRAIN_SLURM_STATE:-/tmp/hpctrain-slurm}}"
 [ "$(id -u)" = 0 ] || { echo "slurm/start.sh: needs root (daemons run as root here)" >&2; exit 2; }
-if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  echo "slurm/start.sh: installing slurm-wlm and munge from Debian" >&2
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v bwrap >/dev/null; then
+  echo "slurm/start.sh: installing slurm-wlm, munge and bubblewrap from Debian" >&2
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge bubblewrap >/dev/null
 fi
 nodes="n1 n2 n3"
 for n in $nodes; do

@@ -9,6 +9,11 @@ bash tools/setup.sh dev,qlora,examples,deepspeed,wandb,plot
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check --quiet .
 
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then  # slurm/start.sh installs it with Slurm
+  echo "test: installing bubblewrap (the stand-in container runtime of the Slurm tests)" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } ||
+    echo "test: bubblewrap did not install; the container test will fail" >&2
+fi
 started_slurm=""
 state="${HPCTRAIN_SLURM_STATE:-/tmp/hpctrain-slurm}"
 if ! sinfo -h >/dev/null 2>&1; then

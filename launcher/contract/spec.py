@@ -251,6 +251,63 @@ def _one_line(value: str, what: str) -> str:
     return value
 
 
+CONTAINER_RUNTIMES = ("pyxis", "apptainer", "bubblewrap")
+
+
+class ContainerSpec(Strict):
+    """Where each node task starts its torchrun: inside a container (launcher/container.py)."""
+
+    runtime: Literal["pyxis", "apptainer", "bubblewrap"] = Field(
+        description="pyxis/enroot (srun --container-image), Apptainer/Singularity (apptainer exec), or "
+        "bubblewrap: the host's own file system in a PID namespace without Slurm's commands (a stand-in "
+        "for tests and for clusters without a runtime)"
+    )
+    image: str | None = Field(
+        None, description="pyxis: an enroot image or registry reference (nvcr.io#nvidia/pytorch:24.05-py3); "
+        "apptainer: a .sif file or a docker:// / library:// / oras:// URI; bubblewrap: none"
+    )
+    mounts: list[str] = Field(
+        default_factory=list, description="HOST:CONTAINER[:ro] folders the trainers need (data, models, caches); "
+        "the run dir is always mounted at its own path"
+    )
+    workdir: str | None = Field(None, description="working directory inside the container")
+    env: list[str] = Field(
+        default_factory=list, description="names of further environment variables passed in (values stay in "
+        "the environment, never on a command line); hpctrain's own and the usual ones pass without this"
+    )
+    python: str | None = Field(
+        None, description="Python inside the container with hpctrain and torch installed (default: python; "
+        "bubblewrap: the Python running hpctrain)"
+    )
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> ContainerSpec:
+        if self.runtime == "bubblewrap":
+            if self.image is not None:
+                raise ValueError("cluster.container.image: bubblewrap runs the host's own file system; "
+                                 "give no image")
+        elif not self.image:
+            raise ValueError(f"cluster.container.image is required for runtime {self.runtime}")
+        for m in self.mounts:
+            parts = _one_line(m, "each cluster.container.mounts entry").split(":")
+            if "," in m or not 2 <= len(parts) <= 3 or not all(parts[:2]) or \
+                    not parts[1].startswith("/") or parts[2:] not in ([], ["ro"], ["rw"]):
+                raise ValueError(f"cluster.container.mounts: {m!r} is not HOST:CONTAINER[:ro] (CONTAINER an "
+                                 "absolute path, no commas)")
+        for name in self.env:
+            if not name.isidentifier():
+                raise ValueError(f"cluster.container.env: '{name}' is not a variable name")
+        for name in ("image", "workdir", "python"):
+            if getattr(self, name) is not None:
+                _one_line(getattr(self, name), f"cluster.container.{name}")
+        return self
+
+    @property
+    def local_image(self) -> bool:
+        """An Apptainer image named by a path on the shared file system (not a URI)."""
+        return self.runtime == "apptainer" and "://" not in (self.image or "")
+
+
 class ClusterSpec(Strict):
     executor: Literal["local", "slurm"] = Field(
         "local", description="where the job runs: this machine or Slurm"
@@ -308,6 +365,9 @@ class ClusterSpec(Strict):
     env: dict[str, str] = Field(
         default_factory=dict, description="environment variables for the job (no secrets)"
     )
+    container: ContainerSpec | None = Field(
+        None, description="run each node task's trainers inside a container (Slurm only; docs/slurm.md)"
+    )
 
     @model_validator(mode="after")
     def _safe_values(self) -> ClusterSpec:
@@ -329,6 +389,9 @@ class ClusterSpec(Strict):
                     "never put it in a spec"
                 )
             _one_line(v, f"cluster.env.{k}")
+        if self.container is not None and self.executor != "slurm":
+            raise ValueError("cluster.container: a container is for Slurm jobs (executor: slurm, hpctrain "
+                             "submit); a local run trains on this machine as it is")
         return self
 
     @property
@@ -514,35 +577,59 @@ def with_absolute_paths(spec: RunSpec, base: Path | None = None) -> RunSpec:
     means the same thing from any working directory (a Slurm job's, a later resume's)."""
     base = base or Path.cwd()
 
-    def fix(p: str | None) -> str | None:
+    def fix(field: str, p: str | None) -> str | None:
         if p is None or p.startswith("pkg:") or hub_id(p, base):
             return p
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
 
+    data = _map_input_paths(spec, fix)
+    data["run_dir"] = fix("run_dir", spec.run_path)
+    if spec.cluster.container is not None:
+        box = data["cluster"]["container"]
+        if spec.cluster.container.local_image:
+            box["image"] = fix("cluster.container.image", box["image"])
+        box["mounts"] = [":".join([fix("cluster.container.mounts", host), *rest])
+                         for host, *rest in (m.split(":") for m in box["mounts"])]
+    return RunSpec.model_validate(data)
+
+
+def input_paths(spec: RunSpec) -> list[tuple[str, str]]:
+    """(field, value) of every file or folder the trainers read (models, tokenizer, data, configs)."""
+    seen: list[tuple[str, str]] = []
+
+    def note(field: str, p: str | None) -> str | None:
+        if p is not None:
+            seen.append((field, p))
+        return p
+
+    _map_input_paths(spec, note)
+    return seen
+
+
+def _map_input_paths(spec: RunSpec, fix: typing.Callable[[str, str | None], str | None]) -> dict:
+    """The spec as a dict with `fix(field, value)` applied to each path the trainers read."""
     data = spec.model_dump()
-    data["run_dir"] = fix(spec.run_path)
-    data["model"]["path"] = fix(data["model"]["path"])
-    data["model"]["tokenizer"] = fix(data["model"]["tokenizer"])
-    data["model"]["hub_cache"] = fix(data["model"]["hub_cache"])
+    for key in ("path", "tokenizer", "hub_cache"):
+        data["model"][key] = fix(f"model.{key}", data["model"][key])
     if data["data"]:
         for c in data["data"]["corpora"]:
-            c["path"] = fix(c["path"])
+            c["path"] = fix("data.corpora.path", c["path"])
         v = data["data"]["validation"]
         for ref in v if isinstance(v, list) else [v] if v else []:
-            ref["path"] = fix(ref["path"])
-    data["engine"]["config"] = fix(data["engine"]["config"])
+            ref["path"] = fix("data.validation.path", ref["path"])
+    data["engine"]["config"] = fix("engine.config", data["engine"]["config"])
     if data["finetune"]:
-        data["finetune"]["train_file"] = fix(data["finetune"]["train_file"])
+        data["finetune"]["train_file"] = fix("finetune.train_file", data["finetune"]["train_file"])
         v = data["finetune"]["valid_file"]
         if isinstance(v, list):
             for ref in v:
-                ref["path"] = fix(ref["path"])
+                ref["path"] = fix("finetune.valid_file.path", ref["path"])
         else:
-            data["finetune"]["valid_file"] = fix(v)
+            data["finetune"]["valid_file"] = fix("finetune.valid_file", v)
         if data["finetune"].get("reward_model"):
-            data["finetune"]["reward_model"] = fix(data["finetune"]["reward_model"])
-    return RunSpec.model_validate(data)
+            data["finetune"]["reward_model"] = fix("finetune.reward_model", data["finetune"]["reward_model"])
+    return data
 
 
 def _unannotated(ann: Any) -> Any:

@@ -4,6 +4,8 @@ the node task (the workers get nothing from Slurm), the path of most production 
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -11,12 +13,18 @@ import pytest
 
 from tests.conftest import REPO
 from tests.slurm.helpers import (
+    completed_after_one_requeue,
+    job_id,
+    preempt,
     preempted_run,
+    slurm_spec,
+    submit,
     trainer_processes,
     wait_state,
+    wait_step,
     zero3_preempted_once_resumes_bitwise,
 )
-from tests.trainers.helpers import losses
+from tests.trainers.helpers import losses, write_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 STATE = os.environ.get("HPCTRAIN_SLURM_STATE", "/tmp/hpctrain-slurm")
@@ -78,3 +86,32 @@ def test_zero3_preemption_under_cgroup_resumes_bitwise(cgroup_cluster, tmp_path,
     """DeepSpeed ZeRO-3 on 2 nodes x 1 rank (run here only: the stricter signal path)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (extra 'deepspeed')")
     zero3_preempted_once_resumes_bitwise(tmp_path, bpe_tokenizer, bpe_corpus)
+
+
+def test_preemption_inside_a_container_resumes_bitwise(cgroup_cluster, tmp_path, bpe_tokenizer, bpe_corpus,
+                                                       local_reference):
+    """cluster.container with bubblewrap, the stand-in runtime: the ranks run in a PID namespace of
+    their own where Slurm's commands do not exist. Slurm's USR2 reaches only the node task, on the
+    host; the ranks learn of the stop from the run dir, save, and the host side requeues the job,
+    which resumes bitwise."""
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "s.yaml", slurm_spec(run, bpe_tokenizer, bpe_corpus, steps=60,
+                                                      container={"runtime": "bubblewrap"}))
+    submit(spec)
+    job = job_id(run)
+    wait_state(job, ("RUNNING",))
+    wait_step(run, 5)
+    inside = [p for p in trainer_processes(run) if not Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"bwrap")]
+    assert inside, "no trainer processes"
+    scontrol = shutil.which("scontrol")
+    for pid in inside:  # torchrun and its ranks: in a PID namespace, and scontrol is not a program there
+        nspid = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("NSpid"))
+        assert len(nspid.split()) == 3, nspid
+        assert stat.S_ISCHR(os.stat(f"/proc/{pid}/root{scontrol}").st_mode)
+    preempt(job)
+    completed_after_one_requeue(job)
+    log = "\n".join(p.read_text() for p in (run / "slurm").glob(f"{job}_0_log.*"))
+    assert "hpctrain: in a container: bwrap --dev-bind / / --unshare-pid" in log, log[-3000:]
+    assert "preempted (stop file)" in log and "preempted (SIGUSR2)" not in log, log[-3000:]
+    assert losses(run) == local_reference
+    assert trainer_processes(run) == []
