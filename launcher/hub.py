@@ -124,7 +124,7 @@ def hub_errors(field: str, file: str | None, repo: str, revision: str):
         if not unreachable:
             raise
         msg = (("HF_HUB_OFFLINE=1 is set here, and " if constants.HF_HUB_OFFLINE else "")
-               + f"cannot reach the Hub at {hub} to pin {repo}@{revision}")
+               + f"cannot reach the Hub at {hub} to pin {repo}@{revision} (and no folder {repo} exists here)")
         expected = "a reachable Hub, or a local folder, or a full commit sha already in the cache"
         hint = "pin where the Hub is reachable (only the machine that runs submit needs it, not the compute nodes)"
     raise UserError(msg, file=file, field=field, expected=expected, hint=hint) from None

@@ -98,6 +98,7 @@ def test_a_missing_id_revision_or_hub_is_one_line_before_anything_is_written(tmp
         r = run_cli("submit", str(path), "--dry-run", env=online(hub))
         assert r.returncode == 2, r.stdout + r.stderr
         assert f"model.path: cannot reach the Hub at {hub.endpoint} to pin {model.split('@')[0]}@" in r.stderr
+        assert f"(and no folder {model.split('@')[0]} exists here)" in r.stderr  # not a mistyped local path
         assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
     r = run_cli("submit", str(write_spec(tmp_path / "s.yaml", spec(tmp_path, f"{REPO_ID}@{main}"))), "--dry-run",
                 env=online(hub))
