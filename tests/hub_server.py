@@ -6,8 +6,9 @@ and `HfApi.model_info` call, reached through HF_ENDPOINT, with every request rec
     HEAD /{org}/{name}/resolve/{rev}/{path}             a file's commit, etag and size
     GET  /{org}/{name}/resolve/{rev}/{path}             the file
 
-Errors carry the Hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound), which
-`huggingface_hub` turns into its typed errors.
+Errors carry the Hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo),
+which `huggingface_hub` turns into its typed errors. A gated repo answers only a request that
+carries a token (any token: access is not what is tested).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Repo:
     def __init__(self) -> None:
         self.commits: dict[str, dict[str, bytes]] = {}
         self.refs: dict[str, str] = {}
+        self.gated = False
 
     def commit(self, folder: Path, ref: str = "main", change: bytes = b"") -> str:
         """Commit the files of `folder` (plus `change` appended to config.json, to make two
@@ -84,6 +86,10 @@ class StandInHub:
         repo = self.repos.get(repo_id)
         if repo is None:
             _error(h, 404, "RepoNotFound", f"Repository {repo_id} not found")
+            return None
+        if repo.gated and not h.headers.get("Authorization"):
+            _error(h, 401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
+                   "and be authenticated to access it.")
             return None
         sha = repo.sha(rev)
         if sha is None:

@@ -79,15 +79,30 @@ def test_a_hub_id_is_pinned_at_launch_and_a_later_launch_keeps_the_commit(tmp_pa
     assert f"model.path: {REPO_ID}@v1 is commit {v1}" in r.stderr
 
 
-def test_a_missing_id_revision_or_hub_is_one_line_before_anything_is_written(tmp_path, hub):
+def test_a_missing_id_revision_or_hub_is_one_line_before_anything_is_written(tmp_path, hub, tiny_bert):
+    gated = hub.repo("acme/gated")
+    gated.commit(Path(tiny_bert), "main")
+    gated.gated = True
     cases = [("acme/no-such-model", "no model acme/no-such-model on the Hub"),
-             (f"{REPO_ID}@v9", f"{REPO_ID} has no revision 'v9'")]
+             (f"{REPO_ID}@v9", f"{REPO_ID} has no revision 'v9'"),
+             ("acme/gated", "acme/gated is gated")]
     for model, says in cases:
         path = write_spec(tmp_path / "s.yaml", spec(tmp_path, model))
         r = run_cli("run", str(path), env=online(hub))
         assert r.returncode == 2, r.stdout + r.stderr
         assert f"{path}: model.path: {says}" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "run").exists()
+    r = run_cli("validate", str(path), env={**online(hub), "HF_TOKEN": "hf_any"})  # with a token it pins
+    assert r.returncode == 0 and f"model.path: acme/gated@main is commit {gated.refs['main']}" in r.stderr, r.stderr
+    assert "hf_any" not in r.stdout + r.stderr
+
+    # two stages of a pipeline that name the same id: asked and pinned once, for both
+    stage = {k: v for k, v in spec(tmp_path, REPO_ID).items() if k not in ("name", "run_dir")}
+    pipeline = {"name": "two", "run_dir": str(tmp_path / "two"), "stages": [{"name": "a", **stage}, {"name": "b", **stage}]}
+    asked = len([q for q in model_requests(hub) if "/revision/" in q[1]])
+    r = run_cli("validate", str(write_spec(tmp_path / "p.yaml", pipeline)), env=online(hub))
+    assert r.returncode == 0 and r.stderr.count(f"model.path: {REPO_ID}@main is commit") == 1, r.stdout + r.stderr
+    assert len([q for q in model_requests(hub) if "/revision/" in q[1]]) == asked + 1
 
     main = hub.repo(REPO_ID).refs["main"]
     r = run_cli("validate", str(write_spec(tmp_path / "s.yaml", spec(tmp_path, REPO_ID))), env=online(hub))
