@@ -74,7 +74,9 @@ def load_examples(spec: RunSpec, tok, kind: KindTask):
 @torch.no_grad()
 def evaluate(model, data: ExampleDataset, kind: KindTask, micro: int, d: Dist) -> dict:
     """The loss and the kind's metrics over the whole validation set, summed over the ranks
-    (`model` in eval mode: the engine's `evaluating()` or an exported model)."""
+    (`model` in eval mode: the engine's `evaluating()` or an exported model). `val_loss` is the
+    mean over the set's examples, or its target tokens where the kind's loss is a token mean:
+    the same whatever the batches, the micro batch or the rank count."""
     loss_sum, n = 0.0, 0
     counts = torch.zeros(kind.counts_size, dtype=torch.float64)
     for idx in eval_slices(len(data), d, micro):
@@ -84,8 +86,9 @@ def evaluate(model, data: ExampleDataset, kind: KindTask, micro: int, d: Dist) -
             continue
         batch = data.batch(idx)
         loss, logits = kind.loss(model, batch, d.device)
-        loss_sum += float(loss) * len(idx)
-        n += len(idx)
+        weight = kind.loss_weight(batch, len(idx))  # the loss is a mean over these (examples or tokens)
+        loss_sum += float(loss) * weight
+        n += weight
         counts += kind.eval_counts(model, batch, logits, d.device)
     totals = torch.cat([torch.tensor([loss_sum, float(n)], dtype=torch.float64), counts])
     if torch.distributed.is_initialized():

@@ -1,5 +1,5 @@
 """Fine-tuning models: full, LoRA (DoRA, rsLoRA) and QLoRA (4-bit NF4 base through bitsandbytes),
-IA3, freeze (the parameters it names trained in place), and merging.
+IA3, prefix tuning, freeze (the parameters it names trained in place), and merging.
 
     export/            LoRA/QLoRA: the adapter in PEFT format (PeftModel.from_pretrained loads it)
                        full: the whole model (save_pretrained); both: tokenizer + labels.json
@@ -23,7 +23,7 @@ from hpctrain.trainers.tasks import kind_task
 
 
 def apply_adapter(model, spec: RunSpec, new_modules: list[str]):
-    """Wrap with the method's peft adapters (LoRA and its variants, IA3); a target module the
+    """Wrap with the method's peft adapters (LoRA and its variants, IA3, prefix tuning); a target module the
     model lacks is a user error, not a traceback. `new_modules` (freshly initialized: a task
     head) are trained and saved with the adapter."""
     import peft
@@ -162,6 +162,10 @@ def merge(spec: RunSpec, export_dir: Path, tokenizer) -> Path:
     """Merge the adapter into an unquantized copy of the base; save as a full HF model."""
     if not is_adapter(export_dir):
         raise UserError("the export holds no adapter (a full fine-tune needs no merge)", file=str(export_dir))
+    if spec.finetune.trains.virtual_tokens:
+        raise UserError(f"method {spec.finetune.method} (prefix tuning) cannot be merged: its virtual tokens are "
+                        "inputs to every layer, not weight updates; the adapter export is what loads (base + "
+                        "adapter with peft)", file=str(export_dir))
     with loading_whole():  # one rank merges: its base is loaded whole, never partitioned (ZeRO-3)
         model, labels = load_exported(spec, export_dir)
     merged = model.merge_and_unload()

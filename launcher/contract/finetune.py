@@ -34,6 +34,11 @@ class Method:
     partial: bool = False
     """Trains the parameters `finetune.freeze` names in place, the rest frozen: checkpoints and
     the export hold the whole model."""
+    virtual_tokens: bool = False
+    """Trains virtual tokens fed to every layer as a past key-value cache (prefix tuning): nothing
+    to fold into the weights (no merge), and a model input that already holds a cache of its own
+    (GRPO's sampler, SFT's generation metrics) or masks of its own (packed documents) cannot
+    take it."""
 
 
 KIND_HELP = ("sft: prompt -> response; classify: text -> label; reward: preference pairs -> a scalar score; "
@@ -55,6 +60,7 @@ def is_encoder_decoder(config: dict) -> bool:
 METHODS = {m.name: m for m in (Method("full", adapter=False), Method("lora", adapter=True),
                                Method("qlora", adapter=True, quantized=True),
                                Method("ia3", adapter=True, peft_config="IA3Config"),
+                               Method("prefix", adapter=True, peft_config="PrefixTuningConfig", virtual_tokens=True),
                                Method("freeze", adapter=False, partial=True))}
 
 
@@ -81,6 +87,14 @@ class Ia3Spec(Strict):
     feedforward_modules: list[str] | None = Field(
         None, description="of target_modules, those whose input is rescaled (the feed-forward ones); default: "
         "peft's choice")
+
+
+class PrefixSpec(Strict):
+    num_virtual_tokens: int = Field(20, ge=1, le=1024, description="virtual tokens prepended at every layer")
+    prefix_projection: bool = Field(False, description="learn the prefix through a two-layer MLP (more "
+                                    "parameters, often steadier training) instead of directly")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="the projection MLP's hidden size (default: "
+                                            "the model's hidden size)")
 
 
 class FreezeSpec(Strict):
@@ -128,11 +142,12 @@ class FinetuneBase(Strict):
     """Sequences an example puts through the model in a micro-batch (`plan` counts them)."""
 
     kind: str = Field(description=KIND_HELP)
-    method: Literal["full", "lora", "qlora", "ia3", "freeze"] = Field(
-        "lora", description="what is trained: full | lora | qlora | ia3 (adapters) | freeze (the parts `freeze` "
-        "names)")
+    method: Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"] = Field(
+        "lora", description="what is trained: full | lora | qlora | ia3 | prefix (adapters) | freeze (the parts "
+        "`freeze` names)")
     lora: LoraSpec = LoraSpec()
     ia3: Ia3Spec = Ia3Spec()
+    prefix: PrefixSpec = PrefixSpec()
     freeze: FreezeSpec | None = Field(None, description="method freeze: the blocks and parameters trained")
     train_file: str = Field(description="JSONL (sft, classify) or CSV (classify) training examples")
     valid_file: Annotated[
@@ -150,6 +165,9 @@ class FinetuneBase(Strict):
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
     merge: bool = Field(False, description="lora/qlora/ia3: also export the merged full model")
 
+    TAKES_VIRTUAL_TOKENS: ClassVar[bool] = False
+    """Whether the kind's model inputs can take prefix tuning's virtual tokens (tested there)."""
+
     @property
     def trains(self) -> Method:
         """The method's declaration (`METHODS`)."""
@@ -159,6 +177,12 @@ class FinetuneBase(Strict):
         """An adapter method's peft config: (its class in peft, its arguments, the spec field that
         names its target modules). `modules_to_save` lists the spec's own; the trainer adds the
         new task head."""
+        if self.trains.peft_config == "PrefixTuningConfig":
+            p = self.prefix
+            return ("PrefixTuningConfig", {"num_virtual_tokens": p.num_virtual_tokens,
+                                           "prefix_projection": p.prefix_projection,
+                                           "encoder_hidden_size": p.encoder_hidden_size, "modules_to_save": None},
+                    "finetune.prefix")
         if self.trains.peft_config == "IA3Config":
             return ("IA3Config", {"target_modules": self.ia3.target_modules,
                                   "feedforward_modules": self.ia3.feedforward_modules, "modules_to_save": None},
@@ -301,6 +325,19 @@ class FinetuneBase(Strict):
         return self
 
     @model_validator(mode="after")
+    def _virtual_tokens_fit(self) -> FinetuneBase:
+        if not self.trains.virtual_tokens:
+            return self
+        if not self.TAKES_VIRTUAL_TOKENS:
+            raise ValueError(f"method {self.method} (prefix tuning) is not offered for kind {self.kind}: its virtual "
+                             "tokens enter as a key-value cache that this kind's model inputs do not take here; "
+                             "kind sft takes them (or use lora or ia3)")
+        if self.merge:
+            raise ValueError(f"finetune.merge: method {self.method} has nothing to fold into the weights (its "
+                             "virtual tokens are inputs, not weight updates); the adapter export is what loads")
+        return self
+
+    @model_validator(mode="after")
     def _valid_files(self) -> FinetuneBase:
         if isinstance(self.valid_file, list):
             if not self.valid_file:
@@ -351,6 +388,7 @@ class SftSpec(ScoresGenerations, FinetuneBase):
     MODEL_CLASS: ClassVar[str] = "AutoModelForCausalLM"
     METRICS: ClassVar[dict[str, bool]] = {"loss": False}
     DEFAULT_BEST: ClassVar[str] = "loss"
+    TAKES_VIRTUAL_TOKENS: ClassVar[bool] = True
 
     kind: Literal["sft"] = Field(description=KIND_HELP)
     prompt_field: str = Field("prompt", description="prompt field")
@@ -375,6 +413,15 @@ class SftSpec(ScoresGenerations, FinetuneBase):
 
     def epoch_known_from_files(self) -> bool:
         return not self.packing  # packed sequences are counted after tokenizing, at start
+
+    @model_validator(mode="after")
+    def _virtual_tokens_alone(self) -> SftSpec:
+        if self.trains.virtual_tokens and (self.packing or self.generation_metrics):
+            what = "finetune.packing" if self.packing else "finetune.generation_metrics"
+            raise ValueError(f"{what} with method {self.method}: packed documents carry attention masks of their "
+                             "own and generation a key-value cache of its own, which the virtual tokens (a cache) "
+                             "would have to enter; turn it off or use lora or ia3")
+        return self
 
 
 class ClassifySpec(FinetuneBase):

@@ -509,6 +509,9 @@ class RunSpec(Strict):
             if self.finetune.trains.adapter and self.model.path is None:
                 raise ValueError(f"{self.finetune.method} adapts saved weights: give model.path (a pretrained "
                                  "or exported model), or use method: full from model.config")
+            if self.finetune.trains.virtual_tokens and self.engine.type != "ddp":
+                raise ValueError(f"method {self.finetune.method} (prefix tuning) runs under engine.type: ddp (its "
+                                 "virtual tokens are a few thousand parameters: nothing to shard)")
             if self.finetune.trains.quantized and self.engine.type == "fsdp":
                 raise ValueError("qlora with engine.type: fsdp is not supported: bitsandbytes' packed 4-bit "
                                  "weights cannot be sharded by FSDP2 here; use engine.type: ddp or deepspeed")

@@ -1,16 +1,20 @@
 """PEFT beyond plain LoRA, peft's own implementations: LoRA's variants (`lora.use_dora`,
-`lora.use_rslora`) and `method: ia3`. SFT runs of the tiny Llama train what each adds (DoRA's
-magnitudes, IA3's scaling vectors) and nothing else, the adapter export declares it to plain
-peft, and the merged export computes what base + adapter does."""
+`lora.use_rslora`), `method: ia3` and `method: prefix`. SFT runs of the tiny Llama train what
+each adds (DoRA's magnitudes, IA3's scaling vectors, the prefix's virtual tokens) and nothing
+else, the adapter export declares it to plain peft, and the merged export computes what base +
+adapter does (prefix tuning has nothing to merge: refused)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from hpctrain.launcher.contract.errors import UserError
+from hpctrain.launcher.contract.spec import spec_from_dict
 from tests.conftest import run_cli
-from tests.trainers.helpers import metrics_records, sft_spec, write_spec
+from tests.trainers.helpers import DATA, metrics_records, sft_spec, write_spec
 
 
 def test_dora_with_rslora_trains_its_magnitudes_and_merges_to_the_same_function(tmp_path, tiny_llama):
@@ -70,3 +74,41 @@ def test_ia3_trains_only_its_scaling_vectors_and_merges_to_the_same_function(tmp
     merged = AutoModelForCausalLM.from_pretrained(export / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**enc).logits, model(**enc).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_tuning_trains_only_its_virtual_tokens_and_scores_alike_on_any_rank_count(tmp_path, tiny_llama):
+    """Two ranks train the prefix; `hpctrain eval` of the export, one process batching the
+    validation set otherwise, gives the run's last val_loss (a mean over response tokens, whatever
+    the batches); merge is refused, and so are the inputs that bring a cache or masks of their own."""
+    spec = sft_spec(tmp_path / "run", tiny_llama, "prefix", steps=20, eval_every=5, lr=1e-1)
+    spec["finetune"].pop("lora")
+    spec["finetune"].update(seq_len=64, prefix={"num_virtual_tokens": 20})
+    spec["cluster"]["procs_per_node"] = 2
+    spec["checkpoint"]["every_steps"] = 20
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    val = [x["val_loss"] for x in metrics_records(tmp_path / "run") if "val_loss" in x]
+    assert len(val) == 4 and val[-1] < val[0] - 0.05, val
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    assert list(state) == ["prompt_encoder.default.embedding.weight"]  # 20 tokens x 2 layers x (key, value)
+    assert state["prompt_encoder.default.embedding.weight"].shape == (20, 2 * 2 * 64)
+    export = tmp_path / "run" / "export"
+    assert json.loads((export / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    scored = run_cli("eval", str(tmp_path / "run"), "--data", str(DATA / "sft_valid.jsonl"))
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout.strip().splitlines()[-1])["val_loss"] == pytest.approx(val[-1], rel=1e-5)
+    merged = run_cli("merge", str(tmp_path / "run"))
+    assert merged.returncode == 2 and "cannot be merged" in merged.stderr, merged.stdout + merged.stderr
+
+    for change, says in [({"finetune": {"merge": True}}, "finetune.merge: method prefix has nothing to fold"),
+                         ({"finetune": {"packing": True}}, "finetune.packing with method prefix"),
+                         ({"engine": {"type": "fsdp"}}, "prefix tuning) runs under engine.type: ddp"),
+                         ({"finetune": {"kind": "classify", "train_file": str(DATA / "classify_train.csv"),
+                                        "valid_file": str(DATA / "classify_valid.csv")}},
+                          "is not offered for kind classify")]:
+        bad = json.loads(json.dumps(spec))
+        for section, fields in change.items():
+            bad.setdefault(section, {}).update(fields)
+        with pytest.raises(UserError) as e:
+            spec_from_dict(bad, "s.yaml")
+        assert says in str(e.value), str(e.value)

@@ -73,6 +73,11 @@ class KindTask(Protocol):
     def loss(self, module: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss of a micro-batch, the model's logits)."""
 
+    def loss_weight(self, batch: dict, examples: int) -> int:
+        """What `loss` of this micro-batch is a mean over (its `examples`, or its target tokens):
+        validation weighs each batch's loss by it, so that `val_loss` is the mean over the whole
+        set whatever the batches (the micro batch, the rank count, `hpctrain eval`)."""
+
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         """What validation sums besides the loss (float64, `counts_size` long)."""
 
@@ -115,6 +120,9 @@ class KindBase:
 
     def before_steps(self, start: Start) -> str | None:  # noqa: ARG002
         return None
+
+    def loss_weight(self, batch: dict, examples: int) -> int:  # noqa: ARG002 - a mean over examples
+        return examples
 
     def eval_counts(self, module, batch: dict, logits: torch.Tensor, device) -> torch.Tensor:  # noqa: ARG002
         return self.counts(batch, logits)

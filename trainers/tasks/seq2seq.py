@@ -83,6 +83,9 @@ class Seq2Seq(GeneratingKind):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=-100), logits
 
+    def loss_weight(self, batch: dict, examples: int) -> int:  # noqa: ARG002 - a mean over target tokens
+        return int((batch["labels"] != -100).sum())
+
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         return torch.zeros(0, dtype=torch.float64)
 

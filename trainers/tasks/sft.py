@@ -66,6 +66,9 @@ class SFT(GeneratingKind):
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), tgt.reshape(-1),
                                ignore_index=-100), logits
 
+    def loss_weight(self, batch: dict, examples: int) -> int:  # noqa: ARG002 - a mean over response tokens
+        return int((batch["labels"][:, 1:] != -100).sum())
+
     def counts(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         return torch.zeros(0, dtype=torch.float64)
 
