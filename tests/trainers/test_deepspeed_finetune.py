@@ -36,12 +36,12 @@ def odd_valid(tmp_path_factory):
     return path, rows
 
 
-def _lora_z3_spec(d, minilm_path, valid) -> dict:
+def _lora_z3_spec(d, base, valid) -> dict:
     # partition every parameter, however small (DeepSpeed keeps tensors under 1e5 elements whole
     # by default, which would hide a missing gather of the tiny LoRA matrices)
     user = d / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
-    s = cls_spec(d / "run", minilm_path, valid_file=str(valid), merge=False)
+    s = cls_spec(d / "run", base, valid_file=str(valid), merge=False)
     s["training"].update(steps=STEPS, eval_every=10, micro_batch=4, log_every=1)
     s["checkpoint"] = {"every_steps": 5}
     s["engine"] = {"type": "deepspeed", "zero_stage": 3, "config": str(user)}
@@ -49,15 +49,17 @@ def _lora_z3_spec(d, minilm_path, valid) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lora_z3(tmp_path_factory, minilm_path, odd_valid):
+def lora_z3(tmp_path_factory, tiny_bert, odd_valid):
+    """LoRA classification of the 2-layer BERT of width 32 under ZeRO-3: what is partitioned,
+    gathered and saved does not depend on the model's size."""
     d = tmp_path_factory.mktemp("lora-z3")
-    spec = write_spec(d / "s.yaml", _lora_z3_spec(d, minilm_path, odd_valid[0]))
+    spec = write_spec(d / "s.yaml", _lora_z3_spec(d, tiny_bert, odd_valid[0]))
     r = run_cli("run", str(spec), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     return d / "run", r
 
 
-def test_lora_adapter_saved_under_zero3_is_whole_and_reproduces_the_validation_metric(lora_z3, minilm_path,
+def test_lora_adapter_saved_under_zero3_is_whole_and_reproduces_the_validation_metric(lora_z3, tiny_bert,
                                                                                          odd_valid):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -66,7 +68,7 @@ def test_lora_adapter_saved_under_zero3_is_whole_and_reproduces_the_validation_m
     run, _ = lora_z3
     saved = load_file(run / "export" / "adapter_model.safetensors")
     assert any("lora_A" in k for k in saved) and all(v.numel() > 0 for v in saved.values())
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
     model = PeftModel.from_pretrained(base, run / "export").eval()
     trained = {n for n, p in model.named_parameters() if "lora_" in n}
     assert len(trained) == sum("lora_" in k for k in saved)  # every adapter tensor, with its shape
@@ -89,9 +91,9 @@ def test_lora_adapter_saved_under_zero3_is_whole_and_reproduces_the_validation_m
     assert ckpt_bytes < base_bytes / 10, (ckpt_bytes, base_bytes)
 
 
-def test_lora_under_zero3_resumes_bitwise(tmp_path, lora_z3, minilm_path, odd_valid):
+def test_lora_under_zero3_resumes_bitwise(tmp_path, lora_z3, tiny_bert, odd_valid):
     ref = losses(lora_z3[0])
-    spec = write_spec(tmp_path / "s.yaml", _lora_z3_spec(tmp_path, minilm_path, odd_valid[0]))
+    spec = write_spec(tmp_path / "s.yaml", _lora_z3_spec(tmp_path, tiny_bert, odd_valid[0]))
     run = tmp_path / "run"
     stopped = stop_with_ctrl_c(spec, run, 6, timeout=600)
     assert 6 <= stopped < STEPS
@@ -101,10 +103,10 @@ def test_lora_under_zero3_resumes_bitwise(tmp_path, lora_z3, minilm_path, odd_va
     assert [got[s] for s in range(stopped + 1, STEPS + 1)] == [ref[s] for s in range(stopped + 1, STEPS + 1)]
 
 
-def test_full_finetune_under_zero2_matches_ddp(tmp_path, minilm_path):
+def test_full_finetune_under_zero2_matches_ddp(tmp_path, tiny_bert):
     runs = {}
     for name, engine in (("ddp", {}), ("zero2", {"type": "deepspeed", "zero_stage": 2})):
-        s = cls_spec(tmp_path / name, minilm_path, method="full", merge=False)
+        s = cls_spec(tmp_path / name, tiny_bert, method="full", merge=False)
         s["training"].update(steps=8, eval_every=8, log_every=1, lr=5e-5)
         s["engine"] = engine
         r = run_cli("run", str(write_spec(tmp_path / f"{name}.yaml", s)), timeout=900)

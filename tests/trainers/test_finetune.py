@@ -239,12 +239,13 @@ def test_bad_finetune_inputs_exit_2(tmp_path, tiny_llama):
     assert "Traceback" not in r.stderr
 
 
-def test_epochs_resolve_to_steps_and_resume_mid_epoch_bitwise(tmp_path):
+def test_epochs_resolve_to_steps_and_resume_mid_epoch_bitwise(tmp_path, tiny_bert):
     """3 epochs of 240 examples at 16 per step = 45 steps; stopped inside the second epoch,
     the resumed run finishes that epoch in the same order and reshuffles the third as an
-    uninterrupted run does (every loss bitwise equal)."""
+    uninterrupted run does (every loss bitwise equal). The order is the sampler's, not the
+    model's: the 2-layer BERT of width 32 shows it."""
     def spec(run):
-        s = cls_spec(run, seq_len=32)
+        s = cls_spec(run, tiny_bert, seq_len=32)
         s["training"].pop("steps")
         s["training"].update(epochs=3, eval_every=None, log_every=1)
         s["checkpoint"] = {"every_steps": 100}

@@ -205,14 +205,15 @@ def test_qlora_under_fsdp_is_refused_before_anything_runs(tmp_path, minilm_path)
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
-def test_lora_fine_tuning_under_fsdp_gives_ddps_losses(tmp_path, minilm_path):
-    """LoRA classification of MiniLM (its base built whole, then sharded; the adapters and the
-    new head start as under DDP): the same per-step losses as DDP, and an adapter export."""
+def test_lora_fine_tuning_under_fsdp_gives_ddps_losses(tmp_path, tiny_bert):
+    """LoRA classification of a BERT (its base built whole, then sharded; the adapters and the
+    new head start as under DDP): the same per-step losses as DDP, and an adapter export. The
+    2-layer BERT of width 32 has every part MiniLM has (blocks, embeddings, pooler, head)."""
     from tests.trainers.helpers import cls_spec
 
     got = {}
     for name, engine in (("ddp", {}), ("fsdp", FSDP)):
-        spec = cls_spec(tmp_path / name, minilm_path, merge=False)
+        spec = cls_spec(tmp_path / name, tiny_bert, merge=False)
         spec["training"].update(steps=10, eval_every=10)
         spec["engine"] = engine
         r = run_cli("run", str(write_spec(tmp_path / f"{name}.yaml", spec)), timeout=900)

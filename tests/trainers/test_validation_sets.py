@@ -77,10 +77,10 @@ def test_bad_validation_lists_are_refused_naming_the_field(tmp_path, bpe_tokeniz
 
 
 @pytest.mark.multiproc
-def test_fine_tuning_evaluates_every_named_file_and_keeps_the_best_of_the_one_named(tmp_path):
+def test_fine_tuning_evaluates_every_named_file_and_keeps_the_best_of_the_one_named(tmp_path, tiny_bert):
     from tests.trainers.helpers import DATA, cls_spec
 
-    s = cls_spec(tmp_path / "run", merge=False, best_metric="val/heldout/f1",
+    s = cls_spec(tmp_path / "run", tiny_bert, merge=False, best_metric="val/heldout/f1",
                  valid_file=[{"name": "heldout", "path": str(DATA / "classify_valid.csv")},
                              {"name": "seen", "path": str(DATA / "classify_train.csv")}])
     s["training"].update(steps=20, eval_every=10)
