@@ -385,7 +385,7 @@ class NodeTask:
             if after.action is Action.RETRY:
                 print(f"hpctrain: {after.line}: requeueing the job", flush=True)
                 bad_nodes.requeue_leaving_out(job_id, self.run_dir)
-                time.sleep(600)  # the requeue ends this task
+                _end_after_requeue()
         self._release(env, job_id)
         raise RuntimeError(f"{reason}; rank logs under {RunDir(self.run_dir).logs}")
 
@@ -415,7 +415,7 @@ class NodeTask:
             mark_stopped(self.run_dir, f"requeue limit ({self.max_requeues}) reached")
             raise RuntimeError(f"requeue limit ({self.max_requeues}) reached; resubmit to continue")
         subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
-        time.sleep(600)  # the requeue ends this task
+        _end_after_requeue()
 
     def checkpoint(self):
         """submitit calls this on global rank 0 after USR2: return only once the save is done."""
@@ -428,6 +428,16 @@ class NodeTask:
         again = NodeTask.__new__(NodeTask)
         again.__setstate__(self.__getstate__())
         return submitit.helpers.DelayedSubmission(again)
+
+
+def _end_after_requeue() -> None:
+    """This task requeued its own job: the attempt is over, so it exits now, as submitit does
+    after the requeue of a USR2. Waiting for the requeue's kill instead held the job KillWait
+    seconds (30 by default) longer: the kill's SIGTERM is the signal this task catches to stop
+    the trainers, so only the SIGKILL after KillWait ended it, and a job starts again only once
+    its last process is gone. Exit status -1, as submitit's: the requeue decides what follows."""
+    print("hpctrain: the job is requeued; this attempt ends here", flush=True)
+    sys.exit(-1)
 
 
 def root_cause(reports: Path, nnodes: int, mine: str, wait_s: float = 10.0) -> str:

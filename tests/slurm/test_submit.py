@@ -200,6 +200,9 @@ def test_a_killed_rank_is_retried_through_a_requeue(tmp_path, bpe_tokenizer, bpe
     assert [r["reason"] for r in status["retries"]] == ["rank 1 killed by SIGKILL on node 1"], status
     assert losses(run) == local_reference
     assert trainer_processes(run) == []
+    # the node task that requeued ended by itself, not by the requeue's SIGKILL KillWait later
+    first_log = (run / "slurm" / f"{job}_0_log.out").read_text()
+    assert "the job is requeued; this attempt ends here" in first_log, first_log
 
     bad = first_nodes[1]  # node 1 of the first attempt held rank 1
     assert bad not in hostnames(state(job)["nodes"]) and len(hostnames(state(job)["nodes"])) == 2
