@@ -224,13 +224,15 @@ def test_lora_fine_tuning_under_fsdp_gives_ddps_losses(tmp_path, tiny_bert):
     assert (tmp_path / "fsdp" / "export" / "adapter_config.json").is_file()
 
 
-def test_mlm_under_fsdp_trains_on_masked_positions(tmp_path, minilm_path, minilm_corpus):
-    """Continued MLM of MiniLM under fsdp: the head on masked positions (a forward pre-hook on
-    the sharded output layer) and MiniLM's fresh MLM head, initialized on its shards."""
-    spec = {"name": "mlm-fsdp", "run_dir": str(tmp_path / "run"), "model": {"path": minilm_path},
+def test_mlm_under_fsdp_trains_on_masked_positions(tmp_path, tiny_bert, minilm_corpus):
+    """Continued MLM of a saved BERT encoder under fsdp: the head on masked positions (a forward
+    pre-hook on the sharded output layer) and the fresh MLM head the folder lacks (as MiniLM's
+    does), initialized on its shards. The 2-layer BERT of width 32 has MiniLM's parts and
+    tokenizer; lr 3e-3 since its random weights start from a loss near ln(vocab)."""
+    spec = {"name": "mlm-fsdp", "run_dir": str(tmp_path / "run"), "model": {"path": tiny_bert},
             "objective": {"type": "mlm"},
             "data": {"corpora": [{"path": minilm_corpus}], "seq_len": 64, "validation": {"path": minilm_corpus}},
-            "training": {"global_batch": 16, "micro_batch": 8, "steps": 8, "lr": 1e-4, "eval_every": 8},
+            "training": {"global_batch": 16, "micro_batch": 8, "steps": 8, "lr": 3e-3, "eval_every": 8},
             "engine": FSDP, "cluster": {"procs_per_node": 2}}
     r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
