@@ -2,7 +2,7 @@
 `lora.use_rslora`), `method: ia3` and `method: prefix`. SFT runs of the tiny Llama train what
 each adds (DoRA's magnitudes, IA3's scaling vectors, the prefix's virtual tokens) and nothing
 else, the adapter export declares it to plain peft, and the merged export computes what base +
-adapter does (prefix tuning has nothing to merge: refused)."""
+adapter does (prefix tuning has nothing to merge: refused); a prefix-tuning run resumes bitwise."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import torch
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.spec import spec_from_dict
 from tests.conftest import run_cli
-from tests.trainers.helpers import DATA, metrics_records, sft_spec, write_spec
+from tests.trainers.helpers import (
+    DATA,
+    losses,
+    metrics_records,
+    sft_spec,
+    stop_with_ctrl_c,
+    write_spec,
+)
 
 
 def test_dora_with_rslora_trains_its_magnitudes_and_merges_to_the_same_function(tmp_path, tiny_llama):
@@ -76,28 +83,41 @@ def test_ia3_trains_only_its_scaling_vectors_and_merges_to_the_same_function(tmp
         torch.testing.assert_close(merged(**enc).logits, model(**enc).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_prefix_tuning_trains_only_its_virtual_tokens_and_scores_alike_on_any_rank_count(tmp_path, tiny_llama):
-    """Two ranks train the prefix; `hpctrain eval` of the export, one process batching the
-    validation set otherwise, gives the run's last val_loss (a mean over response tokens, whatever
-    the batches); merge is refused, and so are the inputs that bring a cache or masks of their own."""
-    spec = sft_spec(tmp_path / "run", tiny_llama, "prefix", steps=20, eval_every=5, lr=1e-1)
+def prefix_spec(run_dir, model: str) -> dict:
+    spec = sft_spec(run_dir, model, "prefix", steps=20, eval_every=5, lr=1e-1)
     spec["finetune"].pop("lora")
     spec["finetune"].update(seq_len=64, prefix={"num_virtual_tokens": 20})
     spec["cluster"]["procs_per_node"] = 2
-    spec["checkpoint"]["every_steps"] = 20
-    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=900)
+    spec["checkpoint"]["every_steps"] = 5
+    return spec
+
+
+@pytest.fixture(scope="module")
+def prefix_run(tmp_path_factory, tiny_llama):
+    """An uninterrupted 2-rank prefix-tuning run (the resume test's reference)."""
+    run = tmp_path_factory.mktemp("prefix") / "run"
+    spec = prefix_spec(run, tiny_llama)
+    r = run_cli("run", str(write_spec(run.parent / "s.yaml", spec)), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    val = [x["val_loss"] for x in metrics_records(tmp_path / "run") if "val_loss" in x]
+    return run, spec
+
+
+def test_prefix_tuning_trains_only_its_virtual_tokens_and_scores_alike_on_any_rank_count(prefix_run):
+    """Two ranks train the prefix; `hpctrain eval` of the export, one process batching the
+    validation set otherwise, gives the run's last val_loss (a mean over response tokens, whatever
+    the batches); merge is refused, and so are the inputs that bring a cache or masks of their own."""
+    run, spec = prefix_run
+    val = [x["val_loss"] for x in metrics_records(run) if "val_loss" in x]
     assert len(val) == 4 and val[-1] < val[0] - 0.05, val
-    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    state = torch.load(run / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
     assert list(state) == ["prompt_encoder.default.embedding.weight"]  # 20 tokens x 2 layers x (key, value)
     assert state["prompt_encoder.default.embedding.weight"].shape == (20, 2 * 2 * 64)
-    export = tmp_path / "run" / "export"
+    export = run / "export"
     assert json.loads((export / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
-    scored = run_cli("eval", str(tmp_path / "run"), "--data", str(DATA / "sft_valid.jsonl"))
+    scored = run_cli("eval", str(run), "--data", str(DATA / "sft_valid.jsonl"))
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout.strip().splitlines()[-1])["val_loss"] == pytest.approx(val[-1], rel=1e-5)
-    merged = run_cli("merge", str(tmp_path / "run"))
+    merged = run_cli("merge", str(run))
     assert merged.returncode == 2 and "cannot be merged" in merged.stderr, merged.stdout + merged.stderr
 
     for change, says in [({"finetune": {"merge": True}}, "finetune.merge: method prefix has nothing to fold"),
@@ -112,3 +132,19 @@ def test_prefix_tuning_trains_only_its_virtual_tokens_and_scores_alike_on_any_ra
         with pytest.raises(UserError) as e:
             spec_from_dict(bad, "s.yaml")
         assert says in str(e.value), str(e.value)
+
+
+def test_a_prefix_tuning_run_stopped_with_ctrl_c_resumes_bitwise(tmp_path, prefix_run):
+    """The virtual tokens and their optimizer state come back from the checkpoint: the steps
+    after the stop are bitwise the uninterrupted run's, and so is its last evaluation."""
+    ref, spec = prefix_run
+    run = tmp_path / "run"
+    path = write_spec(tmp_path / "s.yaml", {**spec, "run_dir": str(run)})
+    stopped = stop_with_ctrl_c(path, run, 7)
+    assert 5 <= stopped < 20
+    r = run_cli("run", str(path), timeout=900)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
+    want, got = losses(ref), losses(run)
+    assert [got[s] for s in range(stopped + 1, 21)] == [want[s] for s in range(stopped + 1, 21)]
+    last = [x["val_loss"] for x in metrics_records(run) if "val_loss" in x][-1]
+    assert last == [x["val_loss"] for x in metrics_records(ref) if "val_loss" in x][-1]

@@ -2,13 +2,14 @@
 sentences (the `tiny_marian` fixture), is re-trained on new sentences (time phrases, German
 verb-second order) with real torchrun ranks. BLEU / chrF / ROUGE-L come from generating the
 validation sources; our metric path scores copies 100 and nothing 0; a re-training resumes
-bitwise after Ctrl-C; generation under ZeRO-3 and FSDP2 scores what DDP scores for the same
-weights; `hpctrain eval` generates, scores and writes predictions; bad input exits 2 naming the
+bitwise after Ctrl-C; generation under ZeRO-2, ZeRO-3 and FSDP2 scores what DDP scores for the same
+weights; QLoRA re-trains adapters on a 4-bit base; `hpctrain eval` generates, scores and writes predictions; bad input exits 2 naming the
 file, line or field before anything runs."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,26 +107,60 @@ def test_hpctrain_eval_generates_scores_and_writes_predictions(retrained, tmp_pa
     assert r.returncode == 0 and len(out.read_text().splitlines()) == 60, r.stdout + r.stderr
 
 
+def generation_run(run_dir: Path, model: str, engine: dict, method: str) -> dict:
+    """One 2-rank step at a learning rate too small to move a weight, evaluated with beam search:
+    the step's validation metrics."""
+    spec = s2s_spec(run_dir, model, method, steps=1, eval_every=1, lr=1e-12, warmup_steps=0)
+    spec["cluster"]["procs_per_node"] = 2
+    spec["engine"] = engine
+    spec["finetune"]["generation"] = {"num_beams": 2}
+    r = run_cli("run", str(write_spec(run_dir.parent / f"{run_dir.name}.yaml", spec)), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return evaluations(run_dir)[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_scores(tmp_path_factory, tiny_marian) -> dict:
+    """What DDP scores for the pretrained weights (the sharded engines' reference)."""
+    return generation_run(tmp_path_factory.mktemp("s2s-ddp") / "ddp", tiny_marian, {"type": "ddp"}, "full")
+
+
 @pytest.mark.parametrize("engine,method", [
     ({"type": "fsdp"}, "full"),
+    pytest.param({"type": "deepspeed", "zero_stage": 2}, "full", marks=pytest.mark.deepspeed),
     pytest.param({"type": "deepspeed", "zero_stage": 3}, "lora", marks=pytest.mark.deepspeed),
-], ids=["fsdp-full", "zero3-lora"])
-def test_generation_under_sharded_engines_scores_what_ddp_scores(tiny_marian, tmp_path, engine, method):
-    """One step at a learning rate too small to move a weight: every engine evaluates the
-    pretrained weights, and generation (each rank its share of the sources, the sharded model's
-    forwards in step) must score them exactly as DDP does."""
-    scored = {}
-    for name, eng, how in (("ddp", {"type": "ddp"}, "full"), ("sharded", engine, method)):
-        spec = s2s_spec(tmp_path / name, tiny_marian, how, steps=1, eval_every=1, lr=1e-12, warmup_steps=0)
-        spec["cluster"]["procs_per_node"] = 2
-        spec["engine"] = eng
-        spec["finetune"]["generation"] = {"num_beams": 2}
-        r = run_cli("run", str(write_spec(tmp_path / f"{name}.yaml", spec)), timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
-        scored[name] = evaluations(tmp_path / name)[1]
-    assert scored["sharded"]["bleu"] == scored["ddp"]["bleu"] > 0
-    assert scored["sharded"]["chrf"] == scored["ddp"]["chrf"]
-    assert scored["sharded"]["val_loss"] == pytest.approx(scored["ddp"]["val_loss"], rel=1e-5)
+], ids=["fsdp-full", "zero2-full", "zero3-lora"])
+def test_generation_under_sharded_engines_scores_what_ddp_scores(tiny_marian, ddp_scores, tmp_path, engine, method):
+    """Every engine evaluates the pretrained weights, and generation (each rank its share of the
+    sources; under ZeRO-3 and FSDP2 the sharded model's forwards in step) must score them
+    exactly as DDP does."""
+    scored = generation_run(tmp_path / "sharded", tiny_marian, engine, method)
+    assert scored["bleu"] == ddp_scores["bleu"] > 0
+    assert scored["chrf"] == ddp_scores["chrf"]
+    assert scored["val_loss"] == pytest.approx(ddp_scores["val_loss"], rel=1e-5)
+
+
+def test_qlora_retrains_adapters_on_a_4bit_base_and_generates(tiny_marian, tmp_path):
+    """QLoRA: the Marian's linear layers load in 4 bits (bitsandbytes), the LoRA adapters learn
+    (validation loss falls), generation from the 4-bit base + adapters is scored, and only the
+    adapters are checkpointed and exported."""
+    import torch
+
+    spec = s2s_spec(tmp_path / "run", tiny_marian, "qlora", lr=3e-3)
+    r = run_cli("run", str(write_spec(tmp_path / "s.yaml", spec)), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the weights it holds: the linear layers' 4-bit blocks, well under the fp32 model's bytes
+    held = float(re.search(r"weights in memory: ([0-9.]+) MiB", r.stdout).group(1))
+    assert held < 0.6 * (Path(tiny_marian) / "model.safetensors").stat().st_size / 2**20, r.stdout
+    evals = evaluations(tmp_path / "run")
+    assert sorted(evals) == [4, 8] and evals[8]["val_loss"] < evals[4]["val_loss"]
+    assert all(0 <= e["bleu"] <= 100 and 0 < e["chrf"] <= 100 for e in evals.values())
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000008" / "model.pt", weights_only=True)
+    assert state and all("lora_A" in k or "lora_B" in k for k in state), sorted(state)
+    export = tmp_path / "run" / "export"
+    assert json.loads((export / "adapter_config.json").read_text())["target_modules"] is not None
+    rows = (tmp_path / "run" / "predictions" / "step_8.jsonl").read_text().splitlines()
+    assert rows and all(json.loads(x)["prediction"] is not None for x in rows)
 
 
 def decoder_only(folder: Path) -> str:
