@@ -13,22 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_TEXT = REPO / "examples" / "data" / "domain.txt"
 
 
-@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixtures
-def pytest_collection_modifyitems(items) -> None:
-    from tests.scheduling import heaviest_first
-
-    heaviest_first(items)  # the modules heaviest first (tests/scheduling.py)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from tests.scheduling import make_scheduler
-
-    return make_scheduler(config, log)
-
-
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory) -> str:
     """A byte-level BPE tokenizer trained on the shipped example text (decode is lossless)."""
