@@ -16,6 +16,7 @@ from hpctrain.launcher.contract.spec import spec_from_dict
 from tests.conftest import run_cli
 from tests.trainers.helpers import (
     DATA,
+    last_val_loss,
     losses,
     metrics_records,
     sft_spec,
@@ -146,5 +147,4 @@ def test_a_prefix_tuning_run_stopped_with_ctrl_c_resumes_bitwise(tmp_path, prefi
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
     want, got = losses(ref), losses(run)
     assert [got[s] for s in range(stopped + 1, 21)] == [want[s] for s in range(stopped + 1, 21)]
-    last = [x["val_loss"] for x in metrics_records(run) if "val_loss" in x][-1]
-    assert last == [x["val_loss"] for x in metrics_records(ref) if "val_loss" in x][-1]
+    assert last_val_loss(run) == last_val_loss(ref)

@@ -2,9 +2,9 @@
 sentences (the `tiny_marian` fixture), is re-trained on new sentences (time phrases, German
 verb-second order) with real torchrun ranks. BLEU / chrF / ROUGE-L come from generating the
 validation sources; our metric path scores copies 100 and nothing 0; a re-training resumes
-bitwise after Ctrl-C; generation under ZeRO-2, ZeRO-3 and FSDP2 scores what DDP scores for the same
-weights; QLoRA re-trains adapters on a 4-bit base; `hpctrain eval` generates, scores and writes predictions; bad input exits 2 naming the
-file, line or field before anything runs."""
+bitwise after Ctrl-C; generation under ZeRO-2, ZeRO-3 and FSDP2 scores what DDP scores for the
+same weights; QLoRA re-trains adapters on a 4-bit base; `hpctrain eval` generates, scores and
+writes predictions; bad input exits 2 naming the file, line or field before anything runs."""
 
 from __future__ import annotations
 
