@@ -22,7 +22,13 @@ from hpctrain.launcher.contract.states import (
     mark_failed,
     read_status,
 )
-from hpctrain.launcher.node import build_torchrun_command, failure_reason, run_torchrun
+from hpctrain.launcher.node import (
+    ENV_ROOM,
+    build_torchrun_command,
+    failure_reason,
+    forks_ranks,
+    run_torchrun,
+)
 
 
 def torch_env(nproc: int) -> dict:
@@ -80,11 +86,14 @@ def _attempt(spec: RunSpec, run_dir: Path, log) -> tuple[Outcome, Path]:
     end of every rank log with a traceback) is printed."""
     keep_reserve(run_dir)  # OSError ENOSPC here: the disk is full before any rank starts (cli)
     logs = next_attempt_logs(run_dir)
+    fork = forks_ranks(spec.cluster.rank_start)
     cmd = build_torchrun_command(
-        str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module, log_dir=str(logs)
+        str(run_dir), spec.cluster.procs_per_node, module=spec.trainer_module, log_dir=str(logs),
+        fork_ranks=fork,
     )
+    env = {**torch_env(spec.cluster.procs_per_node), **(ENV_ROOM if fork else {})}
     tail: list[str] = []
-    rc = run_torchrun(cmd, run_dir, env=torch_env(spec.cluster.procs_per_node), log=log, stderr_tail=tail)
+    rc = run_torchrun(cmd, run_dir, env=env, log=log, stderr_tail=tail)
     status = read_status(run_dir)
     outcome = attempt_outcome(rc, status, aborted(run_dir))
     if outcome is Outcome.FAILED:

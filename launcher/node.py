@@ -25,6 +25,20 @@ from pathlib import Path
 from hpctrain.launcher.contract.rundir import RunDir
 
 PR_SET_PDEATHSIG = 1
+WARM_START = "hpctrain.trainers.warm_start"
+# room in torchrun's environment for a forked rank's own (trainers/warm_start.py: /proc/PID/environ)
+ENV_ROOM = {"HPCTRAIN_ENV_ROOM": "." * 4096}
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver, AMD's ROCm
+
+
+def forks_ranks(rank_start: str) -> bool:
+    """Whether this node's ranks start by forking torchrun's pre-imported process
+    (`cluster.rank_start`): `auto` forks where the node has no GPU - a process that forks after
+    CUDA or ROCm started cannot use the GPU, and starting them is not something imports are
+    trusted never to do."""
+    if rank_start != "auto":
+        return rank_start == "fork"
+    return not any(os.path.exists(p) for p in GPU_DEVICE_FILES)
 FORWARDED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
@@ -40,9 +54,13 @@ def build_torchrun_command(
     python: str | None = None,
     stop_file: str | None = None,
     log_dir: str | None = None,
+    fork_ranks: bool = False,
 ) -> list[str]:
-    """The torchrun argv for one node (pure: unit-testable, quoted with shlex when shown)."""
-    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    """The torchrun argv for one node (pure: unit-testable, quoted with shlex when shown).
+
+    With `fork_ranks`, torchrun runs under trainers/warm_start.py, which imports what every rank
+    imports once and forks each rank from that process."""
+    cmd = [python or sys.executable, *(["-u", "-m", WARM_START] if fork_ranks else []), "-m", "torch.distributed.run"]
     if nnodes == 1 and rdzv_endpoint is None:
         cmd += ["--standalone"]
     else:
@@ -149,8 +167,10 @@ def failure_reason(rc: int, stderr_tail: list[str], node: int | None = None) -> 
     ("Root Cause (first observed failure)": rank, exitcode; negative = killed by a signal).
 
     A rank killed from outside (SIGKILL, SIGTERM...) listed among the other failures wins over
-    a root cause that aborted itself (SIGABRT): a rank whose peer vanished can die of abort at
-    exit ("terminate called without an active exception") before torchrun sees the killed one.
+    a root cause that aborted itself (SIGABRT) or exited with an error: a rank whose peer
+    vanished fails in its next collective (gloo: "Connection reset by peer") or dies of abort at
+    exit ("terminate called without an active exception"), and torchrun can see both in the
+    same poll. As `slurm.root_cause` across nodes.
     """
     where = f" on node {node}" if node is not None else ""
     start = next((i for i, x in enumerate(stderr_tail) if "Failures:" in x or "Root Cause" in x), 0)
@@ -166,7 +186,7 @@ def failure_reason(rc: int, stderr_tail: list[str], node: int | None = None) -> 
     root = root or (failures[0] if failures else None)
     if root is None:
         return f"torchrun exited with code {rc}{where}"
-    if root[1] == -signal.SIGABRT:
+    if root[1] == -signal.SIGABRT or root[1] > 0:
         root = next(((r, c) for r, c in failures if c < 0 and c != -signal.SIGABRT), root)
     rank, code = root
     if code < 0:

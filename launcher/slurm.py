@@ -54,8 +54,10 @@ from hpctrain.launcher.contract.states import (
 )
 from hpctrain.launcher.cpus import cpus_line, node_task_cpus
 from hpctrain.launcher.node import (
+    ENV_ROOM,
     build_torchrun_command,
     failure_reason,
+    forks_ranks,
     show_command,
     start_torchrun,
 )
@@ -228,8 +230,10 @@ class NodeTask:
         retries_on_failure: int = 0,
         max_excluded_nodes: int = 0,
         container: dict | None = None,
+        rank_start: str = "auto",
     ):
         self.run_dir = run_dir
+        self.rank_start = rank_start
         self.procs_per_node = procs_per_node
         self.max_requeues = max_requeues
         self.module = module
@@ -244,7 +248,7 @@ class NodeTask:
 
     def __setstate__(self, state: dict) -> None:
         # a job submitted by an older hpctrain, requeued under this one, lacks the newer fields
-        self.__dict__.update({"max_excluded_nodes": 0, "container": None, **state, "_proc": None, "_signalled": False})
+        self.__dict__.update({"max_excluded_nodes": 0, "container": None, "rank_start": "exec", **state, "_proc": None, "_signalled": False})
 
     def stop_path(self, job_id: str) -> Path:
         # one stop file per attempt: a stale request can never stop the next attempt
@@ -329,8 +333,9 @@ class NodeTask:
                 RunDir(self.run_dir).node_logs(job_id, _restart_count(), node)
             ),
             python=container.python_in(self.container) if self.container else None,
+            fork_ranks=forks_ranks(self.rank_start),
         )
-        env_ = job_env(self.procs_per_node)
+        env_ = {**job_env(self.procs_per_node), **(ENV_ROOM if forks_ranks(self.rank_start) else {})}
         if self.container:  # torchrun inside it; this task stays outside (launcher/container.py)
             cmd, env_ = container.wrap(self.container, self.run_dir, cmd, env_, container.node_name())
             print(f"hpctrain: in a container: {show_command(cmd[:cmd.index('-m')])} ...", flush=True)
@@ -476,7 +481,8 @@ def submit(spec: RunSpec, run_dir: Path, dependency: str | None = None) -> str:
     """Submit one run; returns the Slurm job id and records it in RUN_DIR/slurm/jobs.json."""
     ex = make_executor(spec, run_dir, dependency)
     task = NodeTask(str(run_dir), spec.cluster.procs_per_node, spec.cluster.max_requeues, spec.trainer_module,
-                    spec.cluster.retries_on_failure, spec.cluster.max_excluded_nodes, container.for_node_task(spec))
+                    spec.cluster.retries_on_failure, spec.cluster.max_excluded_nodes, container.for_node_task(spec),
+                    spec.cluster.rank_start)
     try:
         job = ex.submit(task)
     except Exception as e:  # sbatch said no: a user-facing problem (partition, account, limits)
@@ -501,6 +507,9 @@ def dry_run(spec: RunSpec, run_dir: Path) -> str:
         run_id="jobJOBID",
         stop_file=str(RunDir(run_dir).slurm_stop_file("JOBID", "N")),
         python=container.python_in(box) if box else sys.executable,
+        # `auto` is decided on the node; a job that asks for no GPU has its ranks forked there
+        fork_ranks=spec.cluster.rank_start == "fork"
+        or (spec.cluster.rank_start == "auto" and spec.cluster.gpus_per_node == 0),
     )
     inside = ""
     if box:

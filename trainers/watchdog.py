@@ -69,6 +69,11 @@ class Watchdog:
     def _where(self) -> tuple[str, bool]:
         frame = sys._current_frames().get(self.main.ident)
         stack = traceback.extract_stack(frame) if frame is not None else []
+        # the rank's own frames start where its module runs as __main__ (runpy); a rank forked from
+        # torchrun's agent (trainers/warm_start.py) has the agent's frames below them
+        starts = [i for i, f in enumerate(stack) if f.filename.replace("\\", "/").endswith(("/runpy.py", " runpy>"))]
+        if starts:
+            stack = stack[starts[-1] + 1:]
         in_collective = any(any(m in f.filename.replace("\\", "/") for m in COLLECTIVE_MARKS) for f in stack)
         ours = [f for f in stack if "/hpctrain/" in f.filename.replace("\\", "/") or "/trainers/" in f.filename]
         top = (ours or stack or [None])[-1]

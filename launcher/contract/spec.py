@@ -317,6 +317,11 @@ class ClusterSpec(Strict):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend"
     )
+    rank_start: Literal["auto", "fork", "exec"] = Field(
+        "auto", description="how torchrun starts the ranks of a node: fork (from one process that "
+        "imported torch and transformers once), exec (a fresh interpreter each), or auto: fork on "
+        "nodes without a GPU, exec on GPU nodes"
+    )
     # --- Slurm (used by `hpctrain submit`)
     job_name: str | None = Field(None, description="Slurm job name (default: the run name)")
     partition: str | None = Field(None, description="Slurm partition")

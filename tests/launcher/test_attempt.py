@@ -84,6 +84,8 @@ def test_torchruns_summary_names_the_rank_killed_from_outside():
     assert failure_reason(1, SUMMARY) == "rank 1 killed by SIGKILL"  # not the rank that aborted after it
     alone = [x.replace("-9 (pid", "1 (pid") for x in SUMMARY]  # the other rank exited with an error
     assert failure_reason(1, alone) == "rank 0 killed by SIGABRT"
+    erred = [x.replace("-6 (pid", "1 (pid") for x in SUMMARY]  # its collective failed: peer gone
+    assert failure_reason(1, erred) == "rank 1 killed by SIGKILL"
     root_only = SUMMARY[SUMMARY.index("Root Cause (first observed failure):"):]
     assert failure_reason(1, root_only, node=0) == "rank 0 killed by SIGABRT on node 0"
     assert failure_reason(3, ["no summary"]) == "torchrun exited with code 3"

@@ -137,6 +137,58 @@ def test_resume_on_fewer_ranks_continues_the_same_samples(
         assert math.isclose(got[step], ref[step], rel_tol=1e-4), (step, got[step], ref[step])
 
 
+def _rank_processes(run: Path) -> list[tuple[list[bytes], dict[bytes, bytes], bool, bytes]]:
+    """Each live rank's command line, environment, session and parent's command line (/proc)."""
+    out = []
+    for pid in trainer_pids(run):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == Path(sys.executable).name[:15]  # top, pgrep
+        out.append((cmd, env, os.getsid(pid) == pid, Path(f"/proc/{parent}/cmdline").read_bytes()))
+    return out
+
+
+def test_forked_ranks_look_like_execd_ones_and_either_start_resumes_the_other_bitwise(
+    tmp_path, bpe_tokenizer, bpe_corpus, reference
+):
+    """cluster.rank_start: fork (this CPU machine's default) against exec (a fresh interpreter
+    per rank, GPU nodes' default). Either way each rank shows in /proc what an exec'd rank
+    shows: its own command line, torchrun's environment for it (RANK...), a session of its own,
+    torchrun as its parent. A forked run stopped with Ctrl-C and resumed with exec gives the
+    reference's losses bitwise."""
+    run = tmp_path / "run"
+    spec = write_spec(tmp_path / "spec.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus,
+                                                       cluster__rank_start="fork"))
+    rank_cmd = [sys.executable.encode(), b"-u", b"-m", b"hpctrain.trainers.pretrain", b"--run-dir",
+                str(run).encode(), b"--echo-to-log"]
+    seen = {}
+    for start in ("fork", "exec"):
+        done = last_step(run)
+        # idle time per step (a test switch; the numbers are unchanged): a window to look at the ranks
+        proc = start_run(spec, "--set", f"cluster.rank_start={start}", env={"HPCTRAIN_FAULT_SLOW_STEP_S": "0.2"})
+        wait_for(lambda done=done: last_step(run) >= done + 2, what=f"2 steps after {done}")
+        ranks = _rank_processes(run)
+        assert len(ranks) == 2, ranks
+        for cmd, env, own_session, parent in ranks:
+            assert cmd == rank_cmd, cmd
+            assert env[b"WORLD_SIZE"] == b"2" and env[b"LOCAL_RANK"] == env[b"RANK"]
+            assert b"HPCTRAIN_ENV_ROOM" not in env and own_session
+            assert b"torch.distributed.run" in parent
+        seen[start] = {env[b"RANK"] for _, env, _, _ in ranks}, {b"warm_start" in p for *_, p in ranks}
+        if start == "fork":
+            proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        if start == "fork":
+            assert "preempted" in out and last_step(run) < 30, out
+    assert seen == {"fork": ({b"0", b"1"}, {True}), "exec": ({b"0", b"1"}, {False})}
+    ref, got = losses(reference[0]), losses(run)
+    assert sorted(got) == list(range(1, 31))
+    assert got == ref  # every step: those of the forked attempt and those resumed with exec
+    assert "resuming from" in out
+
+
 def test_kill_9_during_a_checkpoint_keeps_the_previous_one(
     tmp_path, bpe_tokenizer, bpe_corpus, reference
 ):
