@@ -12,7 +12,8 @@ redirects, its monitoring and its shutdown (SIGTERM, then SIGKILL, to the rank's
 A forked rank is made to look like the exec'd one to everything outside it and to itself:
 - its own session (torchrun starts ranks with `start_new_session`), stdout and stderr on the
   files torchrun opened for it;
-- signal handlers and mask as a new interpreter has them; the agent's exit handlers dropped;
+- signal handlers and mask as exec leaves them (ignored ones stay ignored) and Python sets
+  them; the agent's exit handlers dropped;
 - the environment torchrun built for it, in `os.environ` and in `/proc/PID/environ`, and its
   command line (`python -u -m MODULE ...`) in `/proc/PID/cmdline` (ps, pkill -f, the tests);
 - exit codes as Python's: SystemExit's code, 1 after a traceback, death by SIGINT after an
@@ -50,8 +51,9 @@ PRELOAD = (
     "hpctrain.trainers.entry",
     "hpctrain.trainers.loop",
 )
-# what a run's spec adds (`spec_modules`): imported by its ranks at start-up, 2-4 CPU-s each here
-DEEPSPEED = ("deepspeed", "deepspeed.runtime.engine", "deepspeed.runtime.zero.muon.muon_optimizer")
+# what a run's spec adds (`spec_modules`). Not DeepSpeed, though its ranks import it too (2-3 CPU-s
+# each here): importing it logs to stdout (torchrun's console, not the rank logs), and the memory
+# it takes belongs to each rank in `plan`'s estimate, measured above a rank's start
 PEFT = ("peft",)
 
 
@@ -95,7 +97,7 @@ class ForkedRank:
 
 def spec_modules(run_dir: str) -> list[str]:
     """The modules a run's ranks import beyond PRELOAD, from its frozen spec: its model family's
-    modeling module, DeepSpeed, peft. Read loosely: the ranks validate the spec, not this."""
+    modeling module, peft. Read loosely: the ranks validate the spec, not this."""
     import yaml
 
     try:
@@ -110,8 +112,6 @@ def spec_modules(run_dir: str) -> list[str]:
                 config = json.load(f)
         family = str(config.get("model_type", "")).replace("-", "_")
         out = [f"transformers.models.{family}.modeling_{family}"] if family.isidentifier() else []
-        if (spec.get("engine") or {}).get("type") == "deepspeed":
-            out += DEEPSPEED
         if (spec.get("finetune") or {}).get("method", "full") not in ("full", "freeze"):
             out += PEFT
         return out
@@ -168,15 +168,19 @@ def _become(args: list[str], env: dict[str, str]) -> None:
 
 
 def _fresh_signals() -> None:
-    """Signal dispositions and mask as a new Python interpreter has them."""
+    """Signal dispositions and mask as an exec'd Python has them: exec keeps an ignored signal
+    ignored (the launcher starts torchrun with SIGUSR2 ignored, so a USR2 during a rank's
+    start-up is dropped, not fatal) and resets a handled one to its default; then Python's own."""
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
-            signal.signal(sig, signal.SIG_DFL)
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError, RuntimeError):
             pass
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)

@@ -137,6 +137,16 @@ def test_resume_on_fewer_ranks_continues_the_same_samples(
         assert math.isclose(got[step], ref[step], rel_tol=1e-4), (step, got[step], ref[step])
 
 
+def _rank_signals(run: Path) -> set[tuple[str, ...]]:
+    """The live ranks' blocked, ignored and caught signal masks (/proc/PID/status)."""
+    out = set()
+    for pid in trainer_pids(run):
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        out.add(tuple(status[k].strip() for k in ("SigBlk", "SigIgn", "SigCgt")))
+    return out
+
+
 def _rank_processes(run: Path) -> list[tuple[list[bytes], dict[bytes, bytes], bool, bytes]]:
     """Each live rank's command line, environment, session and parent's command line (/proc)."""
     out = []
@@ -155,14 +165,14 @@ def test_forked_ranks_look_like_execd_ones_and_either_start_resumes_the_other_bi
     """cluster.rank_start: fork (this CPU machine's default) against exec (a fresh interpreter
     per rank, GPU nodes' default). Either way each rank shows in /proc what an exec'd rank
     shows: its own command line, torchrun's environment for it (RANK...), a session of its own,
-    torchrun as its parent. A forked run stopped with Ctrl-C and resumed with exec gives the
-    reference's losses bitwise."""
+    torchrun as its parent, the same signals blocked, ignored and caught. A forked run stopped with Ctrl-C and resumed with exec gives the reference's losses
+    bitwise."""
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "spec.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus,
                                                        cluster__rank_start="fork"))
     rank_cmd = [sys.executable.encode(), b"-u", b"-m", b"hpctrain.trainers.pretrain", b"--run-dir",
                 str(run).encode(), b"--echo-to-log"]
-    seen = {}
+    seen, signals = {}, {}
     for start in ("fork", "exec"):
         done = last_step(run)
         # idle time per step (a test switch; the numbers are unchanged): a window to look at the ranks
@@ -176,6 +186,7 @@ def test_forked_ranks_look_like_execd_ones_and_either_start_resumes_the_other_bi
             assert b"HPCTRAIN_ENV_ROOM" not in env and own_session
             assert b"torch.distributed.run" in parent
         seen[start] = {env[b"RANK"] for _, env, _, _ in ranks}, {b"warm_start" in p for *_, p in ranks}
+        signals[start] = _rank_signals(run)
         if start == "fork":
             proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
@@ -183,6 +194,9 @@ def test_forked_ranks_look_like_execd_ones_and_either_start_resumes_the_other_bi
         if start == "fork":
             assert "preempted" in out and last_step(run) < 30, out
     assert seen == {"fork": ({b"0", b"1"}, {True}), "exec": ({b"0", b"1"}, {False})}
+    assert signals["fork"] == signals["exec"] and len(signals["exec"]) == 1, signals
+    blocked, _, caught = next(iter(signals["exec"]))
+    assert int(caught, 16) & (1 << (signal.SIGUSR2 - 1)) and int(blocked, 16) == 0  # the trainer's USR2
     ref, got = losses(reference[0]), losses(run)
     assert sorted(got) == list(range(1, 31))
     assert got == ref  # every step: those of the forked attempt and those resumed with exec
