@@ -333,9 +333,9 @@ class NodeTask:
                 RunDir(self.run_dir).node_logs(job_id, _restart_count(), node)
             ),
             python=container.python_in(self.container) if self.container else None,
-            fork_ranks=forks_ranks(self.rank_start),
+            fork_ranks=(fork := forks_ranks(self.rank_start)),
         )
-        env_ = {**job_env(self.procs_per_node), **(ENV_ROOM if forks_ranks(self.rank_start) else {})}
+        env_ = {**job_env(self.procs_per_node), **(ENV_ROOM if fork else {})}
         if self.container:  # torchrun inside it; this task stays outside (launcher/container.py)
             cmd, env_ = container.wrap(self.container, self.run_dir, cmd, env_, container.node_name())
             print(f"hpctrain: in a container: {show_command(cmd[:cmd.index('-m')])} ...", flush=True)

@@ -34,10 +34,10 @@ import runpy
 import signal
 import subprocess
 import sys
+import time
 import traceback
 
-ENV_ROOM = "HPCTRAIN_ENV_ROOM"  # bytes in the agent's environment a rank's environment can take over
-ENV_ROOM_BYTES = 4096
+ENV_ROOM = "HPCTRAIN_ENV_ROOM"  # room in the agent's environment for a rank's (set by launcher/node.py)
 # what every trainer rank imports; a missing one (peft, an old transformers) is simply not preloaded
 PRELOAD = (
     "torch",
@@ -75,24 +75,12 @@ class ForkedRank:
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
             return self.returncode
-        import time
-
         end = time.monotonic() + timeout
         while self.poll() is None:
             if time.monotonic() >= end:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.05)
         return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, sig)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 def spec_modules(run_dir: str) -> list[str]:
