@@ -212,7 +212,7 @@ def train(spec: RunSpec, launch: Launch, d: Dist) -> str:
     total = spec.total_steps_for(len(train_set))
     if t.epochs is not None:
         mon.print(f"{t.epochs:g} epoch(s) of {len(train_set)} examples = {total} steps")
-    lengths = [len(x) for x in train_set.tk.input_ids] if ft.group_by_length else None
+    lengths = kind.lengths(train_set.tk) if ft.group_by_length else None
     batches = TrainBatches([], None, t.seed, t.global_batch, t.micro_batch, d.rank, d.world_size,
                            dataset=train_set, lengths=lengths)
     if ft.updates_per_batch() > 1:

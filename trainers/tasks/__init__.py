@@ -66,6 +66,10 @@ class KindTask(Protocol):
     def for_training(self, tk: Tokenized) -> Tokenized:
         """The training examples as trained on (sft: packed where the spec asks)."""
 
+    def lengths(self, tk: Tokenized) -> list[int]:
+        """What length grouping sorts the training examples by: the tokens a batch is padded
+        over (the input; seq2seq: source and target together)."""
+
     def collate(self, tk: Tokenized, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """The micro-batch of examples `idx`: input_ids, attention_mask (padded on the right)
         and what the loss needs."""
@@ -117,6 +121,9 @@ class KindBase:
     """What most kinds do for the optional parts of `KindTask`: nothing."""
 
     logs_training_metrics = False
+
+    def lengths(self, tk: Tokenized) -> list[int]:
+        return [len(x) for x in tk.input_ids]
 
     def before_steps(self, start: Start) -> str | None:  # noqa: ARG002
         return None

@@ -59,6 +59,11 @@ class Seq2Seq(GeneratingKind):
     def for_training(self, tk: Tokenized) -> Tokenized:
         return tk
 
+    def lengths(self, tk: Tokenized) -> list[int]:
+        """Source and target: the encoder pads to the longest source, the decoder to the longest
+        target (grouping by the source alone left the targets' spread in each batch)."""
+        return [len(s) + len(t[0]) for s, t in zip(tk.input_ids, tk.labels, strict=True)]
+
     def collate(self, tk: Tokenized, idx: list[int], pad_id: int) -> dict:
         ids, mask = pad_rows([tk.input_ids[i] for i in idx], pad_id)
         targets = [tk.labels[i][0] for i in idx]
@@ -74,12 +79,13 @@ class Seq2Seq(GeneratingKind):
     def loss(self, module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(next-token loss on target tokens, the decoder's logits). The decoder's input is the
         labels shifted right, as the model makes it when given labels; given the input instead,
-        the model skips a loss of its own that would go unused."""
+        the model skips a loss of its own that would go unused, and without a cache of keys and
+        values (`use_cache` is on in most configs, and only generation reads it)."""
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         start, pad = self._decoder_ids(module)
         dec = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
         dec = dec.masked_fill(dec.eq(-100), pad)
-        logits = module(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        logits = module(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=-100), logits
 
