@@ -52,12 +52,17 @@ A configuration fits when its estimate is at most FIT_FRACTION of the device's m
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hpctrain.launcher.contract.ds_config import zero3_live_parameters
 from hpctrain.launcher.contract.errors import EXIT_USER_ERROR, UserError
 from hpctrain.launcher.contract.model_size import ModelSize
+from hpctrain.launcher.contract.paths import resolve_path
+from hpctrain.launcher.contract.rundir import atomic_write_text
 from hpctrain.launcher.contract.spec import RunSpec, spec_to_yaml
 
 FIT_FRACTION = 0.9
@@ -80,10 +85,18 @@ class Estimate:
 
 def model_size(spec: RunSpec) -> ModelSize:
     """Parameter counts from the trainers' model factory, on the meta device (nothing allocated),
-    in a subprocess: the launcher reaches the trainers through a command line only."""
+    in a subprocess: the launcher reaches the trainers through a command line only. The counts
+    are kept in the cache (`size_cache_dir`) under everything they depend on, so `plan` and
+    `validate` count a model once."""
     import subprocess
     import sys
 
+    cached = _cache_file(spec)
+    if cached is not None:
+        try:
+            return ModelSize.from_json(cached.read_text())
+        except (OSError, ValueError, TypeError):
+            pass  # absent, or not ours to trust: counted again and written over
     r = subprocess.run([sys.executable, "-m", "hpctrain.trainers.model_size"], input=spec_to_yaml(spec),
                        capture_output=True, text=True)
     if r.returncode == EXIT_USER_ERROR:
@@ -91,7 +104,58 @@ def model_size(spec: RunSpec) -> ModelSize:
         raise UserError(message.removeprefix("hpctrain: error: "))
     if r.returncode != 0:
         raise RuntimeError(f"counting the model's parameters failed:\n{r.stderr.strip()[-3000:]}")
-    return ModelSize.from_json(r.stdout.strip().splitlines()[-1])
+    size = ModelSize.from_json(r.stdout.strip().splitlines()[-1])
+    if cached is not None:
+        try:
+            atomic_write_text(cached, size.to_json())
+        except OSError:
+            pass  # a cache that cannot be written only costs the next count
+    return size
+
+
+SIZE_CACHE_ENV = "HPCTRAIN_CACHE_DIR"
+COUNTED_WITH = ("torch", "transformers", "peft")  # the libraries whose modules build the meta model
+
+
+def size_cache_dir() -> Path:
+    """Where counted models are kept: $HPCTRAIN_CACHE_DIR, else $XDG_CACHE_HOME/hpctrain, else
+    ~/.cache/hpctrain; `model-size/` inside."""
+    root = os.environ.get(SIZE_CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpctrain"
+    return Path(root) / "model-size"
+
+
+def _cache_file(spec: RunSpec) -> Path | None:
+    """The cache file of this spec's counts, named by a hash of all they can depend on: the
+    spec's task, model and finetune sections (the data files' names left out, the model
+    folder's config.json in place of its path), the trainers' and the contract's source, the
+    versions of the libraries that build the model. None where that cannot be known (a model
+    folder without config.json: counting says why)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    sections = spec.model_dump(mode="json", include={"task", "model", "finetune"})
+    model = sections["model"]
+    if model.get("path") is not None:
+        try:
+            model["path"] = hashlib.sha256((Path(resolve_path(model["path"])) / "config.json").read_bytes()).hexdigest()
+        except (OSError, UserError):
+            return None
+    ft = sections.get("finetune") if spec.task == "finetune" else None
+    if isinstance(ft, dict):
+        sections["finetune"] = {k: v for k, v in ft.items() if not k.endswith(("_file", "_files"))}
+    h = hashlib.sha256(json.dumps(sections, sort_keys=True).encode())
+    here = Path(__file__).resolve().parent
+    for folder in (here / "contract", here.parent / "trainers"):
+        files = sorted(folder.rglob("*.py"))
+        if not files:
+            return None
+        for f in files:
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    for lib in COUNTED_WITH:
+        try:
+            h.update(f"{lib}={version(lib)};".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib}=;".encode())
+    return size_cache_dir() / f"{h.hexdigest()[:32]}.json"
 
 
 def checkpointed_layers(spec: RunSpec, layers: int) -> int:

@@ -103,6 +103,43 @@ def test_plan_counts_trainable_lora_parameters_as_peft_does(tmp_path, minilm_pat
     assert planned.total == sum(p.numel() for p in real.parameters())
 
 
+def test_plan_counts_a_model_once_and_again_when_what_it_counts_changes(tmp_path, monkeypatch):
+    """The counts are kept (HPCTRAIN_CACHE_DIR): the same model and fine-tuning in another run
+    with other data files is read back without counting; a changed config.json is counted
+    again, and so is a cache file that is not a count."""
+    import subprocess
+
+    from hpctrain.launcher.contract.spec import spec_from_dict
+    from hpctrain.launcher.plan import model_size
+
+    monkeypatch.setenv("HPCTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = {"model_type": "bert", "vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "intermediate_size": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = spec_from_dict(cls_spec(tmp_path / "run", str(folder), labels=["a", "b", "c"]))
+    first = model_size(spec)
+    assert (first.layers, first.hidden) == (2, 32) and 0 < first.trainable < first.total
+
+    counted = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: counted.append(a) or real_run(*a, **k))
+    other = cls_spec(tmp_path / "other-run", str(folder), labels=["a", "b", "c"],
+                     train_file=str(tmp_path / "other.csv"), valid_file=None)
+    assert model_size(spec_from_dict(other)) == first and counted == []
+
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    deeper = model_size(spec)
+    assert len(counted) == 1 and deeper.layers == 4 and deeper.total > first.total
+    wider = model_size(spec_from_dict(cls_spec(tmp_path / "run", str(folder), labels=["a", "b", "c", "d"])))
+    assert len(counted) == 2 and wider.total > deeper.total  # the head has a fourth output
+
+    for f in (tmp_path / "cache" / "model-size").iterdir():
+        f.write_text('{"total": "not a count"')
+    assert model_size(spec) == deeper and len(counted) == 3
+
+
 MEM_MODEL = {"model_type": "llama", "vocab_size": 30522, "hidden_size": 384, "intermediate_size": 1024,
              "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 6,
              "max_position_embeddings": 256}
