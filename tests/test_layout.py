@@ -134,3 +134,22 @@ def test_no_function_runs_past_eighty_lines():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
                 long.append(f"{rel}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def test_every_source_folder_is_a_package_the_wheel_holds():
+    """A folder of Python files left out of pyproject's `packages` is missing from a non-editable
+    install (a container image's `pip install .`) while the editable install of the tests finds
+    it anyway."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {v: k for k, v in setup["package-dir"].items()}
+    want = set()
+    for top in ("launcher", "trainers", "tools"):
+        for f in (REPO / top).rglob("*.py"):
+            rel = f.parent.relative_to(REPO).as_posix()
+            if "__pycache__" in rel:
+                continue
+            base = max((d for d in folders if rel == d or rel.startswith(d + "/")), key=len)
+            want.add(folders[base] + rel[len(base):].replace("/", "."))
+    assert sorted(want - set(setup["packages"])) == []
