@@ -96,7 +96,7 @@ def run_entry(args: argparse.Namespace, train: Callable[[RunSpec, Launch, Dist],
     except Exception as e:
         full = disk_full_cause(e)
         if full is not None:
-            return disk_full_exit(full, launch.run_dir)
+            return disk_full_exit(full, launch.run_dir, since=started)
         peer = peer_recorded_failure(launch.run_dir, since=started)
         if peer is None:
             raise

@@ -35,8 +35,11 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def disk_full_exit(cause: OSError, run_dir: Path) -> int:
-    """Record a full disk (see the module docstring); returns this rank's exit code."""
+def disk_full_exit(cause: OSError, run_dir: Path, since: float | None = None) -> int:
+    """Record a full disk (see the module docstring); returns this rank's exit code. When the
+    record does not fit but a peer's (after `since`, this rank's start) is there, that one
+    stands for both: two ranks that meet the full disk at once (the last save) both free what
+    they can, and the first record can take the space the second one needed."""
     for tmp in (Path(run_dir) / CHECKPOINTS).glob(".step_*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
     free_reserve(run_dir)
@@ -46,6 +49,8 @@ def disk_full_exit(cause: OSError, run_dir: Path) -> int:
     try:
         mark_failed(run_dir, reason, disk_full=True)
     except OSError:
+        if since is not None and peer_recorded_failure(run_dir, since) is not None:
+            return 0 if under_torchrun() else 1
         return 1  # not even the record fits: torchrun's report is all that is left
     return 0 if under_torchrun() else 1
 
