@@ -185,5 +185,6 @@ def main() -> None:
     print(json.dumps({"hpctrain_over_hf_real_tokens_per_s": round(ours / theirs, 3), "mean_bleu": mean_bleu,
                       **results}, indent=2))
 
+
 if __name__ == "__main__":
     main()

@@ -139,8 +139,7 @@ def _cache_file(spec: RunSpec) -> Path | None:
             model["path"] = hashlib.sha256((Path(resolve_path(model["path"])) / "config.json").read_bytes()).hexdigest()
         except (OSError, UserError):
             return None
-    ft = sections.get("finetune") if spec.task == "finetune" else None
-    if isinstance(ft, dict):
+    if isinstance(ft := sections.get("finetune"), dict):
         sections["finetune"] = {k: v for k, v in ft.items() if not k.endswith(("_file", "_files"))}
     h = hashlib.sha256(json.dumps(sections, sort_keys=True).encode())
     here = Path(__file__).resolve().parent

@@ -35,7 +35,7 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def disk_full_exit(cause: OSError, run_dir: Path, since: float | None = None) -> int:
+def disk_full_exit(cause: OSError, run_dir: Path, since: float) -> int:
     """Record a full disk (see the module docstring); returns this rank's exit code. When the
     record does not fit but a peer's (after `since`, this rank's start) is there, that one
     stands for both: two ranks that meet the full disk at once (the last save) both free what
@@ -49,9 +49,8 @@ def disk_full_exit(cause: OSError, run_dir: Path, since: float | None = None) ->
     try:
         mark_failed(run_dir, reason, disk_full=True)
     except OSError:
-        if since is not None and peer_recorded_failure(run_dir, since) is not None:
-            return 0 if under_torchrun() else 1
-        return 1  # not even the record fits: torchrun's report is all that is left
+        if peer_recorded_failure(run_dir, since) is None:
+            return 1  # not even the record fits: torchrun's report is all that is left
     return 0 if under_torchrun() else 1
 
 

@@ -44,32 +44,21 @@ def test_only_this_attempts_record_is_a_peers_reason(tmp_path):
     assert peer_recorded_failure(tmp_path, since=time.time() - 1) is None  # not a named ending
 
 
-def test_a_rank_whose_disk_full_record_no_longer_fits_defers_to_its_peers(tmp_path, monkeypatch):
+def test_a_rank_whose_disk_full_record_no_longer_fits_defers_to_its_peers(small_disk, monkeypatch):
     """Two ranks meet the full disk at once (the last save): the first one's record takes the
     space the reserve freed, the second one's does not fit. It exits 0 under torchrun when the
     peer's record of this attempt is there (torchrun prints no report over the console's one
     line), 1 when there is none to stand for it."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root")
-    import subprocess
-
     from hpctrain.trainers.exits import disk_full_exit
+    from tests.conftest import fill_disk
 
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
-    try:
-        status = mnt / "status.json"
-        status.write_text(json.dumps({"state": "failed", "reason": "disk full: ...", "disk_full": True}))
-        with open(mnt / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
-        full = OSError(errno.ENOSPC, "No space left on device")
-        assert disk_full_exit(full, mnt, since=time.time() - 5) == 0  # the peer's record stands
-        old = time.time() - 60
-        os.utime(status, (old, old))  # the last attempt's record: nothing of this one is written
-        assert disk_full_exit(full, mnt, since=time.time() - 5) == 1
-        assert json.loads(status.read_text())["reason"] == "disk full: ..."  # untouched, whole
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    status = small_disk / "status.json"
+    status.write_text(json.dumps({"state": "failed", "reason": "disk full: ...", "disk_full": True}))
+    fill_disk(small_disk / "filler", leave=0)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert disk_full_exit(full, small_disk, since=time.time() - 5) == 0  # the peer's record stands
+    old = time.time() - 60
+    os.utime(status, (old, old))  # the last attempt's record: nothing of this one is written
+    assert disk_full_exit(full, small_disk, since=time.time() - 5) == 1
+    assert json.loads(status.read_text())["reason"] == "disk full: ..."  # untouched, whole

@@ -165,8 +165,8 @@ def test_forked_ranks_look_like_execd_ones_and_either_start_resumes_the_other_bi
     """cluster.rank_start: fork (this CPU machine's default) against exec (a fresh interpreter
     per rank, GPU nodes' default). Either way each rank shows in /proc what an exec'd rank
     shows: its own command line, torchrun's environment for it (RANK...), a session of its own,
-    torchrun as its parent, the same signals blocked, ignored and caught. A forked run stopped with Ctrl-C and resumed with exec gives the reference's losses
-    bitwise."""
+    torchrun as its parent, the same signals blocked, ignored and caught. A forked run stopped
+    with Ctrl-C and resumed with exec gives the reference's losses bitwise."""
     run = tmp_path / "run"
     spec = write_spec(tmp_path / "spec.yaml", clm_spec(run, bpe_tokenizer, bpe_corpus,
                                                        cluster__rank_start="fork"))
