@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
+from hpctrain.launcher.slurm_cmd import slurm_command
 
 _KILLED_ON = re.compile(r"rank \d+ killed by (SIG\w+|signal \d+) on node (\d+)")
 _ABSENT = re.compile(r"ranks that did not arrive: \[([\d, ]+)\]")
@@ -109,18 +108,14 @@ def requeue_leaving_out(job_id: str, run_dir: str | Path) -> None:
 
 
 def _scontrol(*args: str, check: bool = True) -> str:
-    """Run `scontrol args` with SIGTERM ignored: '' if it succeeded, else its error (raised if `check`)."""
-    done = subprocess.run(["scontrol", *args], timeout=120, capture_output=True, text=True,
-                          preexec_fn=_ignore_sigterm)
+    """Run `scontrol args` (SIGTERM and SIGUSR2 ignored): '' if it succeeded, else its error
+    (raised if `check`)."""
+    done = slurm_command(["scontrol", *args], timeout=120)
     error = "" if done.returncode == 0 else \
         f"scontrol {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}"
     if error and check:
         raise RuntimeError(error)
     return error
-
-
-def _ignore_sigterm() -> None:  # in the child, before exec: an ignored signal stays ignored
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def status_lines(run_dir: str | Path) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hpctrain.launcher.contract.errors import UserError
 from hpctrain.launcher.contract.rundir import RunDir
+from hpctrain.launcher.slurm_cmd import slurm_command
 
 LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED",
                    "CONFIGURING", "COMPLETING", "RESIZING", "STAGE_OUT", "SIGNALING"}
@@ -49,7 +50,7 @@ def describe(holder: dict) -> str:
 
 def _job_alive(job_id: str) -> tuple[bool | None, str]:
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+        out = slurm_command(["scontrol", "show", "job", "-o", job_id], timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None, "Slurm cannot be asked from here"
     if out.returncode != 0:

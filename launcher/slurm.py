@@ -61,6 +61,7 @@ from hpctrain.launcher.node import (
     show_command,
     start_torchrun,
 )
+from hpctrain.launcher.slurm_cmd import slurm_command
 
 
 def executor_parameters(spec: RunSpec) -> dict:
@@ -198,9 +199,7 @@ def _restart_count() -> int:
 def job_end_time(job_id: str) -> float | None:
     """Epoch seconds when Slurm will end this job (None when unknown or unlimited)."""
     try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=30
-        ).stdout.strip()
+        out = slurm_command(["squeue", "-h", "-j", job_id, "-o", "%e"], timeout=30).stdout.strip()
         return time.mktime(time.strptime(out, "%Y-%m-%dT%H:%M:%S"))
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
@@ -208,10 +207,12 @@ def job_end_time(job_id: str) -> float | None:
 
 def hostnames(nodelist: str) -> list[str]:
     """A job's node list (`n[1,3]`) as host names in node order (SLURM_NODEID indexes it)."""
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
-    )
-    return out.stdout.split()
+    out = slurm_command(["scontrol", "show", "hostnames", nodelist], timeout=30)
+    names = out.stdout.split()
+    if not names:
+        raise RuntimeError(f"scontrol show hostnames {nodelist!r} named no host (exit code {out.returncode}"
+                           f"{': ' + out.stderr.strip() if out.stderr.strip() else ''})")
+    return names
 
 
 def first_node(nodelist: str) -> str:
@@ -282,7 +283,7 @@ class NodeTask:
         if env.global_rank == 0:
             with contextlib.suppress(OSError):
                 self._release(env, env.job_id)
-        subprocess.run(["scancel", env.job_id], check=False, timeout=60)
+        slurm_command(["scancel", env.job_id], timeout=60)
 
     def _run(self, env) -> str:
         import submitit
@@ -419,7 +420,9 @@ class NodeTask:
         if _restart_count() >= self.max_requeues:
             mark_stopped(self.run_dir, f"requeue limit ({self.max_requeues}) reached")
             raise RuntimeError(f"requeue limit ({self.max_requeues}) reached; resubmit to continue")
-        subprocess.check_call(["scontrol", "requeue", job_id], timeout=120)
+        done = slurm_command(["scontrol", "requeue", job_id], timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"scontrol requeue {job_id}: {done.stderr.strip() or f'exit code {done.returncode}'}")
         _end_after_requeue()
 
     def checkpoint(self):

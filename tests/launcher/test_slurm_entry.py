@@ -70,3 +70,44 @@ def test_a_usr2_once_slurm_entry_runs_is_recorded(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, (out, err)
     assert "early signals: 1" in out
+
+
+def test_the_step_wide_usr2_and_sigterm_spare_the_slurm_commands_a_node_task_runs(tmp_path):
+    """Without cgroup process tracking, Slurm signals every process of the step: a node task
+    asking `scontrol show hostnames` for its rendezvous host at that moment must still get the
+    answer (the command dying of it left a node task without one and its peers waiting in the
+    rendezvous). The node task itself still sees both signals."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "asked"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\ntouch {asked}\nsleep 1\necho n1 n2\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    node_task = ("import signal\n"
+                 "from hpctrain.launcher.slurm import hostnames\n"
+                 "for s in (signal.SIGUSR2, signal.SIGTERM):\n"
+                 "    signal.signal(s, lambda n, f: print('node task got', signal.Signals(n).name, flush=True))\n"
+                 "print('hosts', hostnames('n[1-2]'), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", node_task], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    end = time.time() + 60
+    while not asked.exists() and time.time() < end:
+        time.sleep(0.01)
+    for s in (signal.SIGUSR2, signal.SIGTERM):  # the whole process group, as Slurm's linuxproc tracking
+        os.killpg(proc.pid, s)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    assert "hosts ['n1', 'n2']" in out
+    assert "node task got SIGUSR2" in out and "node task got SIGTERM" in out
+
+
+def test_a_node_list_that_names_no_host_is_one_clear_error(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'invalid hostlist' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    code = "from hpctrain.launcher.slurm import first_node\nfirst_node('n[1-')\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert r.returncode == 1
+    assert "scontrol show hostnames 'n[1-' named no host (exit code 1: invalid hostlist)" in r.stderr
