@@ -30,11 +30,12 @@ if ! sinfo -h >/dev/null 2>&1; then
 fi
 stop_slurm() { [ -n "$started_slurm" ] && bash slurm/stop.sh "$state" >/dev/null || true; }
 trap stop_slurm EXIT
-# two pytest-xdist workers, a test module at a time on each (its module fixtures run once; the
-# Slurm modules take turns, tests/slurm/conftest.py): the runs leave ~20% of the 2 cores idle
-# while they import and start up, which the other worker fills. Together the two workers' ranks
-# run more OpenMP threads than there are cores, and a thread that spin-waits after each parallel
-# region burns a core the other worker needs: passive waiting (test_pretrain.py +
-# test_failures.py on two workers: 374 s spinning, 338 s passive, one run each)
+# three pytest-xdist workers on the two cores, a test module at a time on each (its module
+# fixtures run once; the Slurm modules take turns, tests/slurm/conftest.py). Two workers left
+# 15% of the cores idle (383 of 2,589 CPU-s: runs importing, Slurm scheduling, the deadline
+# test's idle minute); a third fills most of it: 193 idle (docs/testing.md). Together the
+# workers' ranks run more OpenMP threads than there are cores, and a thread that spin-waits
+# after each parallel region burns a core another worker needs: passive waiting
+# (test_pretrain.py + test_failures.py on two workers: 374 s spinning, 338 s passive)
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
+.venv/bin/python -m pytest -n 3 --dist loadfile "$@"
