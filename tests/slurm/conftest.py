@@ -40,7 +40,7 @@ def slurm_cluster() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_slurm_module_at_a_time(tmp_path_factory):
-    """tools/test.sh runs test modules on two pytest-xdist workers: the Slurm modules take turns,
+    """tools/test.sh runs test modules on three pytest-xdist workers: the Slurm modules take turns,
     since they share the three-node cluster (a job waiting for nodes that another test's job holds
     could run past its test's timeouts)."""
     lock = tmp_path_factory.getbasetemp().parent / "slurm-tests.lock"
