@@ -77,13 +77,14 @@ def build(root: Path) -> tuple[Path, Path, Path]:
     return train, valid, init
 
 
-def run_hpctrain(train: Path, valid: Path, init: Path, steps: int, root: Path, seed: int = 0) -> dict:
+def run_hpctrain(train: Path, valid: Path, init: Path, steps: int, root: Path, seed: int = 0,
+                 micro_batch: int = BATCH) -> dict:
     run = root / f"hpctrain-{time.time_ns()}"
     spec = {"name": "bench-seq2seq", "run_dir": str(run), "task": "finetune", "model": {"path": str(init)},
             "finetune": {"kind": "seq2seq", "method": "full", "train_file": str(train), "valid_file": str(valid),
                          "source_len": LEN, "target_len": LEN, "metrics": ["bleu"],
                          "generation": {"num_beams": 1, "max_new_tokens": NEW}, "predictions_logged": 0},
-            "training": {"global_batch": BATCH, "micro_batch": BATCH, "steps": steps, "lr": LR,
+            "training": {"global_batch": BATCH, "micro_batch": micro_batch, "steps": steps, "lr": LR,
                          "warmup_steps": WARMUP, "weight_decay": 0.0, "betas": [0.9, 0.999], "grad_clip": 1.0,
                          "eval_every": None, "log_every": 1, "seed": seed},
             "checkpoint": {"every_steps": 100_000},
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seeds", default="0", help="comma-separated data-order seeds, each side trained once per seed")
+    ap.add_argument("--micro-batch", type=int, default=BATCH,
+                    help=f"hpctrain's micro-batch (the step stays {BATCH} examples, as HF's)")
     ap.add_argument("--only", choices=["hpctrain", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default="/tmp/hpctrain-bench-seq2seq")
     args = ap.parse_args()
@@ -161,8 +164,9 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     train, valid, init = build(root)
     if args.only:  # one contender in its own process
+        mine = {"micro_batch": args.micro_batch} if args.only == "hpctrain" else {}
         fn = run_hpctrain if args.only == "hpctrain" else run_hf
-        print(json.dumps(fn(train, valid, init, args.steps, root, int(args.seeds))))
+        print(json.dumps(fn(train, valid, init, args.steps, root, int(args.seeds), **mine)))
         return
     import torch
 
@@ -174,7 +178,7 @@ def main() -> None:
         for seed in seeds:
             for who in (["hpctrain", "hf"] if r % 2 == 0 else ["hf", "hpctrain"]):
                 cmd = [sys.executable, __file__, "--only", who, "--steps", str(args.steps), "--out", str(root),
-                       "--seeds", str(seed)]
+                       "--seeds", str(seed), "--micro-batch", str(args.micro_batch)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).stdout
                 results[who].append({**json.loads(out.strip().splitlines()[-1]), "seed": seed})

@@ -186,3 +186,40 @@ def test_length_grouping_cuts_padding_keeps_every_example_and_resumes_exactly():
     for step in grouped[:60]:
         both = [i for r in ranks for mb in r.next_step() for i in mb["idx"]]
         assert both == [i for idx, _ in step for i in idx]
+
+
+def test_grouped_micro_batches_are_of_one_length_while_a_step_mixes_lengths():
+    """With several micro-batches per step, each micro-batch is grouped (little padding) and the
+    step's micro-batches come from anywhere in the window, so its gradient mixes short and long
+    examples as an ungrouped step does. A checkpoint written before micro-batch groups (its
+    sampler state without a unit) resumes grouping whole steps, the order it began with."""
+    lengths = np.random.default_rng(1).integers(5, 300, size=800).tolist()
+    ex = _Examples(lengths)
+
+    def make(micro=4, grouped=True):
+        return TrainBatches([], None, 3, 16, micro, 0, 1, dataset=ex, lengths=lengths if grouped else None)
+
+    def spread(steps):  # the mean over steps of (longest - shortest example of the step)
+        return np.mean([max(lengths[j] for i, _ in s for j in i) - min(lengths[j] for i, _ in s for j in i)
+                        for s in steps])
+
+    plain, by_micro, whole = _steps(make(grouped=False), 50), _steps(make(), 50), _steps(make(micro=16), 50)
+    padded = lambda steps: sum(w * len(i) for s in steps for i, w in s)  # noqa: E731
+    real = lambda steps: sum(lengths[j] for s in steps for i, _ in s for j in i)  # noqa: E731
+    assert padded(by_micro) < 1.05 * real(by_micro) < 1.05 / 1.4 * padded(plain)
+    assert spread(by_micro) > 0.6 * spread(plain) and spread(whole) < 0.1 * spread(plain)
+    flat = lambda steps: sorted(i for s in steps for idx, _ in s for i in idx)  # noqa: E731
+    assert flat(by_micro) == flat(plain) == flat(whole)
+
+    old = make(micro=16)
+    _steps(old, 20)
+    state = old.state_dict()
+    assert state.pop("length_unit") == 16
+    resumed = make()  # now 4 micro-batches of 4 a step, from a checkpoint without a unit
+    resumed.load_state_dict(state)
+    got = _steps(resumed, 30)
+    assert [sorted(i for idx, _ in s for i in idx) for s in got] == [sorted(i for idx, _ in s for i in idx)
+                                                                     for s in whole[20:]]
+    again = make()
+    again.load_state_dict(resumed.state_dict())  # and it keeps whole steps after its own checkpoints
+    assert again.state_dict()["length_unit"] == 16

@@ -58,23 +58,36 @@ def collate(batch: dict) -> dict:
 
 
 class LengthGroups:
-    """A single source's sample order regrouped so that every step holds examples of similar
-    length (less padding: a micro-batch is padded to its longest example).
+    """A single source's sample order regrouped so that every micro-batch holds examples of
+    similar length (less padding: a micro-batch is padded to its longest example).
 
     The order is cut into windows of `steps` global batches at fixed positions; inside a
     window the samples are sorted by length (longest first, ties by position) and cut into
-    global batches, whose order is then shuffled with the seed and the window's number. What
-    a position holds depends only on the seed and the position, so any resume point and any
-    number of ranks see the same steps; every sample still appears exactly as often.
+    groups of `unit` (the micro-batch), whose order is then shuffled with the seed and the
+    window's number. A step made of several micro-batches (gradient accumulation, or several
+    ranks) so holds groups from anywhere in the window: its gradient mixes short and long
+    examples as an ungrouped step's does, while each micro-batch is padded little. With one
+    micro-batch per step (`unit` = the global batch) the whole step is of one length.
+    What a position holds depends only on the seed, the position and `unit`, so any resume
+    point and any number of ranks (with the same micro-batch) see the same steps; every sample
+    still appears exactly as often.
     """
 
-    def __init__(self, order: SampleOrder, lengths, global_batch: int, steps: int = 50) -> None:
+    def __init__(self, order: SampleOrder, lengths, global_batch: int, steps: int = 50,
+                 unit: int | None = None) -> None:
         if len(order.sizes) != 1:
             raise ValueError("length grouping needs a single source")
         self.sizes, self.seed = list(order.sizes), order.seed
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.global_batch, self.window = global_batch, global_batch * steps
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.regroup(unit or global_batch)
+
+    def regroup(self, unit: int) -> None:
+        """Groups of `unit` examples from now on (a resumed run keeps its checkpoint's)."""
+        if self.global_batch % unit:
+            raise ValueError(f"a length group of {unit} does not divide the global batch {self.global_batch}")
+        self.unit, self._cached = int(unit), None
 
     def take(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(source ids, sample indices) at positions start .. start + n of the grouped order."""
@@ -93,8 +106,8 @@ class LengthGroups:
         order.load_state_dict({**order.state_dict(), "position": w * self.window, "counts": [w * self.window]})
         src, idx = order.take(self.window)
         by_length = np.lexsort((np.arange(self.window), -self.lengths[idx]))
-        steps = by_length.reshape(-1, self.global_batch)
-        shuffled = steps[np.random.default_rng([self.seed, w, 0x9E3779B9]).permutation(len(steps))].reshape(-1)
+        groups = by_length.reshape(-1, self.unit)
+        shuffled = groups[np.random.default_rng([self.seed, w, 0x9E3779B9]).permutation(len(groups))].reshape(-1)
         self._cached = (w, src[shuffled], idx[shuffled])
         return self._cached[1], self._cached[2]
 
@@ -173,7 +186,7 @@ class TrainBatches:
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         # `lengths` (one per example of `dataset`): steps of examples of similar length
-        self.groups = LengthGroups(self.order, lengths, global_batch) if lengths is not None else None
+        self.groups = LengthGroups(self.order, lengths, global_batch, unit=micro_batch) if lengths is not None else None
         self._it: Iterator | None = None
 
     def _iterator(self) -> Iterator[dict]:
@@ -208,10 +221,19 @@ class TrainBatches:
         return self.order.position
 
     def state_dict(self) -> dict:
-        return self.order.state_dict()
+        state = self.order.state_dict()
+        if self.groups is not None:
+            state["length_unit"] = self.groups.unit
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        unit = state.pop("length_unit", None)
         self.order.load_state_dict(state)
+        if self.groups is not None:
+            # a checkpoint from before micro-batch groups (no unit) goes on grouping whole steps:
+            # the order the run began with, so the window it stopped in is not drawn twice
+            self.groups.regroup(unit or self.global_batch)
         self._it = None  # restart prefetching from the loaded position
 
 
