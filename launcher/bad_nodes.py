@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hpctrain.launcher.contract.rundir import RunDir, atomic_write_text
-from hpctrain.launcher.slurm_cmd import slurm_command
+from hpctrain.launcher.slurm_cmd import failure, slurm_command
 
 _KILLED_ON = re.compile(r"rank \d+ killed by (SIG\w+|signal \d+) on node (\d+)")
 _ABSENT = re.compile(r"ranks that did not arrive: \[([\d, ]+)\]")
@@ -110,9 +110,7 @@ def requeue_leaving_out(job_id: str, run_dir: str | Path) -> None:
 def _scontrol(*args: str, check: bool = True) -> str:
     """Run `scontrol args` (SIGTERM and SIGUSR2 ignored): '' if it succeeded, else its error
     (raised if `check`)."""
-    done = slurm_command(["scontrol", *args], timeout=120)
-    error = "" if done.returncode == 0 else \
-        f"scontrol {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}"
+    error = failure(slurm_command(["scontrol", *args], timeout=120))
     if error and check:
         raise RuntimeError(error)
     return error

@@ -61,7 +61,7 @@ from hpctrain.launcher.node import (
     show_command,
     start_torchrun,
 )
-from hpctrain.launcher.slurm_cmd import slurm_command
+from hpctrain.launcher.slurm_cmd import failure, slurm_command
 
 
 def executor_parameters(spec: RunSpec) -> dict:
@@ -420,9 +420,8 @@ class NodeTask:
         if _restart_count() >= self.max_requeues:
             mark_stopped(self.run_dir, f"requeue limit ({self.max_requeues}) reached")
             raise RuntimeError(f"requeue limit ({self.max_requeues}) reached; resubmit to continue")
-        done = slurm_command(["scontrol", "requeue", job_id], timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"scontrol requeue {job_id}: {done.stderr.strip() or f'exit code {done.returncode}'}")
+        if error := failure(slurm_command(["scontrol", "requeue", job_id], timeout=120)):
+            raise RuntimeError(error)
         _end_after_requeue()
 
     def checkpoint(self):

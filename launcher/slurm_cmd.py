@@ -26,3 +26,10 @@ def _shield() -> None:  # in the child, between fork and exec
 def slurm_command(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run a Slurm command with its output captured (text), immune to the step's signals."""
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, preexec_fn=_shield)
+
+
+def failure(done: subprocess.CompletedProcess) -> str:
+    """'' if the command succeeded, else the command and what it said (its stderr, or its exit code)."""
+    if done.returncode == 0:
+        return ""
+    return f"{' '.join(done.args)}: {done.stderr.strip() or f'exit code {done.returncode}'}"

@@ -33,7 +33,7 @@ trap stop_slurm EXIT
 # three pytest-xdist workers on the two cores, a test module at a time on each (its module
 # fixtures run once; the Slurm modules take turns, tests/slurm/conftest.py). Two workers left
 # 15% of the cores idle (383 of 2,589 CPU-s: runs importing, Slurm scheduling, the deadline
-# test's idle minute); a third fills most of it: 193 idle (docs/testing.md). Together the
+# test's idle minute); a third fills most of it: 128 idle (docs/testing.md). Together the
 # workers' ranks run more OpenMP threads than there are cores, and a thread that spin-waits
 # after each parallel region burns a core another worker needs: passive waiting
 # (test_pretrain.py + test_failures.py on two workers: 374 s spinning, 338 s passive)

@@ -185,7 +185,7 @@ class TrainBatches:
         self.order = SampleOrder(sizes, weights, seed)
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        # `lengths` (one per example of `dataset`): steps of examples of similar length
+        # `lengths` (one per example of `dataset`): micro-batches of examples of similar length
         self.groups = LengthGroups(self.order, lengths, global_batch, unit=micro_batch) if lengths is not None else None
         self._it: Iterator | None = None
 
